@@ -1,0 +1,1 @@
+"""quanta: real int8 models from any nn.Module."""
