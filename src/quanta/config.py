@@ -1,0 +1,139 @@
+"""Frozen, versioned configuration: what to quantize and how.
+
+``QuantSpec`` describes one tensor's quantization; ``QuantConfig`` a whole model's. Both
+round-trip through plain dicts (``to_dict``/``from_dict``) for the saved manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+CONFIG_VERSION = 1
+OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
+MODES = ("static", "dynamic", "qat")
+BACKENDS = ("auto", "reference", "onednn")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``bits`` below 8 restricts the integer range (7-bit weights avoid the int16 saturation of
+    AVX2 without VNNI; 4-bit is for experiments). ``bits=None`` on a weight spec means "pick
+    for this CPU" and is resolved at convert time.
+    """
+
+    dtype: str = "uint8"  # "uint8" | "int8"
+    symmetric: bool = False
+    per_channel: bool = False
+    axis: int = 0
+    bits: int | None = 8
+    observer: str = "minmax"
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("uint8", "int8"):
+            raise ValueError(f"QuantSpec.dtype must be 'uint8' or 'int8', got {self.dtype!r}")
+        if self.bits is not None and not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be in 2..8 or None, got {self.bits}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QuantSpec.observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
+
+    def with_bits(self, bits: int) -> QuantSpec:
+        return dataclasses.replace(self, bits=bits)
+
+
+WEIGHT_INT8 = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=None)
+ACTIVATION_UINT8 = QuantSpec(dtype="uint8", symmetric=False, per_channel=False, observer="histogram")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-module settings. ``pattern`` matches a qualified module name (glob, or a prefix
+    ending at a dot boundary) or a module class name such as ``"Linear"``."""
+
+    pattern: str
+    skip: bool = False
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        p = self.pattern
+        return (
+            name == p
+            or name.startswith(p + ".")
+            or fnmatch.fnmatchcase(name, p)
+            or type(module).__name__ == p
+        )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides how a model is quantized. Frozen; build variants with
+    ``dataclasses.replace`` or the ``skip=``/``overrides=`` arguments of ``quanta.quantize``."""
+
+    mode: str = "static"
+    weight: QuantSpec = WEIGHT_INT8
+    activation: QuantSpec = ACTIVATION_UINT8
+    backend: str = "auto"
+    skip: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    dynamic_per_row: bool = False
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"QuantConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"QuantConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.weight.dtype != "int8" or not self.weight.symmetric:
+            raise ValueError("QuantConfig.weight must be a symmetric int8 spec")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"
+            )
+
+    def for_module(self, name: str, module: nn.Module) -> tuple[bool, QuantSpec, QuantSpec, str]:
+        """(skipped, weight spec, activation spec, reason) for one module, overrides applied."""
+        for pattern in self.skip:
+            if Override(pattern).matches(name, module):
+                return True, self.weight, self.activation, f"excluded by config (skip={pattern!r})"
+        weight, activation = self.weight, self.activation
+        for o in self.overrides:
+            if o.matches(name, module):
+                if o.skip:
+                    return True, weight, activation, f"excluded by config (override {o.pattern!r})"
+                weight = o.weight or weight
+                activation = o.activation or activation
+        return False, weight, activation, ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        d = dict(d)
+        if d.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+            raise ValueError(f"config version {d['version']} is newer than this quanta ({CONFIG_VERSION})")
+        for key in ("weight", "activation"):
+            if isinstance(d.get(key), dict):
+                d[key] = QuantSpec(**d[key])
+        d["skip"] = tuple(d.get("skip", ()))
+        d["overrides"] = tuple(
+            Override(
+                pattern=o["pattern"],
+                skip=o.get("skip", False),
+                weight=QuantSpec(**o["weight"]) if o.get("weight") else None,
+                activation=QuantSpec(**o["activation"]) if o.get("activation") else None,
+            )
+            for o in d.get("overrides", ())
+        )
+        return cls(**d)

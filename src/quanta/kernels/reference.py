@@ -1,0 +1,135 @@
+"""Integer-exact reference kernels: the specification every fast kernel is tested against.
+
+Accumulation is exact int32: products of integer-valued float64 tensors are exact while the
+sum stays below 2^53, far above the int32 range an int8 accumulator may reach. The epilogue
+(scale to float32, fused activation, requantize with round-half-to-even, clamp) is the same
+arithmetic the oneDNN kernels perform.
+
+Conventions: activations are per-tensor (python float scale, int zero point); weights are
+symmetric per output channel (float32 scale vector, zero points all 0); bias is int32 at
+scale ``x_scale * w_scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+def quantize_per_tensor(
+    x: torch.Tensor, scale: float, zero_point: int, qmin: int = 0, qmax: int = 255,
+    dtype: torch.dtype = torch.uint8,
+) -> torch.Tensor:
+    """clamp(round_half_even(x / scale) + zero_point, qmin, qmax)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax).to(dtype)
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def quantize_bias(bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
+    """Float bias -> int32 at scale x_scale * w_scale (per output channel)."""
+    return torch.round(bias.double() / (x_scale * w_scale.double())).to(torch.int32)
+
+
+def _apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.clamp_min(y, 0.0)
+    if activation == "relu6":
+        return torch.clamp(y, 0.0, 6.0)
+    return y
+
+
+def epilogue(
+    acc: torch.Tensor,
+    x_scale: float,
+    w_scale: torch.Tensor,
+    channel_dim: int,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
+    out_qmin: int = 0,
+    out_qmax: int = 255,
+) -> torch.Tensor:
+    """int32 accumulator -> float32 output, or requantized uint8 when ``out_scale`` is given."""
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    multiplier = (x_scale * w_scale.float()).reshape(shape)
+    y = _apply_activation(acc.to(torch.float32) * multiplier, activation)
+    if out_scale is None:
+        return y
+    return quantize_per_tensor(y, out_scale, out_zero_point, out_qmin, out_qmax)
+
+
+def linear_accumulate(
+    x_q: torch.Tensor, x_zero_point: int, w_q: torch.Tensor, bias_i32: torch.Tensor | None
+) -> torch.Tensor:
+    """int32 sum_k (x[m,k] - x_zp) * w[n,k] + bias[n]."""
+    acc = (x_q.double() - x_zero_point) @ w_q.double().t()
+    if bias_i32 is not None:
+        acc = acc + bias_i32.double()
+    return acc.to(torch.int32)
+
+
+def conv_accumulate(
+    x_q: torch.Tensor,
+    x_zero_point: int,
+    w_q: torch.Tensor,
+    bias_i32: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """int32 convolution accumulator (Conv1d for 3-d input, Conv2d for 4-d); zero padding in
+    the real domain is zero_point padding in the integer domain, i.e. 0 after subtracting it."""
+    conv = F.conv1d if x_q.dim() == 3 else F.conv2d
+    acc = conv(x_q.double() - x_zero_point, w_q.double(), None, stride, padding, dilation, groups)
+    if bias_i32 is not None:
+        acc = acc + bias_i32.double().reshape([1, -1] + [1] * (acc.dim() - 2))
+    return acc.to(torch.int32)
+
+
+def linear(
+    x_q: torch.Tensor, x_scale: float, x_zero_point: int,
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias_i32: torch.Tensor | None,
+    activation: str = "none", out_scale: float | None = None, out_zero_point: int = 0,
+) -> torch.Tensor:
+    """Quantized linear on [..., K] input: float32 output, or uint8 if ``out_scale`` is set."""
+    lead = x_q.shape[:-1]
+    acc = linear_accumulate(x_q.reshape(-1, x_q.shape[-1]), x_zero_point, w_q, bias_i32)
+    y = epilogue(acc, x_scale, w_scale, 1, activation, out_scale, out_zero_point)
+    return y.reshape(*lead, w_q.shape[0])
+
+
+def conv(
+    x_q: torch.Tensor, x_scale: float, x_zero_point: int,
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias_i32: torch.Tensor | None,
+    stride: tuple[int, ...], padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
+    activation: str = "none", out_scale: float | None = None, out_zero_point: int = 0,
+) -> torch.Tensor:
+    """Quantized Conv1d/Conv2d: float32 output, or uint8 if ``out_scale`` is set."""
+    acc = conv_accumulate(x_q, x_zero_point, w_q, bias_i32, stride, padding, dilation, groups)
+    return epilogue(acc, x_scale, w_scale, 1, activation, out_scale, out_zero_point)
+
+
+def add(
+    a_q: torch.Tensor, a_scale: float, a_zero_point: int,
+    b_q: torch.Tensor, b_scale: float, b_zero_point: int,
+    out_scale: float, out_zero_point: int, activation: str = "none",
+) -> torch.Tensor:
+    """Quantized elementwise add with requantization to the output qparams."""
+    y = dequantize_per_tensor(a_q, a_scale, a_zero_point) + dequantize_per_tensor(b_q, b_scale, b_zero_point)
+    return quantize_per_tensor(_apply_activation(y, activation), out_scale, out_zero_point)
+
+
+def requantize(
+    q: torch.Tensor, scale: float, zero_point: int, out_scale: float, out_zero_point: int
+) -> torch.Tensor:
+    """uint8 at one scale/zero point -> uint8 at another."""
+    if scale == out_scale and zero_point == out_zero_point:
+        return q
+    return quantize_per_tensor(dequantize_per_tensor(q, scale, zero_point), out_scale, out_zero_point)
