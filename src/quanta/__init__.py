@@ -1,1 +1,20 @@
-"""quanta: real int8 models from any nn.Module."""
+"""quanta: real int8 models from any nn.Module, for CPU and edge inference."""
+
+from quanta.api import calibrate, convert, prepare, quantize
+from quanta.config import Override, QuantConfig, QuantSpec
+from quanta.errors import (
+    CalibrationError,
+    FormatError,
+    QuantaError,
+    QuantizedInputError,
+    UnsupportedModelError,
+)
+from quanta.qtensor import QTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
+    "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
+    "prepare", "quantize",
+]

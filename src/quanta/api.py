@@ -1,0 +1,208 @@
+"""Public workflow: prepare -> calibrate -> convert, or ``quantize`` in one call."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quanta.capture.plan import Plan, plan_static
+from quanta.capture.record import call_with, capture
+from quanta.config import QuantConfig, QuantSpec
+from quanta.errors import CalibrationError, UnsupportedModelError
+from quanta.modules.backends import resolve_weight_bits, select_backends
+from quanta.modules.mapping import MAPPING
+from quanta.modules.observed import ObservedModule, fold_batchnorm
+from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
+from quanta.progress import progress
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def get_state(model: nn.Module) -> QuantaState:
+    state = getattr(model, "_quanta", None)
+    if not isinstance(state, QuantaState):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has not been prepared by quanta: call quanta.prepare() first"
+        )
+    return state
+
+
+def _resolve_config(config: QuantConfig | None, mode: str, skip: Iterable[str] | None) -> QuantConfig:
+    config = config or QuantConfig(mode=mode)
+    if config.mode != mode:
+        config = QuantConfig(**{**config.__dict__, "mode": mode})
+    if skip:
+        config = QuantConfig(**{**config.__dict__, "skip": tuple(config.skip) + tuple(skip)})
+    return config
+
+
+def _copy(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected an nn.Module, got {type(model).__name__}")
+    if inplace:
+        return model
+    state = getattr(model, "_quanta", None)
+    if isinstance(state, QuantaState):
+        state.detach()
+        try:
+            out = copy.deepcopy(model)
+        finally:
+            state.attach(model)
+        out._quanta.attach(out)
+        return out
+    return copy.deepcopy(model)
+
+
+def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | None = None, *,
+            skip: Iterable[str] | None = None, inplace: bool = False) -> nn.Module:
+    """Fuse, insert observers and record the dataflow of one forward on ``example_inputs``.
+
+    ``example_inputs`` follows the batch rule of ``calibrate``: a Tensor is passed as
+    ``model(x)``, a tuple as ``model(*x)``, a dict as ``model(**x)``. The returned model runs
+    the float computation and records activation ranges whenever it is called.
+    """
+    config = _resolve_config(config, "static", skip)
+    model = _copy(model, inplace).eval()
+    if isinstance(getattr(model, "_quanta", None), QuantaState):
+        raise UnsupportedModelError("this model is already prepared or quantized by quanta")
+    record = capture(model, example_inputs)
+    plan = plan_static(model, record, config)
+    _apply_static(model, plan, config, record)
+    return model
+
+
+def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any) -> None:
+    modules = dict(model.named_modules())
+    fused_calls: dict[str, int] = {}
+    for lp in plan.int8_layers():
+        for name in lp.fused:
+            fused_calls[name] = fused_calls.get(name, 0) + 1
+    for lp in plan.int8_layers():
+        module = modules[lp.name]
+        _, wspec, aspec, _ = config.for_module(lp.name, module)
+        bn = [n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)]
+        if bn:
+            module = fold_batchnorm(module, modules[bn[0]])
+        _set_module(model, lp.name, ObservedModule(module, lp.activation, wspec, aspec, lp.name))
+    for name, count in fused_calls.items():
+        calls = len(record.module_nodes(name))
+        if name in modules and calls == count:
+            _set_module(model, name, nn.Identity())
+    state = QuantaState(plan, config)
+    for lp in plan.layers.values():
+        if lp.kind == "site" and lp.precision == "int8":
+            state.sites[site_module_key(lp.name)] = QuantizedSite(
+                lp.name, lp.float_type, lp.activation, config.activation
+            )
+    model._quanta = state
+    state.attach(model)
+
+
+def calibrate(prepared: nn.Module, data: Iterable[Any], *, max_batches: int | None = None,
+              show_progress: bool = True) -> nn.Module:
+    """Run calibration batches through a prepared model (same as calling it on each batch)."""
+    get_state(prepared)
+    try:
+        total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = min(total, max_batches) if total is not None else max_batches
+    if isinstance(data, torch.Tensor):
+        raise CalibrationError(
+            "calibration data is a single Tensor: pass an iterable of batches, e.g. [x] or a DataLoader"
+        )
+    seen = 0
+    prepared.eval()
+    with torch.no_grad():
+        for batch in progress(data, total=total, description="calibrating", enabled=show_progress):
+            if max_batches is not None and seen >= max_batches:
+                break
+            call_with(prepared, batch)
+            seen += 1
+    if seen == 0:
+        raise CalibrationError("calibration data is empty: it yielded no batch")
+    return prepared
+
+
+def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig | None = None) -> nn.Module:
+    """Replace observed modules by int8 modules and freeze call-site qparams."""
+    model = _copy(prepared, inplace)
+    state = get_state(model)
+    plan, config = state.plan, config or state.config
+    observed = {n: m for n, m in model.named_modules() if isinstance(m, ObservedModule)}
+    unobserved = [n for n, m in observed.items() if not m.input_observer.observed]
+    unobserved += [s.key for s in state.sites.values() if s.observer is not None and not s.observer.observed]
+    if unobserved:
+        raise CalibrationError(
+            f"convert() found {len(unobserved)} layer(s) never calibrated: {', '.join(unobserved[:8])}"
+            f"{' ...' if len(unobserved) > 8 else ''}; run quanta.calibrate(prepared, data) first"
+        )
+    for site in state.sites.values():
+        lp = plan.layers[site.key]
+        lp.output_qparams = _qparams(site.observer, config.activation)
+        site.set_qparams(*lp.output_qparams)
+        site.output_int8 = lp.output_int8
+    for name, m in observed.items():
+        plan.layers[name].output_qparams = _qparams(m.output_observer, config.activation)
+    for name, m in observed.items():
+        lp = plan.layers[name]
+        source = plan.layers.get(lp.input_from)
+        lp.input_qparams = source.output_qparams if source else _qparams(m.input_observer, config.activation)
+        wspec = resolve_weight_bits(m.weight_spec, config.backend)
+        lp.weight_bits = wspec.bits
+        qtype = MAPPING[type(m.module)][plan.mode]
+        q = qtype(m.module, weight_spec=wspec, input_qparams=lp.input_qparams,
+                  output_qparams=lp.output_qparams, activation=lp.activation, output_int8=lp.output_int8)
+        q.layer_name = name
+        _set_module(model, name, q)
+    select_backends(model, plan, config.backend)
+    state.attach(model)
+    model.eval()
+    return model
+
+
+def _qparams(observer: Any, spec: QuantSpec) -> tuple[float, int]:
+    scale, zero_point = observer.calculate_qparams(spec)
+    return float(scale), int(zero_point)
+
+
+def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mode: str = "static",
+             config: QuantConfig | None = None, *, skip: Iterable[str] | None = None,
+             example_inputs: Any = None, max_batches: int | None = None, inplace: bool = False,
+             show_progress: bool = True, **kwargs: Any) -> nn.Module:
+    """Quantize ``model`` in one call. ``mode="static"`` calibrates on ``calibration_data``
+    (its first batch doubles as example input); see ``quantize_dynamic`` for ``"dynamic"``."""
+    if mode == "dynamic":
+        from quanta.dynamic import quantize_dynamic
+
+        return quantize_dynamic(model, config=config, skip=skip, inplace=inplace, **kwargs)
+    if mode != "static":
+        raise ValueError(f"quantize(mode={mode!r}): use 'static' or 'dynamic' (QAT: quanta.prepare_qat)")
+    if kwargs:
+        raise TypeError(f"quantize() got unexpected arguments: {', '.join(kwargs)}")
+    if calibration_data is None:
+        raise CalibrationError("static quantization needs calibration_data (an iterable of batches)")
+    if isinstance(calibration_data, torch.Tensor):
+        raise CalibrationError(
+            "calibration data is a single Tensor: pass an iterable of batches, e.g. [x] or a DataLoader"
+        )
+    if example_inputs is None:
+        iterator = iter(calibration_data)
+        try:
+            example_inputs = next(iterator)
+        except StopIteration:
+            raise CalibrationError("calibration data is empty: it yielded no batch") from None
+        if iterator is calibration_data:  # a one-shot iterator: keep the batch we took
+            calibration_data = itertools.chain([example_inputs], iterator)
+    prepared = prepare(model, example_inputs, config, skip=skip, inplace=inplace)
+    calibrate(prepared, calibration_data, max_batches=max_batches, show_progress=show_progress)
+    return convert(prepared, inplace=True)

@@ -1,0 +1,127 @@
+"""Call-site keys for functional ops, without tracing.
+
+A functional call such as ``out + identity`` inside ``layer1.0``'s forward is keyed as
+``"layer1.0:add#0"``: the enclosing (non-leaf) module's qualified name, the op's canonical
+name, and its order among ops of that name inside that forward. Keys are stable across
+calls as long as the forward calls the same ops in the same order, and they ignore metadata
+calls (``x.shape``, ``x.size()``) so control flow on shapes does not shift them.
+
+``SiteTracker`` keeps the stack of enclosing modules through forward hooks; a
+``TorchFunctionMode`` asks it for the current key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from quanta.qtensor import _METADATA
+
+
+def canonical_op_name(func: Callable) -> str:
+    """'add' for torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__iadd__."""
+    name = getattr(func, "__name__", str(func)).strip("_")
+    if name.startswith("i") and name[1:] in ("add", "mul", "sub"):
+        name = name[1:]
+    if name.startswith("r") and name[1:] in ("add", "mul", "sub"):
+        name = name[1:]
+    return name
+
+
+def is_metadata(func: Callable) -> bool:
+    return func in _METADATA
+
+
+class LeafMarker:
+    """Mixin for quanta's own modules: always leaves, whatever children they hold."""
+
+
+def is_leaf(module: nn.Module) -> bool:
+    return isinstance(module, LeafMarker) or next(module.children(), None) is None
+
+
+class _Push:
+    def __init__(self, tracker: SiteTracker, name: str) -> None:
+        self.tracker, self.name = tracker, name
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.tracker.stack.append((self.name, {}))
+
+
+class _Pop:
+    def __init__(self, tracker: SiteTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.tracker.stack:
+            self.tracker.stack.pop()
+
+
+class _LeafPre:
+    def __init__(self, tracker: SiteTracker, name: str, on_leaf: Callable | None) -> None:
+        self.tracker, self.name, self.on_leaf = tracker, name, on_leaf
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if self.on_leaf is not None and self.tracker.leaf_depth == 0:
+            self.on_leaf("pre", self.name, module, args, None)
+        self.tracker.leaf_depth += 1
+
+
+class _LeafPost:
+    def __init__(self, tracker: SiteTracker, name: str, on_leaf: Callable | None) -> None:
+        self.tracker, self.name, self.on_leaf = tracker, name, on_leaf
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.tracker.leaf_depth -= 1
+        if self.on_leaf is not None and self.tracker.leaf_depth == 0:
+            self.on_leaf("post", self.name, module, args, out)
+
+
+class SiteTracker:
+    """Tracks the enclosing module and per-op counters during a forward.
+
+    Hooks are small callable objects (not closures) so that ``copy.deepcopy`` and pickling of
+    a model carry them over consistently with the tracker they point to.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.leaf_depth = 0
+        self.handles: list[RemovableHandle] = []
+
+    def install(self, model: nn.Module, on_leaf: Callable | None = None) -> None:
+        """Register hooks on every module of ``model``. ``on_leaf(phase, name, module, args,
+        out)`` is called around each leaf module run at the top level (for the record)."""
+
+        def walk(name: str, module: nn.Module) -> None:
+            if is_leaf(module) and module is not model:
+                self.handles.append(module.register_forward_pre_hook(_LeafPre(self, name, on_leaf)))
+                self.handles.append(
+                    module.register_forward_hook(_LeafPost(self, name, on_leaf), always_call=True)
+                )
+                return  # the inside of a leaf is never keyed
+            self.handles.append(module.register_forward_pre_hook(_Push(self, name)))
+            self.handles.append(module.register_forward_hook(_Pop(self), always_call=True))
+            for child_name, child in module.named_children():
+                walk(f"{name}.{child_name}" if name else child_name, child)
+
+        walk("", model)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    @property
+    def active(self) -> bool:
+        """True at the top level of some module's forward (not inside a leaf module)."""
+        return self.leaf_depth == 0 and bool(self.stack)
+
+    def next_key(self, op: str) -> str:
+        enclosing, counters = self.stack[-1]
+        n = counters.get(op, 0)
+        counters[op] = n + 1
+        return f"{enclosing or 'model'}:{op}#{n}"

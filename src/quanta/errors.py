@@ -1,0 +1,23 @@
+"""quanta's error types: each names the problem and, where there is one, the layer."""
+
+from __future__ import annotations
+
+
+class QuantaError(Exception):
+    """Base class for every error quanta raises on purpose."""
+
+
+class CalibrationError(QuantaError, ValueError):
+    """Calibration data is unusable (empty, NaN/Inf) or a layer was never calibrated."""
+
+
+class UnsupportedModelError(QuantaError, ValueError):
+    """The model or its example inputs cannot be prepared as given."""
+
+
+class QuantizedInputError(QuantaError, TypeError):
+    """A quantized model received an input of the wrong dtype or rank."""
+
+
+class FormatError(QuantaError, ValueError):
+    """A saved quanta file is truncated, corrupted, from a newer format, or does not match."""

@@ -1,0 +1,39 @@
+"""The one mapping table: what each float module becomes in each mode.
+
+Everything else (prepare, convert, report) asks this file; there is no other list.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
+
+# float type -> {mode: quantized type}
+MAPPING: dict[type[nn.Module], dict[str, type[nn.Module]]] = {
+    nn.Linear: {"static": QuantizedLinear},
+    nn.Conv1d: {"static": QuantizedConv1d},
+    nn.Conv2d: {"static": QuantizedConv2d},
+}
+
+# producer type -> BatchNorm types folded into it when nothing else reads the producer's output
+FOLDABLE_BATCHNORM: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
+    nn.Conv1d: (nn.BatchNorm1d,),
+    nn.Conv2d: (nn.BatchNorm2d,),
+    nn.Linear: (nn.BatchNorm1d,),
+}
+
+# module types that run natively on int8 activations (QTensor ops), keeping qparams
+INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
+    nn.Dropout, nn.Unflatten,
+)
+
+# functional ops with their own observed output qparams (keyed by call site)
+INT8_SITE_OPS: tuple[str, ...] = ("add", "cat")
+
+
+def quantized_type(module: nn.Module, mode: str) -> type[nn.Module] | None:
+    """The quantized class for ``module`` in ``mode``, or None if it stays float."""
+    return MAPPING.get(type(module), {}).get(mode)

@@ -1,0 +1,171 @@
+"""Runtime for functional call sites and the model-level hooks.
+
+``QuantaState`` is attached to a prepared or quantized model as ``model._quanta``. It holds
+the plan, the config and one ``QuantizedSite`` per int8 functional call site (``x + y``,
+``torch.cat``), and installs the hooks that (a) key functional calls by call site through a
+``TorchFunctionMode`` active only during the model's forward, (b) check model inputs, and
+(c) return float tensors to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from quanta.capture.callsites import LeafMarker, SiteTracker, canonical_op_name
+from quanta.capture.plan import Plan
+from quanta.capture.record import batch_tensors
+from quanta.config import QuantConfig, QuantSpec
+from quanta.errors import QuantizedInputError
+from quanta.kernels import reference
+from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.numerics.observers import make_observer
+from quanta.qtensor import _METADATA, QTensor, dequantize_any
+
+_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0)}
+
+
+def site_module_key(key: str) -> str:
+    """ModuleDict keys cannot contain dots."""
+    return key.replace(".", "/")
+
+
+class QuantizedSite(LeafMarker, nn.Module):
+    """One functional call site: observes its output while calibrating, runs int8 after."""
+
+    def __init__(self, key: str, op: str, activation: str, spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.key, self.op, self.activation = key, op, activation
+        self.observer = make_observer(spec, f"{key} ({op})") if spec is not None else None
+        self.register_buffer("output_scale", torch.tensor(1.0))
+        self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.converted = False
+        self.output_int8 = True
+
+    def set_qparams(self, scale: float, zero_point: int) -> None:
+        self.output_scale.fill_(scale)
+        self.output_zero_point.fill_(zero_point)
+        self.converted = True
+        self.observer = None
+
+    def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        if not self.converted:
+            out = func(*args, **kwargs)
+            if self.observer is not None:
+                self.observer(_ACT[self.activation](dequantize_any(out)))
+            return out
+        scale, zp = float(self.output_scale), int(self.output_zero_point)
+        q = self._int8(func, args, kwargs, scale, zp)
+        if q is None:
+            y = func(*dequantize_any(args), **dequantize_any(kwargs))
+            q = reference.quantize_per_tensor(_ACT[self.activation](y), scale, zp)
+        out = QTensor(q, scale, zp)
+        return out if self.output_int8 else out.dequantize()
+
+    def _int8(self, func: Callable, args: tuple, kwargs: dict, scale: float, zp: int) -> Any:
+        if self.op == "add":
+            if kwargs or len(args) != 2 or not all(isinstance(a, QTensor) for a in args):
+                return None
+            a, b = args
+            return reference.add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
+                                 scale, zp, self.activation)
+        if self.op == "cat":
+            tensors = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if not all(isinstance(t, QTensor) for t in tensors) or self.activation != "none":
+                return None
+            parts = [reference.requantize(t.int_data, t.scale, t.zero_point, scale, zp) for t in tensors]
+            return torch.cat(parts, dim)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{self.key}, op={self.op}, activation={self.activation}"
+
+
+class _SiteMode(TorchFunctionMode):
+    def __init__(self, state: QuantaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        tracker = self.state.tracker
+        if tracker.leaf_depth or not tracker.stack or func in _METADATA:
+            return func(*args, **kwargs)
+        op = canonical_op_name(func)
+        if op not in INT8_SITE_OPS:
+            return func(*args, **kwargs)
+        site = self.state.sites_by_key.get(tracker.next_key(op))
+        if site is None:
+            return func(*args, **kwargs)
+        return site.run(func, args, kwargs)
+
+
+class QuantaState(LeafMarker, nn.Module):
+    """Everything quanta attaches to a model: plan, config, call sites and hooks."""
+
+    def __init__(self, plan: Plan, config: QuantConfig) -> None:
+        super().__init__()
+        self.plan = plan
+        self.config = config
+        self.sites = nn.ModuleDict()
+        self.tracker = SiteTracker()
+        self._mode: _SiteMode | None = None
+        self._root_handles: list = []
+
+    @property
+    def sites_by_key(self) -> dict[str, QuantizedSite]:
+        cache = self.__dict__.get("_site_cache")
+        if cache is None or len(cache) != len(self.sites):
+            cache = {s.key: s for s in self.sites.values()}
+            self.__dict__["_site_cache"] = cache
+        return cache
+
+    def attach(self, model: nn.Module) -> None:
+        """(Re)install the hooks on ``model``; called after prepare, convert and load."""
+        self.detach()
+        self.tracker.install(model)
+        self._root_handles = [
+            model.register_forward_pre_hook(self._enter, with_kwargs=True),
+            model.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def detach(self) -> None:
+        self.tracker.remove()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
+
+    def _enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._check_inputs(args, kwargs)
+        if self._mode is None and self.sites:
+            self._mode = _SiteMode(self)
+            self._mode.__enter__()
+
+    def _exit(self, model: nn.Module, args: tuple, out: Any) -> Any:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        return dequantize_any(out)
+
+    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
+        tensors = batch_tensors((args, kwargs))
+        for i, (t, meta) in enumerate(zip(tensors, self.plan.input_meta, strict=False)):
+            if meta is None or isinstance(t, QTensor):
+                continue
+            dtype, rank = meta
+            want_float = str(dtype).replace("torch.", "").startswith(("float", "bfloat"))
+            if want_float != t.is_floating_point():
+                raise QuantizedInputError(
+                    f"model input {i}: expected a {str(dtype).replace('torch.', '')} tensor like the "
+                    f"example inputs, got {str(t.dtype).replace('torch.', '')}"
+                )
+            if t.dim() != rank:
+                raise QuantizedInputError(
+                    f"model input {i}: expected rank {rank} like the example inputs, got shape "
+                    f"{tuple(t.shape)}"
+                )

@@ -1,0 +1,192 @@
+"""Observers: watch float tensors during calibration and choose quantization parameters.
+
+Every observer is an ``nn.Module`` whose forward records statistics and returns its input
+unchanged. ``layer`` names the place it watches, so calibration errors can say where.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from quanta.config import QuantSpec
+from quanta.errors import CalibrationError
+from quanta.numerics.qparams import choose_qparams, qrange
+
+
+class Observer(nn.Module):
+    """Base: tracks running min/max (per tensor or per channel) and checks for NaN/Inf."""
+
+    def __init__(self, spec: QuantSpec, layer: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer = layer
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("batches", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def observed(self) -> bool:
+        return int(self.batches) > 0
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.per_channel:
+            flat = x.detach().transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
+            return torch.aminmax(flat, dim=1)
+        return torch.aminmax(x.detach())
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "Inf"
+            raise CalibrationError(
+                f"{bad} found while calibrating {self.layer or 'a layer'}: calibration data (or the "
+                f"float model on it) produced non-finite values; clean the data before calibrating"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return x
+        self._check(x)
+        lo, hi = self._reduce(x)
+        self._update(x, lo, hi)
+        self.batches += 1
+        return x
+
+    def _update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if not self.observed:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) the quantization grid should cover."""
+        return self.min_val, self.max_val
+
+    def calculate_qparams(self, spec: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.observed:
+            raise CalibrationError(f"{self.layer or 'observer'} was never run on calibration data")
+        lo, hi = self.range()
+        return choose_qparams(lo, hi, spec or self.spec)
+
+
+class MinMaxObserver(Observer):
+    """Global min/max over all calibration batches."""
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min/max (the usual QAT choice)."""
+
+    def _update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if not self.observed:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+            return
+        c = self.spec.averaging_constant
+        self.min_val = self.min_val + c * (lo - self.min_val)
+        self.max_val = self.max_val + c * (hi - self.max_val)
+
+
+class PercentileObserver(Observer):
+    """Average over batches of the per-batch low/high percentiles: robust to rare outliers."""
+
+    _SAMPLE = 1 << 20
+
+    def __init__(self, spec: QuantSpec, layer: str = "") -> None:
+        super().__init__(spec, layer)
+        self.register_buffer("lo_sum", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("hi_sum", torch.tensor(0.0, dtype=torch.float64))
+
+    def _update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        super()._update(x, lo, hi)
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() > self._SAMPLE:
+            pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))
+            flat = flat[pick[: self._SAMPLE]]
+        q = self.spec.percentile / 100.0
+        k_hi = max(1, min(flat.numel(), round(q * flat.numel())))
+        k_lo = max(1, min(flat.numel(), round((1 - q) * flat.numel()) + 1))
+        self.hi_sum += flat.kthvalue(k_hi).values.double()
+        self.lo_sum += flat.kthvalue(k_lo).values.double()
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = float(self.batches)
+        return (self.lo_sum / n).float(), (self.hi_sum / n).float()
+
+
+class HistogramObserver(Observer):
+    """Histogram of all values; the range is the one minimising quantization MSE.
+
+    The histogram grows its range by merging bins when a batch exceeds it, so memory stays
+    fixed. The search tries clipped ranges on a grid of bin edges and scores each by the
+    expected squared error of rounding (inside) plus clipping (outside), bin by bin.
+    """
+
+    BINS = 2048
+
+    def __init__(self, spec: QuantSpec, layer: str = "") -> None:
+        super().__init__(spec, layer)
+        self.register_buffer("histogram", torch.zeros(self.BINS, dtype=torch.float64))
+        self._edges = (0.0, 0.0)
+
+    def _update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        first = not self.observed
+        super()._update(x, lo, hi)
+        new_lo, new_hi = float(self.min_val), float(self.max_val)
+        if new_hi <= new_lo:
+            new_hi = new_lo + 1e-8
+        if not first:
+            self.histogram = self._rebin(self.histogram, self._edges, new_lo, new_hi)
+        self._edges = (new_lo, new_hi)
+        self.histogram += torch.histc(x.detach().float(), self.BINS, new_lo, new_hi).double()
+
+    def _rebin(self, hist: torch.Tensor, old: tuple[float, float], lo: float, hi: float) -> torch.Tensor:
+        if old == (lo, hi):
+            return hist
+        centers = torch.linspace(old[0], old[1], self.BINS + 1, dtype=torch.float64)
+        centers = (centers[:-1] + centers[1:]) / 2
+        idx = ((centers - lo) / (hi - lo) * self.BINS).long().clamp(0, self.BINS - 1)
+        return torch.zeros_like(hist).index_add_(0, idx, hist)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._edges = (float(self.min_val), float(self.max_val))
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = float(self.min_val), float(self.max_val)
+        if self.spec.per_channel or hi <= lo or self.histogram.sum() == 0:
+            return self.min_val, self.max_val
+        qmin, qmax = qrange(self.spec)
+        levels = qmax - qmin
+        width = (hi - lo) / self.BINS
+        centers = lo + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
+        counts = self.histogram
+        steps = torch.unique(torch.linspace(0, self.BINS // 2, 64, dtype=torch.float64).round().long())
+        los = lo + steps.double() * width
+        his = hi - steps.double() * width
+        cand_lo, cand_hi = torch.meshgrid(los, his, indexing="ij")
+        cand_lo, cand_hi = cand_lo.reshape(-1, 1), cand_hi.reshape(-1, 1)
+        # Same zero-inclusion rule as choose_qparams.
+        cand_lo, cand_hi = cand_lo.clamp(max=0.0), cand_hi.clamp(min=0.0)
+        scale = ((cand_hi - cand_lo) / levels).clamp(min=1e-12)
+        clipped = centers.clamp(cand_lo, cand_hi)
+        rounding = scale**2 / 12.0  # uniform rounding error of a value strictly inside
+        err = ((centers - clipped) ** 2 + torch.where(centers == clipped, rounding, 0.0)) * counts
+        best = int(torch.argmin(err.sum(dim=1)))
+        return torch.tensor(float(cand_lo[best]), dtype=torch.float32), torch.tensor(
+            float(cand_hi[best]), dtype=torch.float32
+        )
+
+
+_OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "histogram": HistogramObserver,
+}
+
+
+def make_observer(spec: QuantSpec, layer: str = "") -> Observer:
+    """The observer named by ``spec.observer``, labelled with the layer it watches."""
+    if spec.observer not in _OBSERVERS:
+        raise NotImplementedError(f"observer {spec.observer!r} is not implemented yet")
+    return _OBSERVERS[spec.observer](spec, layer)

@@ -1,0 +1,165 @@
+"""QTensor: an activation travelling in int8 between quantized ops.
+
+A ``torch.Tensor`` subclass that holds uint8 (or int8) data with one scale and zero point and
+reports its logical float dtype and shape. Shape ops, pooling, ReLU-like clamps run on the
+integer data; every other op sees the dequantized float tensor, so the result is always
+correct, only slower. Quantized modules read ``int_data`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from quanta.kernels import reference
+
+
+class QTensor(torch.Tensor):
+    int_data: torch.Tensor
+    scale: float
+    zero_point: int
+
+    @staticmethod
+    def __new__(cls, int_data: torch.Tensor, scale: float, zero_point: int) -> QTensor:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, int_data.shape, strides=int_data.stride(), dtype=torch.float32,
+            device=int_data.device, requires_grad=False,
+        )
+
+    def __init__(self, int_data: torch.Tensor, scale: float, zero_point: int) -> None:
+        self.int_data = int_data
+        self.scale = float(scale)
+        self.zero_point = int(zero_point)
+
+    def __repr__(self) -> str:  # noqa: D105
+        return (
+            f"QTensor(shape={tuple(self.shape)}, {self.int_data.dtype}, scale={self.scale:.6g}, "
+            f"zero_point={self.zero_point})"
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize_per_tensor(self.int_data, self.scale, self.zero_point)
+
+    def with_data(self, int_data: torch.Tensor) -> QTensor:
+        return QTensor(int_data, self.scale, self.zero_point)
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[float, int]]:
+        return ["int_data"], (self.scale, self.zero_point)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: tuple[float, int], size: Any, stride: Any) -> QTensor:
+        return QTensor(inner["int_data"], *meta)
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        handler = _NATIVE.get(func)
+        if handler is not None:
+            out = handler(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        args, kwargs = tree_map(_to_float, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
+        # Safety net for paths that bypass __torch_function__ (printing, autograd internals).
+        args, kwargs = tree_map(_to_float, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _to_float(x: Any) -> Any:
+    return x.dequantize() if isinstance(x, QTensor) else x
+
+
+def dequantize_any(x: Any) -> Any:
+    """Replace every QTensor in a nested structure by its float value."""
+    return tree_map(_to_float, x)
+
+
+_METADATA = {
+    torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndim.__get__,
+    torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.numel,
+    torch.Tensor.requires_grad.__get__, torch.Tensor.__len__, torch.Tensor.is_floating_point,
+    torch.Tensor.layout.__get__, torch.Tensor.stride, torch.Tensor.is_contiguous,
+    torch.Tensor.is_quantized.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.grad_fn.__get__,
+}
+
+
+def _on_data(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Apply a layout/selection op to the integer data; qparams are unchanged."""
+    x = args[0]
+    if not isinstance(x, QTensor) or kwargs.get("return_indices"):
+        return NotImplemented
+    if any(isinstance(a, QTensor) for a in args[1:]):
+        return NotImplemented
+    out = func(x.int_data, *args[1:], **kwargs)
+    if isinstance(out, (tuple, list)):
+        return type(out)(x.with_data(o) for o in out)
+    return x.with_data(out)
+
+
+def _clamp_op(lo: float | None, hi: float | None) -> Callable:
+    def run(x: QTensor, inplace: bool = False) -> QTensor:
+        qmin = None if lo is None else reference.quantize_per_tensor(
+            torch.tensor(lo), x.scale, x.zero_point).item()
+        qmax = None if hi is None else reference.quantize_per_tensor(
+            torch.tensor(hi), x.scale, x.zero_point).item()
+        return x.with_data(torch.clamp(x.int_data, qmin, qmax))
+    return run
+
+
+def _relu(func: Callable, args: tuple, kwargs: dict) -> Any:
+    return _clamp_op(0.0, None)(args[0])
+
+
+def _relu6(func: Callable, args: tuple, kwargs: dict) -> Any:
+    return _clamp_op(0.0, 6.0)(args[0])
+
+
+def _hardtanh(func: Callable, args: tuple, kwargs: dict) -> Any:
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return _clamp_op(lo, hi)(args[0])
+
+
+def _avg_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Average of integers (zero point removed so padding counts as real 0), rounded half-even."""
+    x = args[0]
+    if not isinstance(x, QTensor):
+        return NotImplemented
+    pooled = func(x.int_data.float() - x.zero_point, *args[1:], **kwargs)
+    data = torch.clamp(torch.round(pooled) + x.zero_point, 0, 255).to(x.int_data.dtype)
+    return x.with_data(data)
+
+
+def _native_table() -> dict[Callable, Callable]:
+    layout_ops = [
+        torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
+        torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
+        torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze, torch.unsqueeze,
+        torch.Tensor.contiguous, torch.Tensor.__getitem__, torch.Tensor.t, torch.Tensor.narrow,
+        torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split, torch.Tensor.clone,
+        torch.Tensor.detach, torch.Tensor.expand, torch.Tensor.repeat, torch.Tensor.unbind,
+        torch.Tensor.flip, torch.flip, F.pixel_shuffle, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+        torch.max_pool1d, torch.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        torch.Tensor.view_as,
+    ]
+    table: dict[Callable, Callable] = {op: _on_data for op in layout_ops}
+    for op in (F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_):
+        table[op] = _relu
+    table[F.relu6] = _relu6
+    table[F.hardtanh] = _hardtanh
+    for op in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+        table[op] = _avg_pool
+    return table
+
+
+_NATIVE = _native_table()
