@@ -91,11 +91,14 @@ def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any
         bn = [n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)]
         if bn:
             module = fold_batchnorm(module, modules[bn[0]])
+            _set_module(model, bn[0], nn.Identity())
+            plan.layers[bn[0]].replaced = True
         _set_module(model, lp.name, ObservedModule(module, lp.activation, wspec, aspec, lp.name))
     for name, count in fused_calls.items():
         calls = len(record.module_nodes(name))
-        if name in modules and calls == count:
+        if name in modules and calls == count and not plan.layers[name].replaced:
             _set_module(model, name, nn.Identity())
+            plan.layers[name].replaced = True
     state = QuantaState(plan, config)
     for lp in plan.layers.values():
         if lp.kind == "site" and lp.precision == "int8":

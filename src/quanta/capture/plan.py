@@ -42,6 +42,7 @@ class LayerPlan:
     input_qparams: tuple[float, int] | None = None
     output_qparams: tuple[float, int] | None = None
     backend: str = ""
+    replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
 
 
 @dataclass
