@@ -2,6 +2,7 @@
 
 from quanta.api import calibrate, convert, prepare, quantize
 from quanta.config import Override, QuantConfig, QuantSpec
+from quanta.debug.report import Report, report
 from quanta.errors import (
     CalibrationError,
     FormatError,
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
-    "prepare", "quantize",
+    "prepare", "quantize", "Report", "report",
 ]

@@ -172,6 +172,12 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             origins = {_int8_origin(record, plan, i) for n in nodes for i in n.inputs}
             if len(origins) == 1:
                 lp.input_from = origins.pop() or ""
+    # Rows in execution order; modules never called go last.
+    first = {}
+    for n in record.nodes:
+        first.setdefault(n.name, n.id)
+    order = sorted(plan.layers, key=lambda k: first.get(k, len(record.nodes)))
+    plan.layers = {k: plan.layers[k] for k in order}
     return plan
 
 
@@ -184,10 +190,9 @@ def _fuse_activation(record: DataflowRecord, plan: Plan, modules: dict[str, nn.M
     if kind:
         lp.activation = kind
         lp.fused.append(act.name)
-        if act.kind == "module" or act.name in plan.layers:
-            ap = plan.layers[act.name]
-            ap.folded_into = ap.folded_into or lp.name
-            ap.precision, ap.reason = "folded", f"folded into {lp.name} ({kind})"
+        ap = plan.layers[act.name]
+        ap.folded_into = f"{ap.folded_into}, {lp.name}" if ap.folded_into else lp.name
+        ap.precision, ap.reason = "folded", f"folded into {ap.folded_into} ({kind})"
 
 
 def _passes_int8(plan: Plan, node: Node) -> bool:
