@@ -156,25 +156,32 @@ class HistogramObserver(Observer):
         if self.spec.per_channel or hi <= lo or self.histogram.sum() == 0:
             return self.min_val, self.max_val
         qmin, qmax = qrange(self.spec)
-        levels = qmax - qmin
         width = (hi - lo) / self.BINS
         centers = lo + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
-        counts = self.histogram
-        steps = torch.unique(torch.linspace(0, self.BINS // 2, 64, dtype=torch.float64).round().long())
-        los = lo + steps.double() * width
-        his = hi - steps.double() * width
-        cand_lo, cand_hi = torch.meshgrid(los, his, indexing="ij")
-        cand_lo, cand_hi = cand_lo.reshape(-1, 1), cand_hi.reshape(-1, 1)
-        # Same zero-inclusion rule as choose_qparams.
-        cand_lo, cand_hi = cand_lo.clamp(max=0.0), cand_hi.clamp(min=0.0)
-        scale = ((cand_hi - cand_lo) / levels).clamp(min=1e-12)
-        clipped = centers.clamp(cand_lo, cand_hi)
-        rounding = scale**2 / 12.0  # uniform rounding error of a value strictly inside
-        err = ((centers - clipped) ** 2 + torch.where(centers == clipped, rounding, 0.0)) * counts
-        best = int(torch.argmin(err.sum(dim=1)))
-        return torch.tensor(float(cand_lo[best]), dtype=torch.float32), torch.tensor(
-            float(cand_hi[best]), dtype=torch.float32
-        )
+        # Prefix sums of n, n*c, n*c^2 make each candidate range's error O(1).
+        n = self.histogram
+        zero = torch.zeros(1, dtype=torch.float64)
+        s0, s1, s2 = (torch.cat([zero, torch.cumsum(v, 0)]) for v in (n, n * centers, n * centers**2))
+
+        def error(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            a = (lo + i * width).clamp(max=0.0)  # the grid always includes 0 (choose_qparams)
+            b = (lo + j * width).clamp(min=0.0)
+            below = s2[i] - 2 * a * s1[i] + a * a * s0[i]
+            above = (s2[-1] - s2[j]) - 2 * b * (s1[-1] - s1[j]) + b * b * (s0[-1] - s0[j])
+            scale = (b - a) / (qmax - qmin)
+            inside = (s0[j] - s0[i]) * scale * scale / 12.0
+            return torch.where(j > i, below + above + inside, torch.inf)
+
+        coarse = torch.linspace(0, self.BINS, 257).round().long()
+        i, j = torch.meshgrid(coarse, coarse, indexing="ij")
+        best = int(torch.argmin(error(i, j)))
+        bi, bj = int(i.reshape(-1)[best]), int(j.reshape(-1)[best])
+        fi = torch.arange(max(0, bi - 8), min(self.BINS, bi + 9))
+        fj = torch.arange(max(0, bj - 8), min(self.BINS, bj + 9))
+        i, j = torch.meshgrid(fi, fj, indexing="ij")
+        best = int(torch.argmin(error(i, j)))
+        bi, bj = int(i.reshape(-1)[best]), int(j.reshape(-1)[best])
+        return torch.tensor(lo + bi * width), torch.tensor(lo + bj * width)
 
 
 _OBSERVERS: dict[str, type[Observer]] = {
