@@ -1,0 +1,242 @@
+"""oneDNN fast kernels vs the integer reference (quanta.kernels.reference).
+
+Tolerance per op (fast - reference), ggml-style. Inputs: full-range random uint8
+activations, random int8 weights at the bit width this CPU needs (8, or 7 without VNNI).
+
+| op                     | output  | max |diff|                       | fraction allowed to differ |
+|------------------------|---------|----------------------------------|----------------------------|
+| linear, conv1d, conv2d | float32 | 1 accumulator quantum (x_s*w_s)  | 100% (float32 rounding)    |
+| linear, conv1d, conv2d | uint8   | 1 output quantum                 | 1%                         |
+| quantize_uint8         | uint8   | 0 (bit-identical)                | 0%                         |
+
+Observed: float32 outputs differ by about one float32 ulp (<0.05 accumulator quanta; oneDNN
+adds the float bias after scaling) and uint8 outputs were bit-identical, ties included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+from quanta.kernels import reference as R
+from quanta.kernels.cpu import has_vnni, is_x86, onednn_available, weight_bits_for_cpu
+from quanta.kernels.dispatch import choose_backend
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch.ops.onednn int8 kernels unavailable")
+
+if onednn_available():
+    from quanta.kernels.onednn import PackedConv, PackedLinear, quantize_uint8
+
+def _seed(key: object) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+ACTS = ["none", "relu", "relu6"]
+U8_FRACTION = 0.01
+
+
+def _weights(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = 2 ** (weight_bits_for_cpu() - 1)
+    w_q = torch.randint(-hi, hi, shape, dtype=torch.int8, generator=gen)
+    return w_q, torch.rand(shape[0], generator=gen) * 0.02 + 0.001
+
+
+def _qparams_for(y: torch.Tensor) -> tuple[float, int]:
+    """Output qparams spanning roughly 90% of y's range, so outputs both vary and clamp."""
+    lo, hi = min(float(y.min()), 0.0), max(float(y.max()), 1e-3)
+    scale = (hi - lo) * 0.9 / 255
+    return scale, int(min(255, max(0, round(-lo / scale))))
+
+
+def _check(fast_fn, ref_fn, x_scale: float, w_scale: torch.Tensor, channel_dim: int, quantized: bool):
+    ref_f = ref_fn(None, 0)
+    if not quantized:
+        fast = fast_fn(None, 0)
+        assert fast.dtype == torch.float32 and fast.shape == ref_f.shape
+        shape = [1] * ref_f.dim()
+        shape[channel_dim] = -1
+        quanta = (fast - ref_f).abs() / (x_scale * w_scale).reshape(shape)
+        assert quanta.max().item() <= 1.0
+        return
+    out_scale, out_zp = _qparams_for(ref_f)
+    fast, ref = fast_fn(out_scale, out_zp), ref_fn(out_scale, out_zp)
+    assert fast.dtype == torch.uint8 and fast.shape == ref.shape
+    diff = (fast.int() - ref.int()).abs()
+    assert diff.max().item() <= 1
+    assert (diff > 0).float().mean().item() <= U8_FRACTION
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5), (16, 64, 33), (2, 3, 40, 300)])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32out", "u8out"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_matches_reference(shape, activation, quantized, bias):
+    gen = torch.Generator().manual_seed(_seed((shape, activation, quantized, bias)))
+    *lead, k, n = shape
+    x = torch.randint(0, 256, (*lead, k), dtype=torch.uint8, generator=gen)
+    w_q, ws = _weights((n, k), gen)
+    b = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=gen) if bias else None
+    xs, xz = 0.03, 131
+    lin = PackedLinear(w_q, ws, b, xs, xz)
+    _check(lambda s, z: lin(x, activation, s, z),
+           lambda s, z: R.linear(x, xs, xz, w_q, ws, b, activation, s, z), xs, ws, -1, quantized)
+
+
+CONV2D = [  # (N, C, O, H, W, kernel, stride, padding, dilation, groups)
+    (1, 8, 16, 9, 9, 3, 1, 1, 1, 1),
+    (2, 16, 8, 12, 10, 3, 2, 0, 2, 1),
+    (1, 16, 24, 8, 8, 3, 1, 1, 1, 4),
+    (2, 24, 24, 10, 10, 3, 2, 1, 1, 24),  # depthwise
+    (1, 32, 64, 7, 7, 1, 1, 0, 1, 1),
+    (1, 3, 16, 23, 23, 7, 2, 3, 1, 1),  # stem
+    (1, 8, 8, 9, 11, (3, 1), (2, 1), (1, 0), 1, 1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV2D, ids=lambda c: "x".join(map(str, c[:5])) + f"_k{c[5]}s{c[6]}g{c[9]}")
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32out", "u8out"])
+def test_conv2d_matches_reference(cfg, activation, quantized):
+    nb, c, o, h, w, k, s, p, d, g = cfg
+    gen = torch.Generator().manual_seed(_seed((cfg, activation, quantized)))
+    kk = (k, k) if isinstance(k, int) else k
+    x = torch.randint(0, 256, (nb, c, h, w), dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w_q, ws = _weights((o, c // g, *kk), gen)
+    b = torch.randint(-5000, 5000, (o,), dtype=torch.int32, generator=gen) if sum(cfg[:5]) % 2 else None
+    xs, xz = 0.02, 97
+    conv = PackedConv(w_q, ws, b, xs, xz, s, p, d, g)
+    st, pd, dl = (s, s) if isinstance(s, int) else s, (p, p) if isinstance(p, int) else p, (d, d)
+    _check(lambda so, zo: conv(x, activation, so, zo),
+           lambda so, zo: R.conv(x, xs, xz, w_q, ws, b, st, pd, dl, g, activation, so, zo),
+           xs, ws, 1, quantized)
+    assert conv(x).is_contiguous(memory_format=torch.channels_last)
+
+
+CONV1D = [(2, 8, 16, 50, 5, 2, 1, 1, 1), (1, 12, 12, 33, 3, 1, 2, 2, 12), (1, 4, 6, 20, 3, 1, "same", 1, 2)]
+
+
+@pytest.mark.parametrize("cfg", CONV1D, ids=lambda c: f"c{c[1]}o{c[2]}k{c[4]}g{c[8]}")
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32out", "u8out"])
+def test_conv1d_matches_reference(cfg, activation, quantized):
+    nb, c, o, length, k, s, p, d, g = cfg
+    gen = torch.Generator().manual_seed(_seed((cfg, activation, quantized)))
+    x = torch.randint(0, 256, (nb, c, length), dtype=torch.uint8, generator=gen)
+    w_q, ws = _weights((o, c // g, k), gen)
+    b = torch.randint(-5000, 5000, (o,), dtype=torch.int32, generator=gen)
+    xs, xz = 0.05, 3
+    conv = PackedConv(w_q, ws, b, xs, xz, s, p, d, g)
+    pd = p if isinstance(p, str) else (p,)
+    _check(lambda so, zo: conv(x, activation, so, zo),
+           lambda so, zo: R.conv(x, xs, xz, w_q, ws, b, (s,), pd, (d,), g, activation, so, zo),
+           xs, ws, 1, quantized)
+
+
+def test_requantize_rounds_half_to_even():
+    """acc / 2 hits every .5 tie: oneDNN must round them like the reference (to even)."""
+    x = torch.arange(256, dtype=torch.uint8).reshape(-1, 1)
+    w_q, ws = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
+    lin = PackedLinear(w_q, ws, None, 1.0, 128)
+    assert torch.equal(lin(x, "none", 2.0, 100), R.linear(x, 1.0, 128, w_q, ws, None, "none", 2.0, 100))
+
+
+def test_packing_independent_of_pack_shape():
+    gen = torch.Generator().manual_seed(0)
+    w_q, ws = _weights((16, 8, 3, 3), gen)
+    x = torch.randint(0, 256, (3, 8, 13, 6), dtype=torch.uint8, generator=gen)
+    a = PackedConv(w_q, ws, None, 0.1, 5, 1, 1, x_shape=[1, 8, 56, 56])(x)
+    b = PackedConv(w_q, ws, None, 0.1, 5, 1, 1, x_shape=list(x.shape))(x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 384), (64, 1024), (2, 16, 30, 30)])
+@pytest.mark.parametrize("zp", [0, 77, 255])
+def test_quantize_uint8_bit_identical(shape, zp):
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + zp)
+    scale = 0.013
+    x = torch.randn(shape, generator=gen) * 2
+    flat = x.view(-1)
+    special = torch.tensor([0.0, -0.0, 0.5 * scale, 1.5 * scale, -2.5 * scale, 1e30, -1e30,
+                            float("inf"), float("-inf")])
+    flat[: min(flat.numel(), special.numel())] = special[: flat.numel()]
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    q = quantize_uint8(x, scale, zp)
+    assert q.dtype == torch.uint8 and torch.equal(q, R.quantize_per_tensor(x, scale, zp))
+    assert torch.equal(quantize_uint8(x.half(), scale, zp), R.quantize_per_tensor(x.half(), scale, zp))
+
+
+def test_has_vnni_honours_isa_cap(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not has_vnni()
+    assert weight_bits_for_cpu() == (7 if is_x86() else 8)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx512_core")
+    assert not has_vnni()
+
+
+def test_dispatch_honours_request_and_rule(monkeypatch):
+    info = {"kernel": (3, 3), "groups": 1, "in_channels": 64, "out_channels": 64}
+    assert choose_backend("conv2d", info, "reference")[0] == "reference"
+    assert choose_backend("conv2d", info, "onednn")[0] == "onednn"
+    assert choose_backend("conv2d", info, "auto")[0] == "onednn"
+    with pytest.raises(ValueError):
+        choose_backend("conv2d", info, "cuda")
+    stem = {"kernel": 3, "groups": 1, "in_channels": 3, "out_channels": 32}
+    assert choose_backend("conv2d", stem, "auto")[0] == "float"
+    small = {"in_features": 384, "out_features": 384, "rows": 1}
+    assert choose_backend("linear", small, "auto")[0] == "float"
+    if not is_x86():
+        return
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    dw = {"kernel": (3, 3), "groups": 96, "in_channels": 96, "out_channels": 96}
+    backend, reason = choose_backend("conv2d", dw, "auto")
+    assert backend == "float" and "depthwise" in reason
+
+
+_SATURATION_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from quanta.kernels import reference as R
+    from quanta.kernels.onednn import PackedConv, PackedLinear
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 256), dtype=torch.uint8, generator=g)
+    xc = torch.randint(0, 256, (1, 32, 12, 12), dtype=torch.uint8, generator=g)
+    ws, wsc = torch.full((64,), 0.01), torch.full((16,), 0.01)
+    out = {}
+    for bits in (8, 7):
+        hi = 2 ** (bits - 1)
+        w = torch.randint(-hi, hi, (64, 256), dtype=torch.int8, generator=g)
+        wc = torch.randint(-hi, hi, (16, 32, 3, 3), dtype=torch.int8, generator=g)
+        ref = R.linear(x, 0.02, 10, w, ws, None)
+        y = PackedLinear(w, ws, None, 0.02, 10)(x)
+        refc = R.conv(xc, 0.02, 10, wc, wsc, None, (1, 1), (1, 1), (1, 1), 1)
+        yc = PackedConv(wc, wsc, None, 0.02, 10, 1, 1)(xc)
+        out[bits] = {"linear_rel": float((y - ref).abs().max() / ref.abs().max()),
+                     "linear_quanta": float((y - ref).abs().max() / (0.02 * 0.01)),
+                     "conv_rel": float((yc - refc).abs().max() / refc.abs().max()),
+                     "conv_quanta": float((yc - refc).abs().max() / (0.02 * 0.01))}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not is_x86() or not torch.cpu._is_avx2_supported(), reason="needs an x86 AVX2 CPU")
+def test_avx2_without_vnni_saturates_full_range_weights():
+    """Under ONEDNN_MAX_CPU_ISA=AVX2, 8-bit weights overflow vpmaddubsw; 7-bit weights are exact."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _SATURATION_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    assert any("isa:Intel AVX2" in ln and "VNNI" not in ln for ln in lines), "ISA cap not applied"
+    impls = [ln for ln in lines if ",exec,cpu," in ln and ("matmul" in ln or "convolution" in ln)]
+    assert impls and not any("avx512" in ln or "amx" in ln or "vnni" in ln for ln in impls)
+    res = json.loads(next(ln for ln in lines if ln.startswith("{")))
+    assert res["8"]["linear_rel"] > 0.02 and res["8"]["conv_rel"] > 0.02  # saturated: wrong
+    assert res["7"]["linear_quanta"] <= 1.0 and res["7"]["conv_quanta"] <= 1.0  # exact
