@@ -105,7 +105,6 @@ def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any
             state.sites[site_module_key(lp.name)] = QuantizedSite(
                 lp.name, lp.float_type, lp.activation, config.activation
             )
-    model._quanta = state
     state.attach(model)
 
 

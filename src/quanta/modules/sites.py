@@ -106,7 +106,12 @@ class _SiteMode(TorchFunctionMode):
 
 
 class QuantaState(LeafMarker, nn.Module):
-    """Everything quanta attaches to a model: plan, config, call sites and hooks."""
+    """Everything quanta attaches to a model: plan, config, call sites and hooks.
+
+    It is stored as ``model._quanta`` but not registered as a child module, so containers
+    that iterate their children (``nn.Sequential``, ``nn.ModuleList``) are unaffected; its
+    tensors still appear in ``model.state_dict()`` under ``_quanta.`` through state-dict hooks.
+    """
 
     def __init__(self, plan: Plan, config: QuantConfig) -> None:
         super().__init__()
@@ -128,10 +133,13 @@ class QuantaState(LeafMarker, nn.Module):
     def attach(self, model: nn.Module) -> None:
         """(Re)install the hooks on ``model``; called after prepare, convert and load."""
         self.detach()
+        object.__setattr__(model, "_quanta", self)
         self.tracker.install(model)
         self._root_handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._exit, always_call=True),
+            model._register_state_dict_hook(self._add_state),
+            model._register_load_state_dict_pre_hook(self._load_state, with_module=True),
         ]
 
     def detach(self) -> None:
@@ -139,6 +147,19 @@ class QuantaState(LeafMarker, nn.Module):
         for h in self._root_handles:
             h.remove()
         self._root_handles = []
+
+    def _add_state(self, model: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        if prefix == "":
+            state_dict.update(self.state_dict(prefix="_quanta."))
+
+    def _load_state(self, model: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
+                    strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if prefix != "":
+            return
+        ours = {k[len("_quanta."):]: state_dict.pop(k) for k in list(state_dict) if k.startswith("_quanta.")}
+        result = self.load_state_dict(ours, strict=False)
+        missing_keys.extend("_quanta." + k for k in result.missing_keys)
+        unexpected_keys.extend("_quanta." + k for k in result.unexpected_keys)
 
     def _enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._check_inputs(args, kwargs)

@@ -1,0 +1,71 @@
+"""One shared test for every static quantized module: int8 vs float SQNR on calibrated inputs.
+
+Each case is (float module, input shape); the module is quantized inside a container, as a
+user would, and must keep SQNR >= 30 dB against its float self, with int8 weights in the
+state_dict and the expected quantized type under the original name.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quanta
+from helpers import sqnr
+
+CASES = {
+    "linear": (lambda: nn.Linear(64, 32), (16, 64)),
+    "linear_no_bias": (lambda: nn.Linear(64, 32, bias=False), (16, 64)),
+    "linear_3d": (lambda: nn.Linear(48, 24), (4, 10, 48)),
+    "conv1d": (lambda: nn.Conv1d(8, 16, 5, padding=2), (4, 8, 50)),
+    "conv1d_strided_dilated": (lambda: nn.Conv1d(8, 16, 3, stride=2, dilation=2), (4, 8, 50)),
+    "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), (4, 8, 16, 16)),
+    "conv2d_stride2_no_bias": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), (4, 8, 16, 16)),
+    "conv2d_dilated": (lambda: nn.Conv2d(8, 8, 3, padding=2, dilation=2), (4, 8, 16, 16)),
+    "conv2d_grouped": (lambda: nn.Conv2d(8, 16, 3, padding=1, groups=4), (4, 8, 16, 16)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16), (4, 16, 16, 16)),
+    "conv2d_1x1": (lambda: nn.Conv2d(16, 32, 1), (4, 16, 8, 8)),
+}
+EXPECTED = {"linear": "QuantizedLinear", "conv1d": "QuantizedConv1d", "conv2d": "QuantizedConv2d"}
+
+
+def _quantize(module: nn.Module, shape, activation=None, backend="auto"):
+    torch.manual_seed(0)
+    layers = [module] + ([activation] if activation is not None else [])
+    model = nn.Sequential(*layers).eval()
+    calib = [torch.randn(shape) for _ in range(8)]
+    config = quanta.QuantConfig(backend=backend)
+    return model, quanta.quantize(model, calib, config=config, show_progress=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.ReLU6()], ids=["none", "relu", "relu6"])
+def test_module_sqnr(case, activation):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    float_model, qmodel = _quantize(make(), shape, activation)
+    x = torch.randn(shape)
+    assert sqnr(float_model(x), qmodel(x)) >= 30.0
+    qtype = type(qmodel[0]).__name__
+    assert qtype == EXPECTED[case.split("_")[0]]
+    if activation is not None:
+        assert qmodel[0].activation == ("relu6" if isinstance(activation, nn.ReLU6) else "relu")
+        assert isinstance(qmodel[1], nn.Identity)
+    state = qmodel.state_dict()
+    assert state["0.weight"].dtype == torch.int8
+    assert state["0.weight_scale"].dtype == torch.float32
+    assert state["0.input_zero_point"].dtype == torch.int32
+    if make().bias is not None:
+        assert state["0.bias"].dtype == torch.int32
+
+
+def test_int8_chain_keeps_activations_int8():
+    """conv -> relu -> conv: the first conv emits a QTensor consumed directly by the second."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    assert qmodel[0].output_int8 and not qmodel[2].output_int8
+    assert qmodel[2]._in == qmodel[0]._out  # the consumer reads the producer's qparams as is
+    x = torch.randn(2, 3, 16, 16)
+    out = qmodel(x)
+    assert type(out) is torch.Tensor and sqnr(model(x), out) >= 30.0
