@@ -3,6 +3,7 @@
 from quanta.api import calibrate, convert, prepare, quantize
 from quanta.config import Override, QuantConfig, QuantSpec
 from quanta.debug.report import Report, report
+from quanta.dynamic import quantize_dynamic
 from quanta.errors import (
     CalibrationError,
     FormatError,
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
-    "prepare", "quantize", "Report", "report",
+    "prepare", "quantize", "quantize_dynamic", "Report", "report",
 ]

@@ -133,3 +133,37 @@ def requantize(
     if scale == out_scale and zero_point == out_zero_point:
         return q
     return quantize_per_tensor(dequantize_per_tensor(q, scale, zero_point), out_scale, out_zero_point)
+
+
+# --- dynamic quantization: float in, activations quantized on the fly, float out ---------
+
+
+def quantize_per_row(x: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """[M, K] float -> uint8 with one (scale, zero point) per row: clamp(round(x / s) + zp)."""
+    q = torch.round(x.float() / scales.float()[:, None]) + zero_points.float()[:, None]
+    return torch.clamp(q, 0, 255).to(torch.uint8)
+
+
+def linear_dynamic(
+    x_q: torch.Tensor, x_scale: float, x_zero_point: int,
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dynamic linear on [M, K] uint8 input: int32 accumulator * (x_scale * w_scale) + float bias."""
+    acc = linear_accumulate(x_q, x_zero_point, w_q, None)
+    y = epilogue(acc, x_scale, w_scale, 1)
+    return y if bias is None else y + bias.float()
+
+
+def linear_dynamic_per_row(
+    x_q: torch.Tensor, x_scales: torch.Tensor, x_zero_points: torch.Tensor,
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dynamic linear with per-row input qparams: the row's scale multiplies its accumulator."""
+    acc = ((x_q.double() - x_zero_points.double()[:, None]) @ w_q.double().t()).to(torch.int32)
+    y = acc.to(torch.float32) * (x_scales.float()[:, None] * w_scale.float()[None, :])
+    return y if bias is None else y + bias.float()
+
+
+def embedding(w_q: torch.Tensor, w_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 embedding lookup: rows of int8 [V, D] times their float scale."""
+    return w_q[indices].to(torch.float32) * w_scale[indices].unsqueeze(-1)

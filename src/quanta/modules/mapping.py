@@ -7,13 +7,27 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding, QuantizedEmbeddingBag
+from quanta.modules.dynamic_rnn import (
+    DynamicQuantizedGRU,
+    DynamicQuantizedGRUCell,
+    DynamicQuantizedLSTM,
+    DynamicQuantizedLSTMCell,
+)
+from quanta.modules.qat import QATConv1d, QATConv2d, QATLinear
 from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 
 # float type -> {mode: quantized type}
 MAPPING: dict[type[nn.Module], dict[str, type[nn.Module]]] = {
-    nn.Linear: {"static": QuantizedLinear},
-    nn.Conv1d: {"static": QuantizedConv1d},
-    nn.Conv2d: {"static": QuantizedConv2d},
+    nn.Linear: {"static": QuantizedLinear, "dynamic": DynamicQuantizedLinear, "qat": QATLinear},
+    nn.Conv1d: {"static": QuantizedConv1d, "qat": QATConv1d},
+    nn.Conv2d: {"static": QuantizedConv2d, "qat": QATConv2d},
+    nn.LSTM: {"dynamic": DynamicQuantizedLSTM},
+    nn.LSTMCell: {"dynamic": DynamicQuantizedLSTMCell},
+    nn.GRU: {"dynamic": DynamicQuantizedGRU},
+    nn.GRUCell: {"dynamic": DynamicQuantizedGRUCell},
+    nn.Embedding: {"dynamic": QuantizedEmbedding},
+    nn.EmbeddingBag: {"dynamic": QuantizedEmbeddingBag},
 }
 
 # producer type -> BatchNorm types folded into it when nothing else reads the producer's output
