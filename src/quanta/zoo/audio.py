@@ -41,23 +41,8 @@ def load_speech() -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.int16).to(torch.float32) / 32768.0
 
 
-class LSTMCellLinear(nn.Module):
-    """LSTM cell written with two ``nn.Linear`` (gate order i, f, g, o, as ``nn.LSTMCell``)."""
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.ih = nn.Linear(input_size, 4 * hidden_size)
-        self.hh = nn.Linear(hidden_size, 4 * hidden_size)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, c
-
-
 class SileroVAD(nn.Module):
-    """Silero VAD v5/v6 16 kHz network: STFT conv -> 4 Conv1d+ReLU -> LSTM cell -> Conv1d -> sigmoid.
+    """Silero VAD v5/v6 16 kHz network: STFT conv -> 4 Conv1d+ReLU -> nn.LSTMCell -> Conv1d -> sigmoid.
 
     ``forward(x, state)`` takes ``x`` ``[B, 64 + 512]`` (context + chunk) and ``state``
     ``[2, B, 128]`` (h, c) and returns ``(speech probability [B, 1], new state)``.
@@ -72,7 +57,7 @@ class SileroVAD(nn.Module):
         self.conv3 = nn.Conv1d(64, 64, 3, stride=2, padding=1)
         self.conv4 = nn.Conv1d(64, 128, 3, padding=1)
         self.relu = nn.ReLU()
-        self.rnn = LSTMCellLinear(128, 128)
+        self.rnn = nn.LSTMCell(128, 128)
         self.head = nn.Conv1d(128, 1, 1)
 
     def initial_state(self, batch_size: int = 1) -> torch.Tensor:
@@ -92,7 +77,7 @@ class SileroVAD(nn.Module):
         y = self.relu(self.conv2(y))
         y = self.relu(self.conv3(y))
         y = self.relu(self.conv4(y))  # [B, 128, 1]
-        h, c = self.rnn(y.squeeze(-1), state[0], state[1])
+        h, c = self.rnn(y.squeeze(-1), (state[0], state[1]))
         out = torch.sigmoid(self.head(self.relu(h.unsqueeze(-1))))  # [B, 1, 1]
         return out.mean(dim=2), torch.stack([h, c])
 
@@ -121,10 +106,7 @@ _JIT_TO_PLAIN = {
     "encoder.1.reparam_conv.": "conv2.",
     "encoder.2.reparam_conv.": "conv3.",
     "encoder.3.reparam_conv.": "conv4.",
-    "decoder.rnn.weight_ih": "rnn.ih.weight",
-    "decoder.rnn.bias_ih": "rnn.ih.bias",
-    "decoder.rnn.weight_hh": "rnn.hh.weight",
-    "decoder.rnn.bias_hh": "rnn.hh.bias",
+    "decoder.rnn.": "rnn.",
     "decoder.decoder.2.": "head.",
 }
 
