@@ -141,6 +141,13 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
     state = get_state(model)
     plan, config = state.plan, config or state.config
     observed = {n: m for n, m in model.named_modules() if isinstance(m, ObservedModule)}
+    for name, m in list(observed.items()):
+        lp = plan.layers[name]
+        if not m.input_observer.observed and lp.reason.startswith("not in the example forward"):
+            # a branch the example forward did not take and calibration never reached
+            lp.precision, lp.quantized_type, lp.reason = "float", "", "never called during calibration"
+            _set_module(model, name, m.module)
+            del observed[name]
     unobserved = [n for n, m in observed.items() if not m.input_observer.observed]
     unobserved += [s.key for s in state.sites.values() if s.observer is not None and not s.observer.observed]
     if unobserved:
@@ -161,7 +168,8 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
         lp.input_qparams = source.output_qparams if source else _qparams(m.input_observer, config.activation)
         wspec = resolve_weight_bits(m.weight_spec, config.backend)
         lp.weight_bits = wspec.bits
-        qtype = MAPPING[type(m.module)][plan.mode]
+        qtype = MAPPING[type(m.module)]["static"]  # QAT converts to the same int8 modules
+        lp.quantized_type = qtype.__name__
         q = qtype(m.module, weight_spec=wspec, input_qparams=lp.input_qparams,
                   output_qparams=lp.output_qparams, activation=lp.activation, output_int8=lp.output_int8)
         q.layer_name = name

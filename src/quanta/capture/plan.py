@@ -115,9 +115,7 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         target = mapping.quantized_type(m, mode)
         lp = LayerPlan(name, "module", type(m).__name__, "float")
         skipped, wspec, _, why = config.for_module(name, m)
-        if name not in calls:
-            lp.reason = "not called in the example forward"
-        elif target is None:
+        if target is None:
             native = isinstance(m, mapping.INT8_NATIVE_MODULES)
             lp.reason = "runs on int8 data natively" if native else "no int8 kernel"
             lp.precision = "native" if native else "float"
@@ -127,6 +125,10 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             lp.reason = f"padding_mode={m.padding_mode!r} has no int8 kernel"
         else:
             lp.precision, lp.quantized_type, lp.weight_bits = "int8", target.__name__, wspec.bits
+            if name not in calls:
+                lp.reason = "not in the example forward: no fusion, float output"
+        if name not in calls and lp.precision != "int8":
+            lp.reason = "not called in the example forward"
         plan.layers[name] = lp
 
     # 2. Call sites: int8 add/cat, int8-native ops, float ops.
@@ -165,9 +167,9 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         if lp.precision != "int8":
             continue
         nodes = calls.get(lp.name) or [n for n in record.nodes if n.name == lp.name]
-        lp.output_int8 = all(_reads_int8(record, plan, n, set()) for n in nodes)
+        lp.output_int8 = bool(nodes) and all(_reads_int8(record, plan, n, set()) for n in nodes)
     for lp in plan.layers.values():
-        if lp.precision == "int8" and lp.kind == "module":
+        if lp.precision == "int8" and lp.kind == "module" and lp.name in calls:
             nodes = calls[lp.name]
             origins = {_int8_origin(record, plan, i) for n in nodes for i in n.inputs}
             if len(origins) == 1:

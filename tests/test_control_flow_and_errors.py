@@ -1,0 +1,128 @@
+"""Models with Python control flow, and bad input: clear errors naming problem and layer."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quanta
+from helpers import sqnr
+
+
+class Branchy(nn.Module):
+    """Control flow on shapes and on values, and a loop with a data-dependent count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.small = nn.Linear(8, 4)
+        self.big = nn.Linear(8, 4)
+        self.refine = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 8:
+            x = x[..., ::2, ::2]
+        h = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        y = self.big(h) if x.mean() > 0 else self.small(h)
+        for _ in range(int(x.shape[0] > 2) + 1):
+            y = y + self.refine(y)
+        return y
+
+
+def _calib(n=6):
+    torch.manual_seed(0)
+    big = [torch.randn(4, 3, 16, 16) + 0.5 for _ in range(n)]
+    return big + [torch.randn(2, 3, 8, 8) - 0.5 for _ in range(n)]
+
+
+def test_python_control_flow_quantizes_and_runs():
+    model = Branchy().eval()
+    qmodel = quanta.quantize(model, _calib(), show_progress=False)
+    inputs = (torch.randn(4, 3, 16, 16) + 0.5, torch.randn(2, 3, 8, 8) - 0.5, torch.randn(3, 3, 16, 16) + 0.5)
+    for x in inputs:
+        assert sqnr(model(x), qmodel(x)) >= 25.0
+    rows = {r["name"]: r for r in quanta.report(qmodel).to_dict()["layers"]}
+    assert rows["big"]["precision"] == rows["small"]["precision"] == "int8"  # both branches calibrated
+    assert type(qmodel.conv).__name__ == "QuantizedConv2d"
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5)).eval()
+
+
+def test_nan_in_calibration_names_the_layer():
+    data = [torch.randn(4, 10), torch.full((4, 10), float("nan"))]
+    with pytest.raises(quanta.CalibrationError, match=r"NaN .*layer|NaN found while calibrating 0"):
+        quanta.quantize(_mlp(), data, show_progress=False)
+
+
+def test_inf_in_calibration_names_the_layer():
+    data = [torch.randn(4, 10), torch.tensor([[float("inf")] * 10])]
+    with pytest.raises(quanta.CalibrationError, match="Inf found while calibrating 0"):
+        quanta.quantize(_mlp(), data, show_progress=False)
+
+
+def test_convert_without_calibration_names_unobserved_layers():
+    prepared = quanta.prepare(_mlp(), torch.randn(2, 10))
+    with pytest.raises(quanta.CalibrationError, match=r"never calibrated: 0, 2.*quanta.calibrate"):
+        quanta.convert(prepared)
+
+
+def test_empty_calibration_data():
+    with pytest.raises(quanta.CalibrationError, match="empty"):
+        quanta.quantize(_mlp(), [], show_progress=False)
+    prepared = quanta.prepare(_mlp(), torch.randn(2, 10))
+    with pytest.raises(quanta.CalibrationError, match="empty"):
+        quanta.calibrate(prepared, iter([]))
+
+
+def test_single_tensor_as_calibration_data_is_rejected_clearly():
+    with pytest.raises(quanta.CalibrationError, match="iterable of batches"):
+        quanta.quantize(_mlp(), torch.randn(4, 10), show_progress=False)
+
+
+def test_wrong_dtype_and_rank_at_inference():
+    qmodel = quanta.quantize(_mlp(), [torch.randn(4, 10)], show_progress=False)
+    with pytest.raises(quanta.QuantizedInputError, match="input 0: expected a float32 tensor.*got int64"):
+        qmodel(torch.ones(4, 10, dtype=torch.long))
+    with pytest.raises(quanta.QuantizedInputError, match="expected rank 2.*got shape \\(10,\\)"):
+        qmodel(torch.randn(10))
+    with pytest.raises(quanta.QuantizedInputError, match=r"^0 \(QuantizedLinear\) expects a floating point"):
+        qmodel[0](torch.ones(4, 10, dtype=torch.uint8))
+
+
+def test_example_inputs_that_do_not_fit_the_model():
+    with pytest.raises(quanta.UnsupportedModelError, match="failed on example_inputs"):
+        quanta.prepare(_mlp(), torch.randn(2, 7))
+
+
+def test_skip_keeps_named_layer_float_with_reason():
+    qmodel = quanta.quantize(_mlp(), [torch.randn(4, 10)], skip=["2"], show_progress=False)
+    assert isinstance(qmodel[2], nn.Linear)
+    row = {r["name"]: r for r in quanta.report(qmodel).to_dict()["layers"]}["2"]
+    assert row["precision"] == "float" and "excluded by config" in row["reason"]
+
+
+def test_generator_calibration_data_keeps_every_batch():
+    batches = [torch.randn(4, 10) for _ in range(3)]
+    prepared_counts = []
+
+    def gen():
+        yield from batches
+
+    qmodel = quanta.quantize(_mlp(), gen(), show_progress=False)
+    prepared_counts.append(qmodel is not None)
+    assert prepared_counts == [True]
+
+
+def test_branch_never_reached_stays_float_with_reason():
+    model = Branchy().eval()
+    calib = [torch.randn(4, 3, 16, 16) + 0.5 for _ in range(3)]  # x.mean() > 0: `small` never runs
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    assert isinstance(qmodel.small, nn.Linear) and type(qmodel.big).__name__ == "QuantizedLinear"
+    row = {r["name"]: r for r in quanta.report(qmodel).to_dict()["layers"]}["small"]
+    assert row["precision"] == "float" and row["reason"] == "never called during calibration"
+    x = torch.randn(2, 3, 8, 8) - 0.5  # the uncalibrated branch runs, in float
+    out = qmodel(x)
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    h = torch.randn(5, 8)
+    assert torch.equal(qmodel.small(h), model.small(h))
