@@ -8,6 +8,8 @@ output is a QTensor when the next op consumes int8 (``output_int8``), float32 ot
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,18 @@ class QuantizedModule(LeafMarker, nn.Module):
         self.backend = "reference"
         self.layer_name = ""
         self._sync()
+
+    @classmethod
+    def empty_like(cls, float_module: nn.Module, layer: Any, has_bias: bool) -> QuantizedModule:
+        """A module shaped like ``float_module`` with the settings of ``layer`` (a LayerPlan) and
+        placeholder tensors, to be filled by ``load_state_dict`` (how ``quanta.load`` rebuilds)."""
+        spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=layer.weight_bits or 8)
+        module = cls(float_module, weight_spec=spec, input_qparams=layer.input_qparams or (1.0, 0),
+                     output_qparams=layer.output_qparams or (1.0, 0), activation=layer.activation,
+                     output_int8=layer.output_int8)
+        module.bias = torch.zeros(module.weight.shape[0], dtype=torch.int32) if has_bias else None
+        module.layer_name = layer.name
+        return module
 
     def _sync(self) -> None:
         """Cache qparams as python numbers (read on every call)."""
