@@ -2,6 +2,7 @@
 
 from quanta.api import calibrate, convert, prepare, quantize
 from quanta.config import Override, QuantConfig, QuantSpec
+from quanta.debug.compare import layer_sqnr
 from quanta.debug.report import Report, report
 from quanta.dynamic import quantize_dynamic
 from quanta.errors import (
@@ -11,6 +12,7 @@ from quanta.errors import (
     QuantizedInputError,
     UnsupportedModelError,
 )
+from quanta.qat import freeze, prepare_qat
 from quanta.qtensor import QTensor
 
 __version__ = "0.1.0"
@@ -18,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
-    "prepare", "quantize", "quantize_dynamic", "Report", "report",
+    "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic", "Report", "report", "layer_sqnr",
 ]

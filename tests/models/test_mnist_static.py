@@ -41,3 +41,11 @@ def test_original_model_is_untouched(mnist):
     model, *_ = mnist
     assert isinstance(model.conv1, torch.nn.Conv2d) and isinstance(model.bn1, torch.nn.BatchNorm2d)
     assert not hasattr(model, "_quanta")
+
+
+def test_per_layer_sqnr_on_real_images(mnist):
+    model, qmodel, test_x, _ = mnist
+    per_layer = quanta.layer_sqnr(model, qmodel, test_x[:200])
+    assert {"block1.conv1", "block2.conv2", "fc1", "classifier", "<output>"} <= set(per_layer)
+    assert min(per_layer.values()) >= 25.0, per_layer
+    assert per_layer["<output>"] >= 30.0
