@@ -120,3 +120,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         logits = model(images[i : i + batch_size])
         correct += int((logits.argmax(dim=1) == labels[i : i + batch_size]).sum())
     return 100.0 * correct / max(images.shape[0], 1)
+
+
+def cli_factory(calib_batches: int = 10, batch_size: int = 100) -> dict:
+    """The pretrained CNN with calibration batches of train images, for the ``quanta`` command:
+    ``quanta quantize quanta.zoo.mnist:cli_factory --out mnist.quanta.safetensors``."""
+    images, _ = load_mnist("train")
+    calib = [images[i * batch_size:(i + 1) * batch_size] for i in range(calib_batches)]
+    return {"model": load_pretrained_mnist_cnn(), "calib": calib, "example_inputs": images[:1]}
