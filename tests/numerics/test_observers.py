@@ -72,3 +72,13 @@ def test_non_finite_values_name_the_layer(bad):
 def test_unobserved_observer_refuses_qparams():
     with pytest.raises(CalibrationError, match="never run"):
         _obs("minmax").calculate_qparams()
+
+
+def test_entropy_observer_clips_a_long_tail_and_keeps_the_body():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(100_000)) ** 3  # post-ReLU activation with a long tail
+    o = _obs("entropy")
+    o(x)
+    lo, hi = o.range()
+    assert float(lo) == 0.0
+    assert float(torch.quantile(x[:16384], 0.95)) < float(hi) < 0.5 * float(x.max())

@@ -184,16 +184,52 @@ class HistogramObserver(Observer):
         return torch.tensor(lo + bi * width), torch.tensor(lo + bj * width)
 
 
+class EntropyObserver(HistogramObserver):
+    """The range whose quantized histogram is closest to the observed one in KL divergence
+    (the TensorRT-style calibration). Candidates shrink [min, max] towards 0 by a common
+    factor; each is scored by KL(P || Q), with P the clipped histogram (outliers added to the
+    edge bins) and Q its projection onto the integer grid, spread over non-empty bins."""
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = min(float(self.min_val), 0.0), max(float(self.max_val), 0.0)
+        if self.spec.per_channel or hi <= lo or self.histogram.sum() == 0:
+            return self.min_val, self.max_val
+        qmin, qmax = qrange(self.spec)
+        levels = qmax - qmin + 1
+        full_lo, width = float(self.min_val), (float(self.max_val) - float(self.min_val)) / self.BINS
+        edges = full_lo + torch.arange(self.BINS + 1, dtype=torch.float64) * width
+        best, best_kl = 1.0, float("inf")
+        for t in torch.linspace(0.05, 1.0, 96).tolist():
+            a, b = lo * t, hi * t
+            i = int((a - full_lo) / width) if a > full_lo else 0
+            j = min(self.BINS, max(i + 1, int(round((b - full_lo) / width))))
+            if j - i < levels:  # fewer bins than levels: KL cannot see rounding
+                continue
+            p = self.histogram[i:j].clone()
+            p[0] += self.histogram[:i].sum()
+            p[-1] += self.histogram[j:].sum()
+            # project onto `levels` equal buckets over [edges[i], edges[j]]
+            bucket = ((edges[i:j] - edges[i]) / (edges[j] - edges[i]) * levels).long().clamp(max=levels - 1)
+            nonzero = (p > 0).double()
+            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, p)
+            count = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, nonzero)
+            q = torch.where(p > 0, mass[bucket] / count[bucket].clamp(min=1), 0.0)
+            pn, qn = p / p.sum(), q / q.sum()
+            kl = float(torch.sum(torch.where(pn > 0, pn * torch.log(pn / qn.clamp(min=1e-12)), 0.0)))
+            if kl < best_kl:
+                best, best_kl = t, kl
+        return torch.tensor(lo * best), torch.tensor(hi * best)
+
+
 _OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_average": MovingAverageMinMaxObserver,
     "percentile": PercentileObserver,
     "histogram": HistogramObserver,
+    "entropy": EntropyObserver,
 }
 
 
 def make_observer(spec: QuantSpec, layer: str = "") -> Observer:
     """The observer named by ``spec.observer``, labelled with the layer it watches."""
-    if spec.observer not in _OBSERVERS:
-        raise NotImplementedError(f"observer {spec.observer!r} is not implemented yet")
     return _OBSERVERS[spec.observer](spec, layer)
