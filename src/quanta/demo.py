@@ -10,6 +10,7 @@ float vs int8 at batch 1 and batch 100 (medians of interleaved repetitions). Run
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -126,7 +127,7 @@ def run_demo(*, calib_batches: int = 10, calib_batch_size: int = 100, threads: i
 
     from quanta.zoo.mnist import evaluate, load_mnist, load_pretrained_mnist_cnn
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,6 @@
+"""``python -m quanta.cli``: the ``quanta`` command."""
+
+from quanta.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""What each ``quanta`` subcommand does, given its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+import quanta
+from quanta.cli.specs import (
+    CommandError,
+    Factory,
+    UsageError,
+    example_from,
+    load_calib,
+    load_callable,
+    load_config,
+    load_factory,
+    parse_shape,
+)
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _api(name: str) -> Any:
+    fn = getattr(quanta, name, None)
+    if fn is None:
+        raise CommandError(f"quanta.{name} is not available in this quanta build")
+    return fn
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def float_safetensors_bytes(model: nn.Module) -> int:
+    """Size of the float model's state_dict as a safetensors file (computed in memory)."""
+    import safetensors.torch
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return len(safetensors.torch.save(state))
+
+
+def quantize(args: argparse.Namespace) -> int:
+    factory = load_factory(args.model)
+    config = load_config(args.config, args.mode)
+    calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
+    skip = tuple(args.skip or ())
+    started = time.perf_counter()
+    if args.mode == "static":
+        if calib is None:
+            raise UsageError("static mode needs calibration data: pass --calib DATA "
+                             "(MODULE:function, or a .pt/.npy tensor) or return it from the factory")
+        qmodel = quanta.quantize(factory.model, calib, mode="static", config=config, skip=skip,
+                                 example_inputs=factory.example_inputs, max_batches=args.batches)
+    elif args.mode == "dynamic":
+        qmodel = _api("quantize_dynamic")(factory.model, config=config, skip=skip)
+    else:
+        qmodel = _quantize_qat(args, factory, calib, config, skip)
+    seconds = time.perf_counter() - started
+    out = Path(args.out)
+    _api("save")(qmodel, out)
+    _print_summary(factory.model, qmodel, out, args.mode, seconds)
+    return 0
+
+
+def _quantize_qat(args: argparse.Namespace, factory: Factory, calib: Any, config: Any,
+                  skip: tuple[str, ...]) -> nn.Module:
+    train = load_callable(args.train, "--train") if args.train else factory.train
+    if train is None:
+        raise UsageError("qat mode needs a train function: return {'model': ..., 'train': train_fn} "
+                         "from the factory, or pass --train MODULE:function (called as train(qat_model))")
+    example = example_from(factory, calib, None)
+    if example is None:
+        raise UsageError("qat mode needs example inputs: pass --calib DATA or return 'example_inputs' "
+                         "or 'calib' from the factory")
+    qat_model = _api("prepare_qat")(factory.model.train(), example, config, skip=skip)
+    try:
+        trained = train(qat_model)
+    except Exception as e:
+        raise CommandError(f"the train function raised {type(e).__name__}: {e}") from e
+    if isinstance(trained, nn.Module):
+        qat_model = trained
+    return quanta.convert(qat_model)
+
+
+def _print_summary(float_model: nn.Module, qmodel: nn.Module, out: Path, mode: str, seconds: float) -> None:
+    summary = quanta.report(qmodel).summary
+    float_bytes = float_safetensors_bytes(float_model)
+    int8_bytes = out.stat().st_size
+    console = _console()
+    console.print(f"[bold green]saved[/] {out} ({mode}, {seconds:.1f} s)")
+    console.print(f"  layers: {summary['int8']} int8, {summary['float']} float "
+                  f"({summary['native']} int8-native ops, {summary['folded']} folded)")
+    console.print(f"  size:   {_kib(int8_bytes)} vs {_kib(float_bytes)} float safetensors "
+                  f"({100.0 * int8_bytes / float_bytes:.1f} %)")
+    console.print(f"  next:   quanta report {out}")
+
+
+def _check_file(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"file not found: {path}")
+    return p
+
+
+def report(args: argparse.Namespace) -> int:
+    path = _check_file(args.file)
+    if args.model:
+        qmodel = _api("load")(path, load_factory(args.model).model)
+        rep, manifest = quanta.report(qmodel), _read_manifest(path)
+    else:
+        manifest = _read_manifest(path)
+        rep = quanta.report(_plan_holder(manifest))
+    meta = {"file": str(path), "file_bytes": path.stat().st_size,
+            **{k: manifest.get(k) for k in ("format_version", "quanta_version", "torch_version")}}
+    if args.json:
+        print(json.dumps({**meta, **rep.to_dict()}, indent=2))
+        return 0
+    console = _console()
+    console.print(f"[bold]{path}[/] ({_kib(meta['file_bytes'])}, format v{meta['format_version']}, "
+                  f"saved by quanta {meta['quanta_version']} / torch {meta['torch_version']})")
+    console.print(str(rep), markup=False, soft_wrap=True)
+    return 0
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    from quanta.io.load import read_manifest
+
+    return read_manifest(path)
+
+
+def _plan_holder(manifest: dict[str, Any]) -> nn.Module:
+    """A bare module carrying the file's plan, so ``quanta.report`` reads it without the model."""
+    from quanta.io.load import parse_manifest
+    from quanta.modules.sites import QuantaState
+
+    config, plan = parse_manifest(manifest)
+    holder = nn.Module()
+    object.__setattr__(holder, "_quanta", QuantaState(plan, config))
+    return holder
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[Factory, nn.Module]:
+    path = _check_file(args.file)
+    factory = load_factory(args.model)
+    return factory, _api("load")(path, factory.model)
+
+
+def _example(args: argparse.Namespace, factory: Factory) -> Any:
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    example = example_from(factory, None, shape)
+    if example is None:
+        raise UsageError("no example input: pass --input-shape (e.g. 1,3,224,224) or return "
+                         "'example_inputs' or 'calib' from the factory")
+    return example
+
+
+def export(args: argparse.Namespace) -> int:
+    export_onnx = _api("export_onnx")
+    factory, qmodel = _load_pair(args)
+    example = _example(args, factory)
+    out = Path(args.onnx)
+    export_onnx(qmodel, example, out)
+    _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ)")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from quanta.demo import measure_latency, resize_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    factory, qmodel = _load_pair(args)
+    example = _example(args, factory)
+    if not isinstance(example, torch.Tensor):
+        raise UsageError("quanta bench resizes a single input tensor; this model's example input is "
+                         f"a {type(example).__name__}: pass --input-shape")
+    float_model = factory.model.eval()
+    table = Table(title=f"latency on this machine ({torch.get_num_threads()} threads, median of "
+                  "interleaved runs)", title_justify="left")
+    for col in ("batch", "float32", "int8", "int8 vs float"):
+        table.add_column(col, justify="right")
+    rows = []
+    for bs in args.batch_sizes:
+        f_s, q_s, n = measure_latency(float_model, qmodel, resize_batch(example, bs),
+                                      repeats=args.repeats, time_budget=args.time_budget)
+        rows.append({"batch_size": bs, "float_ms": f_s * 1e3, "int8_ms": q_s * 1e3, "repeats": n})
+        ratio = f_s / q_s
+        table.add_row(str(bs), f"{f_s * 1e3:.2f} ms", f"{q_s * 1e3:.2f} ms",
+                      f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower")
+    if args.json:
+        print(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
+    else:
+        _console().print(table)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from quanta.demo import run_demo
+
+    run_demo(threads=args.threads or None, repeats=args.repeats, calib_batches=args.calib_batches,
+             time_budget=args.time_budget)
+    return 0

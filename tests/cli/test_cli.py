@@ -1,0 +1,237 @@
+"""The ``quanta`` command driven as a user drives it: in a subprocess, on the real MNIST CNN."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.zoo.mnist import evaluate, load_mnist, load_pretrained_mnist_cnn
+
+MNIST = "quanta.zoo.mnist:cli_factory"
+COMMANDS = ("quantize", "report", "export", "bench", "demo")
+
+QAT_FACTORY = '''
+import torch
+import torch.nn.functional as F
+from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
+
+def make():
+    x, y = load_mnist("train")
+    def train(qat_model):
+        opt = torch.optim.SGD(qat_model.parameters(), lr=1e-3, momentum=0.9)
+        qat_model.train()
+        for i in range(8):
+            loss = F.cross_entropy(qat_model(x[i * 64:(i + 1) * 64]), y[i * 64:(i + 1) * 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {"model": load_pretrained_mnist_cnn(), "calib": [x[:100]], "train": train}
+
+def plain():
+    return load_pretrained_mnist_cnn()
+'''
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("quanta: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def test_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_mnist("test")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "mnist.quanta.safetensors"
+    result = run("quantize", MNIST, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"saved {out}" in result.stdout
+    assert "10 int8, 0 float" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def factory_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("user") / "my_models.py"
+    path.write_text(textwrap.dedent(QAT_FACTORY))
+    return path
+
+
+def saved_accuracy(path: Path, test_data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    qmodel = quanta.load(path, load_pretrained_mnist_cnn())
+    return evaluate(qmodel, *test_data)
+
+
+def test_quantize_static_keeps_accuracy(saved: Path, test_data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    float_acc = evaluate(load_pretrained_mnist_cnn(), *test_data)
+    assert saved_accuracy(saved, test_data) >= float_acc - 0.5
+
+
+def test_report_table(saved: Path) -> None:
+    result = run("report", str(saved))
+    assert result.returncode == 0, result.stderr
+    for text in ("QuantizedConv2d", "QuantizedLinear", "block2.conv2", "classifier", "int8 ops: 10"):
+        assert text in result.stdout
+
+
+def test_report_json_lists_every_conv_and_linear_as_int8(saved: Path) -> None:
+    result = run("report", str(saved), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mode"] == "static" and report["format_version"] == 1
+    rows = {r["name"]: r for r in report["layers"]}
+    float_model = load_pretrained_mnist_cnn()
+    weighted = [n for n, m in float_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) == 7
+    assert all(rows[n]["precision"] == "int8" for n in weighted)
+    assert report["summary"]["int8"] == 10 and report["summary"]["float"] == 0
+
+
+def test_report_with_model_loads_the_file(saved: Path) -> None:
+    by_manifest = json.loads(run("report", str(saved), "--json").stdout)
+    result = run("report", str(saved), "--json", "--model", MNIST)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["layers"] == by_manifest["layers"]
+
+
+def test_bench_json(saved: Path) -> None:
+    result = run("bench", str(saved), "--model", MNIST, "--batch-sizes", "1", "8", "--repeats", "2",
+                 "--time-budget", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert [r["batch_size"] for r in rows] == [1, 8]
+    assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 and r["repeats"] >= 2 for r in rows)
+
+
+def test_export_onnx_runs_in_onnxruntime(saved: Path, tmp_path: Path,
+                                         test_data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    if not hasattr(quanta, "export_onnx"):
+        pytest.skip("quanta.export_onnx not available yet")
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "mnist.onnx"
+    result = run("export", str(saved), "--model", MNIST, "--onnx", str(out))
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images, labels = test_data
+    logits = session.run(None, {session.get_inputs()[0].name: images[:500].numpy()})[0]
+    onnx_acc = 100.0 * float((torch.from_numpy(logits).argmax(1) == labels[:500]).float().mean())
+    float_acc = evaluate(load_pretrained_mnist_cnn(), images[:500], labels[:500])
+    assert onnx_acc >= float_acc - 1.0
+
+
+def test_quantize_from_pt_file_with_skip(tmp_path: Path) -> None:
+    calib = tmp_path / "calib.pt"
+    torch.save(load_mnist("train")[0][:200], calib)
+    out = tmp_path / "skip.quanta.safetensors"
+    result = run("quantize", "quanta.zoo.mnist:load_pretrained_mnist_cnn", "--calib", str(calib),
+                 "--batch-size", "50", "--batches", "3", "--skip", "classifier", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(run("report", str(out), "--json").stdout)["layers"]}
+    assert rows["classifier"]["precision"] == "float"
+    assert "excluded by config" in rows["classifier"]["reason"]
+    assert rows["fc1"]["precision"] == "int8"
+
+
+def test_quantize_dynamic_from_a_python_file(factory_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dyn.quanta.safetensors"
+    result = run("quantize", f"{factory_file}:plain", "--mode", "dynamic", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(run("report", str(out), "--json").stdout)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert report["mode"] == "dynamic"
+    assert rows["fc1"]["precision"] == "int8" and rows["conv1"]["precision"] == "float"
+
+
+@pytest.mark.slow
+def test_quantize_qat_with_factory_train(factory_file: Path, tmp_path: Path,
+                                         test_data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    out = tmp_path / "qat.quanta.safetensors"
+    result = run("quantize", f"{factory_file}:make", "--mode", "qat", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(run("report", str(out), "--json").stdout)["mode"] == "qat"
+    float_acc = evaluate(load_pretrained_mnist_cnn(), *test_data)
+    assert saved_accuracy(out, test_data) >= float_acc - 1.0
+
+
+def test_qat_without_train_function_is_a_usage_error(tmp_path: Path) -> None:
+    result = run("quantize", MNIST, "--mode", "qat", "--out", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, 2, "qat mode needs a train function")
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["report", "missing.quanta.safetensors"], 1, ["file not found"]),
+    (["quantize", "no_colon_here", "--out", "x.safetensors"], 2, ["MODEL must be"]),
+    (["quantize", "no_such_module_xyz:make", "--out", "x.safetensors"], 1, ["no_such_module_xyz"]),
+    (["quantize", "quanta.zoo.mnist:no_such_factory", "--out", "x.safetensors"], 1, ["no_such_factory"]),
+    (["quantize", "quanta.zoo.mnist:MnistCNN", "--out", "x.safetensors"], 2, ["needs calibration data"]),
+    (["quantize", MNIST, "--config", '{"backend": "nope"}', "--out", "x.safetensors"], 2, ["--config"]),
+    (["quantize", MNIST], 2, ["--out"]),
+    (["frobnicate"], 2, ["invalid choice"]),
+])
+def test_bad_input_gives_one_line_error(args: list[str], code: int, words: list[str], tmp_path: Path) -> None:
+    assert_one_line_error(run(*args, cwd=tmp_path), code, *words)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "not_safetensors"])
+def test_damaged_file_gives_one_line_error(saved: Path, tmp_path: Path, damage: str) -> None:
+    data = bytearray(saved.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip_byte":
+        data[-50] ^= 0xFF
+    else:
+        data = bytearray(b"hello, not a model file")
+    bad = tmp_path / "bad.quanta.safetensors"
+    bad.write_bytes(bytes(data))
+    assert_one_line_error(run("report", str(bad), "--model", MNIST), 1)
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.quanta.safetensors"
+    bad.write_bytes(b"\x00" * 16)
+    result = run("report", str(bad), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "FormatError" in result.stderr
+
+
+@pytest.mark.parametrize("command", ("",) + COMMANDS)
+def test_help_has_examples(command: str) -> None:
+    result = run(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "examples:" in result.stdout and "usage: quanta" in result.stdout
+
+
+def test_python_dash_m_quanta() -> None:
+    result = subprocess.run([sys.executable, "-m", "quanta", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"quanta {quanta.__version__}"
+
+
+@pytest.mark.slow
+def test_demo_prints_accuracy_size_and_latency() -> None:
+    result = run("demo", "--repeats", "2", "--time-budget", "1")
+    assert result.returncode == 0, result.stderr
+    accuracy = re.search(r"top-1 accuracy.*?([\d.]+) %.*?([\d.]+) %", result.stdout)
+    assert accuracy, result.stdout
+    float_acc, int8_acc = map(float, accuracy.groups())
+    assert float_acc > 98.0 and int8_acc >= float_acc - 0.5
+    assert "model size" in result.stdout and "latency, batch 1 " in result.stdout
+    assert "QuantizedConv2d" in result.stdout
