@@ -17,6 +17,7 @@ CONFIG_VERSION = 1
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat")
 BACKENDS = ("auto", "reference", "onednn")
+OVERRIDE_BACKENDS = (*BACKENDS, "float")  # "float": dequantized weights, for ops where int8 loses
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,22 @@ class Override:
     skip: bool = False
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
+    backend: str | None = None  # force a kernel: "auto" | "reference" | "onednn" | "float"
+
+    def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in OVERRIDE_BACKENDS:
+            raise ValueError(f"Override.backend must be one of {OVERRIDE_BACKENDS}, got {self.backend!r}")
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        return self.matches_name(name, type(module).__name__)
+
+    def matches_name(self, name: str, type_name: str) -> bool:
         p = self.pattern
         return (
             name == p
             or name.startswith(p + ".")
             or fnmatch.fnmatchcase(name, p)
-            or type(module).__name__ == p
+            or type_name == p
         )
 
 
@@ -115,6 +124,14 @@ class QuantConfig:
                 activation = o.activation or activation
         return False, weight, activation, ""
 
+    def backend_for(self, name: str, float_type: str) -> tuple[str, str]:
+        """(requested backend, source) for one layer: the last matching override's ``backend``,
+        else the config's. ``float_type`` is the original module class name (e.g. "Conv2d")."""
+        for o in reversed(self.overrides):
+            if o.backend is not None and o.matches_name(name, float_type):
+                return o.backend, f"override {o.pattern!r}"
+        return self.backend, "config"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -133,6 +150,7 @@ class QuantConfig:
                 skip=o.get("skip", False),
                 weight=QuantSpec(**o["weight"]) if o.get("weight") else None,
                 activation=QuantSpec(**o["activation"]) if o.get("activation") else None,
+                backend=o.get("backend"),
             )
             for o in d.get("overrides", ())
         )

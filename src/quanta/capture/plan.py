@@ -42,6 +42,7 @@ class LayerPlan:
     input_qparams: tuple[float, int] | None = None
     output_qparams: tuple[float, int] | None = None
     backend: str = ""
+    backend_reason: str = ""  # why this kernel was chosen (dispatch rule, override, CPU limit)
     replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
 
 

@@ -32,6 +32,9 @@ def _row(lp: LayerPlan, mode: str) -> dict[str, Any]:
     reason = lp.reason
     if lp.fused:
         reason = (reason + "; " if reason else "") + "fused: " + ", ".join(lp.fused)
+    backend_reason = getattr(lp, "backend_reason", "")
+    if backend_reason and lp.precision == "int8":
+        reason = (reason + "; " if reason else "") + f"{lp.backend}: {backend_reason}"
     return {
         "name": lp.name, "kind": lp.kind, "op": lp.float_type, "quantized_type": quantized,
         "precision": lp.precision, "activation": lp.activation if lp.precision == "int8" else "",
@@ -39,7 +42,7 @@ def _row(lp: LayerPlan, mode: str) -> dict[str, Any]:
         "input_from": lp.input_from,
         "output_qparams": list(lp.output_qparams) if lp.output_qparams else None,
         "output_int8": lp.output_int8, "weight_bits": lp.weight_bits, "backend": lp.backend,
-        "reason": reason, "_output": output,
+        "backend_reason": backend_reason, "reason": reason, "_output": output,
     }
 
 

@@ -1,4 +1,14 @@
-"""Per-layer backend choice at convert time, recorded in the plan and on each module."""
+"""Per-layer backend choice at convert time, recorded in the plan and on each module.
+
+Order of decisions for each static int8 module:
+1. the requested backend: the last matching ``Override(backend=...)``, else ``config.backend``;
+2. "reference" is always honoured; "float" (dequantized weights) is honoured when asked;
+3. weights with more bits than this CPU's int8 kernels add exactly (8-bit on AVX2 without
+   VNNI saturates int16) never go to oneDNN: such layers run float on dequantized weights;
+4. otherwise ``kernels.dispatch.choose_backend`` applies the measured per-op rule;
+5. a layer oneDNN cannot run (odd "same" padding, non-zero padding modes) takes the reference.
+The choice and its reason go into ``plan.layers[name].backend`` / ``.backend_reason``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,8 @@ import dataclasses
 import torch.nn as nn
 
 from quanta.capture.plan import Plan
-from quanta.config import QuantSpec
-from quanta.kernels import cpu
+from quanta.config import QuantConfig, QuantSpec
+from quanta.kernels import cpu, dispatch
 
 
 def resolve_weight_bits(spec: QuantSpec, backend: str) -> QuantSpec:
@@ -20,11 +30,59 @@ def resolve_weight_bits(spec: QuantSpec, backend: str) -> QuantSpec:
     return dataclasses.replace(spec, bits=bits)
 
 
-def select_backends(model: nn.Module, plan: Plan, requested: str) -> None:
-    """Pick the kernel each quantized module runs and record it in the plan."""
+def _shape_info(module: nn.Module) -> tuple[str, dict]:
+    from quanta.modules.quantized import QuantizedConv1d, QuantizedLinear
+
+    if isinstance(module, QuantizedLinear):
+        return "linear", {"in_features": module.in_features, "out_features": module.out_features}
+    kind = "conv1d" if isinstance(module, QuantizedConv1d) else "conv2d"
+    return kind, {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                  "kernel": module.kernel_size, "groups": module.groups}
+
+
+def choose_module_backend(module: nn.Module, requested: str, source: str) -> tuple[str, str]:
+    """(backend, reason) for one quantized module; see the module docstring for the order."""
+    if requested == "reference":
+        return "reference", f"reference requested ({source})"
+    if requested == "float":
+        return "float", f"float on dequantized weights requested ({source})"
+    bits, tolerated = module.weight_bits or 8, cpu.weight_bits_for_cpu()
+    if bits > tolerated:
+        return "float", (f"{bits}-bit weights would saturate this CPU's int8 kernels (safe: "
+                         f"{tolerated}-bit, no VNNI): float on dequantized weights")
+    kind, info = _shape_info(module)
+    backend, why = dispatch.choose_backend(kind, info, "onednn" if requested == "onednn" else "auto")
+    if requested == "onednn" and backend == "onednn":
+        why = f"onednn requested ({source})"
+    if backend == "onednn" and getattr(module, "padding_mode", "zeros") != "zeros":
+        return "reference", "oneDNN needs zero padding"
+    return backend, why
+
+
+def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantConfig | None = None) -> None:
+    """Pick the kernel each static quantized module runs, pack its weights, record it in the plan.
+
+    ``config`` (default: the one attached to ``model``) supplies per-layer ``Override(backend=)``.
+    """
     from quanta.modules.quantized import QuantizedModule
 
+    if config is None:
+        config = getattr(getattr(model, "_quanta", None), "config", None)
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedModule):
-            module.backend = "reference"
-            plan.layers[name].backend = module.backend
+        if not isinstance(module, QuantizedModule):
+            continue
+        lp = plan.layers.get(name)
+        float_type = lp.float_type if lp is not None else type(module).__name__
+        asked, source = requested, "config"
+        if config is not None:
+            override, where = config.backend_for(name, float_type)
+            if where != "config":
+                asked, source = override, where
+        backend, why = choose_module_backend(module, asked, source)
+        try:
+            module.set_backend(backend)
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            backend, why = "reference", f"oneDNN cannot run this layer ({e})"
+            module.set_backend(backend)
+        if lp is not None:
+            lp.backend, lp.backend_reason = backend, why

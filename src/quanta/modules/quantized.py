@@ -4,6 +4,16 @@ Each holds int8 per-channel weights, an int32 bias at scale ``input_scale * weig
 and its calibrated input and output qparams as buffers, so ``state_dict()`` shows exactly
 what runs. Input is a float tensor (quantized here with the input qparams) or a QTensor;
 output is a QTensor when the next op consumes int8 (``output_int8``), float32 otherwise.
+
+``backend`` (set by ``modules.backends.select_backends``) picks the kernel:
+- "reference": the integer-exact spec in :mod:`quanta.kernels.reference`;
+- "onednn": weights prepacked once for ``torch.ops.onednn`` (fused activation and
+  requantization, uint8 channels_last activations). Linear checks per call whether the
+  row count is large enough for int8 to win and otherwise takes the float path;
+- "float": float32 op on the dequantized weights (built lazily) and the dequantized input,
+  for ops where int8 loses on this CPU. Results match the reference within one output quantum.
+Packed weights and float copies are caches: never saved, dropped on copy/pickle, rebuilt
+after ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -12,13 +22,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
 from quanta.errors import QuantizedInputError
-from quanta.kernels import reference
+from quanta.kernels import dispatch, onednn, reference
 from quanta.numerics.qparams import choose_qparams, quantize
 from quanta.qtensor import QTensor
+
+KERNEL_BACKENDS = ("reference", "onednn", "float")
+_CACHES = ("_packed", "_float", "_int8_rows")
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,8 +42,16 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
     return quantize(weight.detach(), scale, zero_point, spec, axis=0), scale
 
 
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    return y
+
+
 class QuantizedModule(LeafMarker, nn.Module):
-    """Shared state and input handling of the static int8 modules."""
+    """Shared state, input handling and backend caches of the static int8 modules."""
 
     rank: tuple[int, ...] = ()
 
@@ -66,20 +88,57 @@ class QuantizedModule(LeafMarker, nn.Module):
         module.layer_name = layer.name
         return module
 
+    # ---- qparams and backend caches -------------------------------------------------------
     def _sync(self) -> None:
-        """Cache qparams as python numbers (read on every call)."""
+        """Cache qparams as python numbers (read on every call) and drop kernel caches."""
         self._in = (float(self.input_scale), int(self.input_zero_point))
         self._out = (float(self.output_scale), int(self.output_zero_point))
+        for key in _CACHES:
+            self.__dict__.pop(key, None)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self._sync()
+        if self.backend == "onednn":
+            self._packed_kernel()
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 data at this module's input qparams, from a float tensor or a QTensor."""
-        scale, zero_point = self._in
-        if isinstance(x, QTensor):
-            return reference.requantize(x.int_data, x.scale, x.zero_point, scale, zero_point)
+    def __getstate__(self) -> dict[str, Any]:
+        # prepacked oneDNN weights are opaque tensors that cannot be copied or pickled
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHES}
+
+    def set_backend(self, backend: str) -> None:
+        """Run on ``backend`` ("reference" | "onednn" | "float"); oneDNN weights are packed now.
+        Raises NotImplementedError/RuntimeError when oneDNN cannot run this layer."""
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r}; expected one of {KERNEL_BACKENDS}")
+        self._sync()
+        self.backend = backend
+        if backend == "onednn":
+            self._packed_kernel()
+
+    def _packed_kernel(self) -> Any:
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            packed = self.__dict__["_packed"] = self._pack()
+        return packed
+
+    def _pack(self) -> Any:
+        raise NotImplementedError
+
+    def _float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dequantized weight and float bias, built on first use."""
+        cached = self.__dict__.get("_float")
+        if cached is None:
+            shape = [-1] + [1] * (self.weight.dim() - 1)
+            w = self.weight.float() * self.weight_scale.float().reshape(shape)
+            b = None
+            if self.bias is not None:
+                b = (self.bias.double() * self._in[0] * self.weight_scale.double()).float()
+            cached = self.__dict__["_float"] = (w, b)
+        return cached
+
+    # ---- inputs and outputs ---------------------------------------------------------------
+    def _check_float_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise QuantizedInputError(
@@ -91,10 +150,36 @@ class QuantizedModule(LeafMarker, nn.Module):
                 f"{self.layer_name or type(self).__name__} ({type(self).__name__}) expects an input of "
                 f"rank {' or '.join(map(str, self.rank))}, got shape {tuple(x.shape)}"
             )
-        return reference.quantize_per_tensor(x, scale, zero_point)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 data at this module's input qparams, from a float tensor or a QTensor."""
+        scale, zero_point = self._in
+        if isinstance(x, QTensor):
+            if x.scale == scale and x.zero_point == zero_point:
+                return x.int_data
+            return reference.requantize(x.int_data, x.scale, x.zero_point, scale, zero_point)
+        self._check_float_input(x)
+        if self.backend == "reference":
+            return reference.quantize_per_tensor(x, scale, zero_point)
+        return onednn.quantize_uint8(x, scale, zero_point)
+
+    def dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float value the int8 op would see: a QTensor dequantized, a float tensor
+        fake-quantized with the input qparams (round, clamp, scale back in one op)."""
+        if isinstance(x, QTensor):
+            return reference.dequantize_per_tensor(x.int_data, x.scale, x.zero_point)
+        self._check_float_input(x)
+        return torch.fake_quantize_per_tensor_affine(x.detach().float(), self._in[0], self._in[1], 0, 255)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return QTensor(y, *self._out) if self.output_int8 else y
+
+    def finish_float(self, y: torch.Tensor) -> torch.Tensor:
+        """Activation, then requantization when the consumer takes int8 (float path)."""
+        y = _activate(y, self.activation)
+        if not self.output_int8:
+            return y
+        return QTensor(onednn.quantize_uint8(y, *self._out), *self._out)
 
     def out_args(self) -> tuple[float | None, int]:
         return (self._out if self.output_int8 else (None, 0))
@@ -114,12 +199,33 @@ class QuantizedLinear(QuantizedModule):
         super().__init__(float_module.weight, float_module.bias, **kwargs)
         self.in_features, self.out_features = float_module.in_features, float_module.out_features
 
+    def _pack(self) -> onednn.PackedLinear:
+        return onednn.PackedLinear(self.weight, self.weight_scale, self.bias, *self._in)
+
+    def _int8_wins(self, x: torch.Tensor) -> bool:
+        """Per-call choice on the oneDNN backend: int8 only when the row count is large enough."""
+        data = x.int_data if isinstance(x, QTensor) else x
+        rows = data.numel() // self.in_features
+        table = self.__dict__.setdefault("_int8_rows", {})
+        wins = table.get(rows)
+        if wins is None:
+            wins = table[rows] = dispatch.linear_prefers_int8(rows, self.in_features, self.out_features)
+        return wins
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quantize_input(x)
-        out_scale, out_zp = self.out_args()
-        y = reference.linear(x_q, self._in[0], self._in[1], self.weight, self.weight_scale, self.bias,
-                             self.activation, out_scale, out_zp)
-        return self.finish(y)
+        backend = self.backend
+        with torch._C.DisableTorchFunction():
+            if backend == "onednn" and self._int8_wins(x):
+                y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
+                return self.finish(y)
+            if backend != "reference":
+                w, b = self._float_params()
+                return self.finish_float(F.linear(self.dequantized_input(x), w, b))
+            x_q = self.quantize_input(x)
+            out_scale, out_zp = self.out_args()
+            y = reference.linear(x_q, self._in[0], self._in[1], self.weight, self.weight_scale, self.bias,
+                                 self.activation, out_scale, out_zp)
+            return self.finish(y)
 
 
 class _QuantizedConvNd(QuantizedModule):
@@ -130,13 +236,28 @@ class _QuantizedConvNd(QuantizedModule):
         self.stride, self.padding = float_module.stride, float_module.padding
         self.dilation, self.groups = float_module.dilation, float_module.groups
 
+    def _pack(self) -> onednn.PackedConv:
+        return onednn.PackedConv(self.weight, self.weight_scale, self.bias, *self._in, self.stride,
+                                 self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quantize_input(x)
-        out_scale, out_zp = self.out_args()
-        y = reference.conv(x_q, self._in[0], self._in[1], self.weight, self.weight_scale, self.bias,
-                           self.stride, self.padding, self.dilation, self.groups,
-                           self.activation, out_scale, out_zp)
-        return self.finish(y)
+        backend = self.backend
+        with torch._C.DisableTorchFunction():
+            if backend == "onednn":
+                y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
+                return self.finish(y)
+            if backend == "float":
+                w, b = self._float_params()
+                conv = F.conv1d if w.dim() == 3 else F.conv2d
+                x_f = self.dequantized_input(x)
+                y = conv(x_f, w, b, self.stride, self.padding, self.dilation, self.groups)
+                return self.finish_float(y)
+            x_q = self.quantize_input(x)
+            out_scale, out_zp = self.out_args()
+            y = reference.conv(x_q, self._in[0], self._in[1], self.weight, self.weight_scale, self.bias,
+                               self.stride, self.padding, self.dilation, self.groups,
+                               self.activation, out_scale, out_zp)
+            return self.finish(y)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
