@@ -12,6 +12,9 @@ from quanta.errors import (
     QuantizedInputError,
     UnsupportedModelError,
 )
+from quanta.io.load import load
+from quanta.io.onnx_export import export_onnx
+from quanta.io.save import save
 from quanta.qat import freeze, prepare_qat
 from quanta.qtensor import QTensor
 
@@ -20,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
-    "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic", "Report", "report", "layer_sqnr",
+    "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic",
+    "save", "load", "export_onnx", "Report", "report", "layer_sqnr",
 ]

@@ -1,0 +1,257 @@
+"""``quanta.export_onnx``: a quantized model as a QDQ ONNX graph for ONNX Runtime and others.
+
+How: the quantized model is copied into an *export twin* in which every quantized module is
+replaced by a float module that computes the same thing through explicit quantize /
+dequantize steps, and every int8 call site (``x + y``, ``torch.cat``) is followed by one. The
+twin is exported with torch's TorchScript exporter; the quantize/dequantize steps are
+``autograd.Function``s whose ``symbolic`` emits ONNX ``QuantizeLinear``/``DequantizeLinear``
+nodes, so their placement follows quanta's plan exactly (no graph pattern matching). The
+graph carries quanta's own numbers: int8 weight initializers (7-bit where chosen) with
+per-channel scales (``axis=0``), int32 biases at ``x_scale * w_scale``, and the calibrated
+uint8 activation qparams. Ops quanta runs in float stay float; int8-native ops (pooling,
+reshapes) sit between a DequantizeLinear and the next QuantizeLinear, which ONNX Runtime
+turns into its int8 kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from quanta.capture.callsites import canonical_op_name
+from quanta.capture.record import batch_tensors
+from quanta.errors import UnsupportedModelError
+from quanta.io.atomic import atomic_write_bytes
+from quanta.io.save import converted_state
+from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
+from quanta.qtensor import _METADATA
+
+OPSET = 17
+
+
+class _QuantDequant(torch.autograd.Function):
+    """uint8 per-tensor quantize then dequantize; exports as QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        # same arithmetic as reference.quantize_per_tensor, without its aliasing x.float()
+        q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: float, zero_point: int) -> Any:
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _Dequant(torch.autograd.Function):
+    """Per-channel dequantization of a stored integer tensor; exports as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        shape = [-1] + [1] * (q.dim() - 1)
+        return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, scale: Any, zero_point: Any) -> Any:
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
+
+
+def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = None) -> torch.Tensor:
+    """The fused activation; a ReLU followed by a quantize with zero point 0 is implied by the
+    quantize's clamp at 0 (exactly), so it is left out and ORT can fuse the quantized op."""
+    if activation == "relu" and out_zero_point != 0:
+        return torch.relu(y)
+    if activation == "relu6":
+        return torch.clamp(y, 0.0, 6.0)
+    return y
+
+
+class _ExportQuantized(nn.Module):
+    """Float stand-in for a quantized Conv/Linear: Q/DQ on the input, DQ weights and bias,
+    the float op, the fused activation, Q/DQ on the output when it stays int8."""
+
+    def __init__(self, q: QuantizedModule) -> None:
+        super().__init__()
+        channels = q.weight.shape[0]
+        self.register_buffer("weight", q.weight.clone())
+        self.register_buffer("weight_scale", q.weight_scale.float().clone())
+        self.register_buffer("weight_zero_point", torch.zeros(channels, dtype=torch.int8))
+        self.has_bias = q.bias is not None
+        if self.has_bias:
+            # the scale the int32 bias lives at: x_scale * w_scale, as the kernels compute it
+            self.register_buffer("bias", q.bias.clone())
+            self.register_buffer("bias_scale", (q._in[0] * q.weight_scale.float()).float())
+            self.register_buffer("bias_zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.input_qparams = q._in
+        self.output_qparams = q._out if q.output_int8 else None
+        self.activation = q.activation
+        self.conv = None
+        if isinstance(q, _QuantizedConvNd):
+            self.conv = (F.conv1d if isinstance(q.rank, tuple) and q.rank == (3,) else F.conv2d,
+                         q.stride, q.padding, q.dilation, q.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _QuantDequant.apply(x, *self.input_qparams)
+        w = _Dequant.apply(self.weight, self.weight_scale, self.weight_zero_point)
+        b = _Dequant.apply(self.bias, self.bias_scale, self.bias_zero_point) if self.has_bias else None
+        if self.conv is None:
+            y = F.linear(x, w, b)
+        else:
+            conv, stride, padding, dilation, groups = self.conv
+            y = conv(x, w, b, stride, padding, dilation, groups)
+        y = _activation(y, self.activation, self.output_qparams[1] if self.output_qparams else None)
+        if self.output_qparams is not None:
+            y = _QuantDequant.apply(y, *self.output_qparams)
+        return y
+
+
+def _bins(size: int, out: int) -> list[tuple[int, int]]:
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+class _ExportAdaptiveAvgPool2d(nn.Module):
+    """AdaptiveAvgPool2d for a fixed spatial size: ONNX has no adaptive pooling when the output
+    size does not divide the input size, but uniform bins are a plain AveragePool, and any
+    other bins are explicit slice means."""
+
+    def __init__(self, output_size: Any) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.output_size if isinstance(self.output_size, (tuple, list)) else (self.output_size,) * 2
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
+        if (oh, ow) == (1, 1):
+            return torch.mean(x, dim=(-2, -1), keepdim=True)
+        rows, cols = _bins(h, oh), _bins(w, ow)
+        uniform = _uniform(rows) and _uniform(cols)
+        if uniform:
+            kernel = (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0])
+            stride = (rows[1][0] - rows[0][0] if oh > 1 else 1, cols[1][0] - cols[0][0] if ow > 1 else 1)
+            return F.avg_pool2d(x, kernel, stride)
+        cells = [torch.cat([x[..., r0:r1, c0:c1].mean(dim=(-2, -1), keepdim=True) for c0, c1 in cols], -1)
+                 for r0, r1 in rows]
+        return torch.cat(cells, -2)
+
+
+def _uniform(bins: list[tuple[int, int]]) -> bool:
+    sizes = {b - a for a, b in bins}
+    steps = {bins[i + 1][0] - bins[i][0] for i in range(len(bins) - 1)}
+    return len(sizes) == 1 and len(steps) <= 1
+
+
+class _ExportSiteMode(TorchFunctionMode):
+    """During the export forward: an int8 call site runs in float, then quantize/dequantize."""
+
+    def __init__(self, tracker: Any, sites: dict[str, Any]) -> None:
+        super().__init__()
+        self.tracker, self.sites = tracker, sites
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        tracker = self.tracker
+        if tracker.leaf_depth or not tracker.stack or func in _METADATA:
+            return func(*args, **kwargs)
+        op = canonical_op_name(func)
+        if op not in INT8_SITE_OPS:
+            return func(*args, **kwargs)
+        site = self.sites.get(tracker.next_key(op))
+        y = func(*args, **kwargs)
+        if site is None:
+            return y
+        scale, zero_point = float(site.output_scale), int(site.output_zero_point)
+        return _QuantDequant.apply(_activation(y, site.activation, zero_point), scale, zero_point)
+
+
+class _ExportWrapper(nn.Module):
+    def __init__(self, twin: nn.Module, tracker: Any, sites: dict[str, Any]) -> None:
+        super().__init__()
+        self.twin = twin
+        self._tracker, self._sites = tracker, sites
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _ExportSiteMode(self._tracker, self._sites):
+            return self.twin(*args, **kwargs)
+
+
+def export_twin(model: nn.Module) -> tuple[nn.Module, Any]:
+    """A float module whose export emits the QDQ graph of ``model``, and its site tracker."""
+    state = converted_state(model)
+    state.detach()
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        state.attach(model)
+    twin_state = twin._quanta
+    twin_state.detach()
+    del twin._quanta
+    for name, m in list(twin.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        owner = twin.get_submodule(parent) if parent else twin
+        if isinstance(m, QuantizedModule):
+            if not isinstance(m, (QuantizedLinear, _QuantizedConvNd)):
+                raise UnsupportedModelError(f"{name}: {type(m).__name__} has no ONNX export")
+            setattr(owner, attr, _ExportQuantized(m))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            setattr(owner, attr, _ExportAdaptiveAvgPool2d(m.output_size))
+    tracker = twin_state.tracker
+    tracker.install(twin)
+    return _ExportWrapper(twin.eval(), tracker, dict(twin_state.sites_by_key)), tracker
+
+
+def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise UnsupportedModelError(
+        f"example_inputs must be a Tensor, a tuple of inputs or a dict, got {type(example_inputs).__name__}"
+    )
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike) -> Path:
+    """Write ``model`` (quantized by quanta) to ``path`` as a QDQ ONNX model, atomically.
+
+    The batch dimension (dim 0 of every input and output) is dynamic. The graph is checked
+    with ``onnx.checker`` before it is written.
+    """
+    import io
+
+    import onnx
+
+    wrapper, tracker = export_twin(model)
+    args, kwargs = _as_args(example_inputs)
+    n_inputs = len(batch_tensors((args, kwargs)))
+    input_names = ["input"] if n_inputs == 1 else [f"input_{i}" for i in range(n_inputs)]
+    with torch.no_grad():
+        outputs = batch_tensors(wrapper(*args, **kwargs))
+    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, args, buffer, kwargs=kwargs or None, dynamo=False, opset_version=OPSET,
+                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                do_constant_folding=False, autograd_inlining=False,
+            )
+    finally:
+        tracker.remove()
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_name = "quanta"
+    onnx.checker.check_model(proto, full_check=True)
+    return atomic_write_bytes(path, proto.SerializeToString())
