@@ -23,7 +23,6 @@ import threading
 import torch
 
 from quanta.kernels import cpu, reference
-from quanta.kernels.onednn import quantize_uint8
 
 _EPS = float(torch.finfo(torch.float32).eps)
 SMALL_M = 2  # rows at or below which the exact float32 reference beats oneDNN's per-call cost
@@ -78,11 +77,10 @@ def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object
         return _CACHE.value
     if per_row:
         scale, zero_point = dynamic_qparams_per_row(x)
-        x_q = reference.quantize_per_row(x, scale, zero_point)
     else:
         lo, hi = torch.aminmax(x)
         scale, zero_point = dynamic_qparams(float(lo), float(hi))
-        x_q = quantize_uint8(x, scale, zero_point)
+    x_q = reference.quantize_dynamic_input(x, scale, zero_point)
     _CACHE.source, _CACHE.key, _CACHE.value = x, key, (x_q, scale, zero_point)
     return x_q, scale, zero_point
 
@@ -155,8 +153,10 @@ class DynamicLinearKernel:
                       bias, 1.0, 0, torch.float32, "none", [], "")
         raw = op(x_q, 1.0, 0, self.packed, self.w_scale, self.w_zero_point,
                  None, 1.0, 0, torch.float32, "none", [], "")  # sum_k x_q * w * w_scale
-        raw.sub_(zero_point.float()[:, None] * self.wsum_scaled[None, :]).mul_(scale[:, None])
-        return raw if bias is None else raw.add_(bias)
+        # y = s_row * (raw - zp_row * wsum * w_scale) + bias: one rank-1 update, one scaled add
+        base = bias if bias is not None else torch.zeros(raw.shape[1])
+        y = torch.addr(base.expand_as(raw), zero_point.float() * scale, self.wsum_scaled, alpha=-1.0)
+        return y.addcmul_(raw, scale[:, None])
 
     def reference(self, x: torch.Tensor, bias: torch.Tensor | None, per_row: bool = False) -> torch.Tensor:
         """The specification: same quantized input, float64-exact accumulation."""
