@@ -1,0 +1,128 @@
+"""Quantization-aware training: ``prepare_qat`` -> train -> ``freeze`` (optional) -> ``convert``.
+
+``prepare_qat`` reuses the static pipeline: the same dataflow record, the same plan (mode
+"qat"), the same fusion (Conv/Linear+BN, ReLU/ReLU6) and int8-flow decisions. Instead of
+observed modules it inserts QAT modules (``modules/qat.py``) that fake-quantize exactly what
+the int8 model will quantize, and the int8 ``add``/``cat`` call sites fake-quantize their
+outputs. ``quanta.convert`` then produces the same int8 modules static PTQ produces.
+
+Modes: QAT trains in ``train()`` mode. A model handed over in eval mode is switched to train
+mode with a warning (checkpoints are usually loaded in eval mode, so refusing would only add
+a step). ``convert`` of a QAT model still in train mode is fine: it works on a copy, folds BN
+from the running statistics and returns an eval-mode model; the QAT model is left as it was.
+Observers (moving-average min/max) update only in train mode, so ``eval()`` evaluates with
+fixed qparams, which are the ones ``convert`` bakes in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quanta.api import _copy, _resolve_config, _set_module, get_state
+from quanta.capture.plan import Plan, plan_static
+from quanta.capture.record import DataflowRecord, call_with, capture
+from quanta.config import QuantConfig
+from quanta.errors import UnsupportedModelError
+from quanta.modules.backends import resolve_weight_bits
+from quanta.modules.mapping import MAPPING
+from quanta.modules.qat import FakeQuantize, QATModule
+from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
+
+
+def prepare_qat(model: nn.Module, example_inputs: Any, config: QuantConfig | None = None, *,
+                skip: Iterable[str] | None = None, inplace: bool = False) -> nn.Module:
+    """Fuse and insert fake quantization for training; returns the QAT model in train mode.
+
+    ``example_inputs`` follows the batch rule of ``calibrate`` (Tensor, tuple or dict). It is
+    run once more through the QAT model in eval mode to initialize the activation ranges, so
+    the result can be converted at any point. Weight bits left as ``None`` (auto) are resolved
+    now for ``config.backend``, so training simulates exactly the weights that will deploy.
+    """
+    config = _resolve_config(config, "qat", skip)
+    if isinstance(model, nn.Module) and not model.training:
+        warnings.warn(
+            f"prepare_qat: {type(model).__name__} is in eval mode; the QAT model is returned in "
+            "train mode (BatchNorm uses batch statistics, observers update). Call .eval() on it "
+            "to evaluate.",
+            UserWarning,
+            stacklevel=2,
+        )
+    model = _copy(model, inplace)
+    if isinstance(getattr(model, "_quanta", None), QuantaState):
+        raise UnsupportedModelError("this model is already prepared or quantized by quanta")
+    model.eval()  # capture without touching BatchNorm running statistics
+    record = capture(model, example_inputs)
+    plan = plan_static(model, record, config)
+    _apply_qat(model, plan, config, record)
+    with torch.no_grad():
+        call_with(model, example_inputs)
+    return model.train()
+
+
+def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: DataflowRecord) -> None:
+    """Swap int8 layers for QAT modules (BN moves inside them), like ``api._apply_static``."""
+    modules = dict(model.named_modules())
+    fused_calls: dict[str, int] = {}
+    for lp in plan.int8_layers():
+        for name in lp.fused:
+            fused_calls[name] = fused_calls.get(name, 0) + 1
+    qat_modules: dict[str, QATModule] = {}
+    for lp in plan.int8_layers():
+        module = modules[lp.name]
+        _, wspec, _, _ = config.for_module(lp.name, module)
+        wspec = resolve_weight_bits(wspec, config.backend)
+        lp.weight_bits = wspec.bits
+        bn = next((modules[n] for n in lp.fused
+                   if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)), None)
+        if bn is not None:
+            bn_name = next(n for n in lp.fused if modules.get(n) is bn)
+            _set_module(model, bn_name, nn.Identity())
+            plan.layers[bn_name].replaced = True
+        # Activation qparams use config.activation, the spec convert computes them with.
+        q = MAPPING[type(module)]["qat"](
+            module, bn=bn, activation=lp.activation, weight_spec=wspec,
+            activation_spec=config.activation, name=lp.name, output_int8=lp.output_int8,
+        )
+        _set_module(model, lp.name, q)
+        qat_modules[lp.name] = q
+    for name, count in fused_calls.items():
+        if name in modules and len(record.module_nodes(name)) == count and not plan.layers[name].replaced:
+            _set_module(model, name, nn.Identity())
+            plan.layers[name].replaced = True
+    state = QuantaState(plan, config)
+    for lp in plan.layers.values():
+        if lp.kind == "site" and lp.precision == "int8":
+            site = QuantizedSite(lp.name, lp.float_type, lp.activation)
+            site.observer = FakeQuantize(config.activation, f"{lp.name} ({lp.float_type})")
+            site.fake_quant = True
+            state.sites[site_module_key(lp.name)] = site
+    for name, q in qat_modules.items():
+        source = plan.layers[name].input_from
+        if source in qat_modules:
+            q.set_input_source(qat_modules[source].output_observer)
+        elif source:
+            q.set_input_source(state.sites[site_module_key(source)].observer)
+    state.attach(model)
+
+
+def freeze(qat_model: nn.Module, observers: bool = True, batchnorm: bool = True) -> nn.Module:
+    """Stop updating activation ranges (``observers``) and/or BatchNorm statistics
+    (``batchnorm``: fused Conv+BN then trains on the folded running-statistics weights, the
+    exact int8 computation). ``False`` leaves that part as it is. Returns the model."""
+    state = get_state(qat_model)
+    qat = [m for m in qat_model.modules() if isinstance(m, QATModule)]
+    if state.config.mode != "qat" or not qat:
+        raise UnsupportedModelError(
+            "freeze() expects a model returned by quanta.prepare_qat (and not yet converted)"
+        )
+    for m in [*qat_model.modules(), *state.modules()]:  # state (call sites) is not a child
+        if observers and isinstance(m, FakeQuantize):
+            m.observer_enabled.fill_(False)
+        if batchnorm and isinstance(m, QATModule) and m.bn is not None:
+            m.bn_frozen.fill_(True)
+    return qat_model
