@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
@@ -122,12 +123,19 @@ def _max_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
     return x.with_data(out.to(data.dtype))
 
 
+def _quantize_scalar(v: float, scale: float, zero_point: int, qmin: int, qmax: int) -> int:
+    """``reference.quantize_per_tensor`` of one number, in python (float32 like the reference)."""
+    q = int(np.rint(np.float32(v) / np.float32(scale))) + zero_point
+    return min(max(q, qmin), qmax)
+
+
 def _clamp_op(lo: float | None, hi: float | None) -> Callable:
     def run(x: QTensor, inplace: bool = False) -> QTensor:
-        qmin = None if lo is None else reference.quantize_per_tensor(
-            torch.tensor(lo), x.scale, x.zero_point).item()
-        qmax = None if hi is None else reference.quantize_per_tensor(
-            torch.tensor(hi), x.scale, x.zero_point).item()
+        dmin, dmax = (0, 255) if x.int_data.dtype == torch.uint8 else (-128, 127)
+        qmin = None if lo is None else _quantize_scalar(lo, x.scale, x.zero_point, dmin, dmax)
+        qmax = None if hi is None else _quantize_scalar(hi, x.scale, x.zero_point, dmin, dmax)
+        if (qmin is None or qmin <= dmin) and (qmax is None or qmax >= dmax):
+            return x.with_data(x.int_data)  # already inside the range (e.g. ReLU after a fused ReLU)
         return x.with_data(torch.clamp(x.int_data, qmin, qmax))
     return run
 

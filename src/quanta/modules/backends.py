@@ -86,3 +86,27 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
             module.set_backend(backend)
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why
+    _select_site_backends(model, plan, requested, config)
+
+
+def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: QuantConfig | None) -> None:
+    """int8 add call sites: one fused oneDNN pass unless the reference is asked for."""
+    state = getattr(model, "_quanta", None)
+    for site in getattr(state, "sites", {}).values() if state is not None else ():
+        asked, source = requested, "config"
+        if config is not None:
+            override, where = config.backend_for(site.key, site.op)
+            if where != "config":
+                asked, source = override, where
+        if site.op != "add":
+            backend, why = "reference", f"{site.op}: requantize + torch op"
+        elif asked == "reference":
+            backend, why = "reference", f"reference requested ({source})"
+        elif not cpu.onednn_available():
+            backend, why = "reference", "oneDNN int8 kernels unavailable in this torch build"
+        else:
+            backend, why = "onednn", "one-pass add + requantize (unit depthwise conv with sum post-op)"
+        site.backend = backend
+        lp = plan.layers.get(site.key)
+        if lp is not None:
+            lp.backend, lp.backend_reason = backend, why

@@ -21,7 +21,7 @@ from quanta.capture.plan import Plan
 from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
-from quanta.kernels import reference
+from quanta.kernels import eltwise, reference
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
@@ -45,10 +45,12 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
         self.converted = False
         self.output_int8 = True
+        self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
         self.output_scale.fill_(scale)
         self.output_zero_point.fill_(zero_point)
+        self.__dict__.pop("_qp", None)
         self.converted = True
         self.observer = None
 
@@ -58,7 +60,7 @@ class QuantizedSite(LeafMarker, nn.Module):
             if self.observer is not None:
                 self.observer(_ACT[self.activation](dequantize_any(out)))
             return out
-        scale, zp = float(self.output_scale), int(self.output_zero_point)
+        scale, zp = self.qparams()
         q = self._int8(func, args, kwargs, scale, zp)
         if q is None:
             y = func(*dequantize_any(args), **dequantize_any(kwargs))
@@ -71,7 +73,8 @@ class QuantizedSite(LeafMarker, nn.Module):
             if kwargs or len(args) != 2 or not all(isinstance(a, QTensor) for a in args):
                 return None
             a, b = args
-            return reference.add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
+            add = eltwise.add_uint8 if self.backend == "onednn" else reference.add
+            return add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
                                  scale, zp, self.activation)
         if self.op == "cat":
             tensors = args[0]
@@ -81,6 +84,17 @@ class QuantizedSite(LeafMarker, nn.Module):
             parts = [reference.requantize(t.int_data, t.scale, t.zero_point, scale, zp) for t in tensors]
             return torch.cat(parts, dim)
         return None
+
+    def qparams(self) -> tuple[float, int]:
+        """Output (scale, zero point) as python numbers, cached (read on every call)."""
+        qp = self.__dict__.get("_qp")
+        if qp is None:
+            qp = self.__dict__["_qp"] = (float(self.output_scale), int(self.output_zero_point))
+        return qp
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_qp", None)
 
     def extra_repr(self) -> str:
         return f"{self.key}, op={self.op}, activation={self.activation}"
