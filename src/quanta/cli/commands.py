@@ -51,8 +51,8 @@ def float_safetensors_bytes(model: nn.Module) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    factory = load_factory(args.model)
     config = load_config(args.config, args.mode)
+    factory = load_factory(args.model)
     calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
     skip = tuple(args.skip or ())
     started = time.perf_counter()
@@ -134,9 +134,13 @@ def report(args: argparse.Namespace) -> int:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    from quanta.io.load import read_manifest
+    """The file's manifest, after checking its tensor data against the manifest's checksum."""
+    from quanta.io import format as fmt
+    from quanta.io.load import read_file
 
-    return read_manifest(path)
+    manifest, blobs = read_file(path)
+    fmt.check_blobs(fmt.check_table(manifest.get("tensors")), blobs, manifest.get("data_sha256"))
+    return manifest
 
 
 def _plan_holder(manifest: dict[str, Any]) -> nn.Module:
