@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from quanta.capture.plan import LayerPlan, Plan
-from quanta.config import MODES, QuantConfig
+from quanta.config import MODES, QuantConfig, QuantSpec
 from quanta.errors import FormatError, UnsupportedModelError
 from quanta.io import format as fmt
 from quanta.io.save import quantized_classes
@@ -165,9 +165,12 @@ def _build_quantized(model: nn.Module, plan: Plan, modules: Any, table: dict[str
         if cls is None or cls not in MAPPING.get(type(float_module), {}).values():
             raise FormatError(f"module {name!r}: {type(float_module).__name__} cannot become "
                               f"{class_name!r} (unknown or mismatched quantized class in the file)")
-        if not hasattr(cls, "empty_like"):
-            raise FormatError(f"module {name!r}: {class_name} cannot be loaded (no empty_like())")
-        quantized = cls.empty_like(float_module, plan.layers[name], f"{name}.bias" in table)
+        lp = plan.layers[name]
+        if hasattr(cls, "empty_like"):
+            quantized = cls.empty_like(float_module, lp, f"{name}.bias" in table)
+        else:  # modules built from the float module and a weight spec (dynamic types)
+            spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=lp.weight_bits or 8)
+            quantized = cls(float_module, weight_spec=spec)
         _set_module(model, name, quantized)
 
 
