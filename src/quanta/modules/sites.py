@@ -45,6 +45,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
         self.converted = False
         self.output_int8 = True
+        self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
@@ -58,7 +59,9 @@ class QuantizedSite(LeafMarker, nn.Module):
         if not self.converted:
             out = func(*args, **kwargs)
             if self.observer is not None:
-                self.observer(_ACT[self.activation](dequantize_any(out)))
+                observed = self.observer(_ACT[self.activation](dequantize_any(out)))
+                if self.fake_quant:
+                    return observed
             return out
         scale, zp = self.qparams()
         q = self._int8(func, args, kwargs, scale, zp)
@@ -177,6 +180,8 @@ class QuantaState(LeafMarker, nn.Module):
 
     def _enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._check_inputs(args, kwargs)
+        if self.training != model.training:  # not a child: follow model.train()/eval() here (QAT)
+            self.train(model.training)
         if self._mode is None and self.sites:
             self._mode = _SiteMode(self)
             self._mode.__enter__()
