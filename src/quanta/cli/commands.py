@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,10 @@ def export(args: argparse.Namespace) -> int:
     factory, qmodel = _load_pair(args)
     example = _example(args, factory)
     out = Path(args.onnx)
-    export_onnx(qmodel, example, out)
+    with warnings.catch_warnings():
+        # the ONNX tracer warns about Python scalars it records as constants: quanta's qparams are
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        export_onnx(qmodel, example, out)
     _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ)")
     return 0
 
