@@ -44,6 +44,15 @@ def linear_prefers_int8(rows: int, in_features: int, out_features: int) -> bool:
     return macs >= 2_000_000
 
 
+def conv_prefers_int8(macs: int) -> bool:
+    """Whether a oneDNN int8 conv call of ``macs`` multiply-accumulates beats fp32 here.
+
+    The ~30-35 us fixed cost per oneDNN call dominates tiny convs: measured natively (1 thread)
+    3x3 16->16 at 14x14 (0.45M MACs) int8 37 us vs fp32 23 us; 32->32 at 7x7 42 vs 29 us;
+    64->64 at 56x56 (116M MACs) 118 us vs ~1 ms. AVX2 threshold is scaled like Linear's."""
+    return macs >= (8_000_000 if _profile() == "avx2" else 2_000_000)
+
+
 def _linear(info: dict) -> tuple[str, str]:
     k, n = int(info["in_features"]), int(info["out_features"])
     prof = _profile()

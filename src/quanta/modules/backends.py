@@ -56,6 +56,8 @@ def choose_module_backend(module: nn.Module, requested: str, source: str) -> tup
         why = f"onednn requested ({source})"
     if backend == "onednn" and getattr(module, "padding_mode", "zeros") != "zeros":
         return "reference", "oneDNN needs zero padding"
+    if backend == "onednn" and requested != "onednn":
+        why += "; calls under ~2M MACs run float (fixed oneDNN cost)" if kind != "linear" else ""
     return backend, why
 
 
@@ -80,7 +82,7 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
                 asked, source = override, where
         backend, why = choose_module_backend(module, asked, source)
         try:
-            module.set_backend(backend)
+            module.set_backend(backend, forced=asked == "onednn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
             backend, why = "reference", f"oneDNN cannot run this layer ({e})"
             module.set_backend(backend)

@@ -73,6 +73,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         self.activation = activation
         self.output_int8 = output_int8
         self.backend = "reference"
+        self.forced = False  # True: run oneDNN on every call (config asked for it), no per-call choice
         self.layer_name = ""
         self._sync()
 
@@ -106,13 +107,14 @@ class QuantizedModule(LeafMarker, nn.Module):
         # prepacked oneDNN weights are opaque tensors that cannot be copied or pickled
         return {k: v for k, v in self.__dict__.items() if k not in _CACHES}
 
-    def set_backend(self, backend: str) -> None:
+    def set_backend(self, backend: str, forced: bool = False) -> None:
         """Run on ``backend`` ("reference" | "onednn" | "float"); oneDNN weights are packed now.
+        ``forced``: always oneDNN, even for calls too small for int8 to win.
         Raises NotImplementedError/RuntimeError when oneDNN cannot run this layer."""
         if backend not in KERNEL_BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}; expected one of {KERNEL_BACKENDS}")
         self._sync()
-        self.backend = backend
+        self.backend, self.forced = backend, forced
         if backend == "onednn":
             self._packed_kernel()
 
@@ -215,7 +217,7 @@ class QuantizedLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
-            if backend == "onednn" and self._int8_wins(x):
+            if backend == "onednn" and (self.forced or self._int8_wins(x)):
                 y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
                 return self.finish(y)
             if backend != "reference":
@@ -240,13 +242,30 @@ class _QuantizedConvNd(QuantizedModule):
         return onednn.PackedConv(self.weight, self.weight_scale, self.bias, *self._in, self.stride,
                                  self.padding, self.dilation, self.groups)
 
+    def _int8_wins(self, x: torch.Tensor) -> bool:
+        """Per-call choice on the oneDNN backend: tiny convs (fixed ~30 us per oneDNN call) run float."""
+        data = x.int_data if isinstance(x, QTensor) else x
+        shape = tuple(data.shape)
+        table = self.__dict__.setdefault("_int8_rows", {})
+        wins = table.get(shape)
+        if wins is None:
+            out_size = 1
+            for i in range(len(self.kernel_size)):
+                extent = shape[2 + i] if len(shape) > 2 + i else 1
+                out_size *= max(extent // self.stride[i], 1)
+            macs = shape[0] * out_size * self.out_channels * (self.in_channels // self.groups)
+            for k in self.kernel_size:
+                macs *= k
+            wins = table[shape] = dispatch.conv_prefers_int8(macs)
+        return wins
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
-            if backend == "onednn":
+            if backend == "onednn" and (self.forced or self._int8_wins(x)):
                 y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
                 return self.finish(y)
-            if backend == "float":
+            if backend != "reference":
                 w, b = self._float_params()
                 conv = F.conv1d if w.dim() == 3 else F.conv2d
                 x_f = self.dequantized_input(x)

@@ -23,6 +23,7 @@ from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, reference
 from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.modules.quantized import QuantizedModule
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
@@ -103,6 +104,19 @@ class QuantizedSite(LeafMarker, nn.Module):
         return f"{self.key}, op={self.op}, activation={self.activation}"
 
 
+def _never_calls_site_ops(module: nn.Module) -> bool:
+    """Leaves whose forward never calls add/cat where the site mode sees it: static int8
+    modules (their kernels run with torch functions disabled) and plain single-op torch layers."""
+    return isinstance(module, QuantizedModule) or type(module) in _SITE_FREE_LEAVES
+
+
+_SITE_FREE_LEAVES = frozenset({
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softmax,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Dropout, nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.Embedding,
+})
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, state: QuantaState) -> None:
         super().__init__()
@@ -151,7 +165,8 @@ class QuantaState(LeafMarker, nn.Module):
         """(Re)install the hooks on ``model``; called after prepare, convert and load."""
         self.detach()
         object.__setattr__(model, "_quanta", self)
-        self.tracker.install(model)
+        if self.sites:  # call-site keys are only read when there are sites to run
+            self.tracker.install(model, skip_leaf=_never_calls_site_ops)
         self._root_handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._exit, always_call=True),
