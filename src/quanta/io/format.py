@@ -105,7 +105,7 @@ def check_table(table: Any) -> dict[str, tuple[str, tuple[int, ...], int | None]
         if not (isinstance(entry, list) and len(entry) == 3):
             raise FormatError(f"manifest entry for tensor {name!r} must be [dtype, shape, offset]")
         dt, shape, offset = entry
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise FormatError(f"tensor {name!r}: unknown dtype {dt!r} in the manifest")
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < MAX_NUMEL for d in shape):
             raise FormatError(f"tensor {name!r}: invalid shape {shape!r} in the manifest")
