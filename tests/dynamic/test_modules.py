@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from quanta.config import QuantSpec
 from quanta.errors import QuantizedInputError, UnsupportedModelError
 from quanta.kernels import cpu, reference
-from quanta.kernels.dynamic import DynamicLinearKernel, clear_input_cache
+from quanta.kernels.dynamic import DynamicLinearKernel, clear_input_cache, quantize_input
 from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding, QuantizedEmbeddingBag
 from quanta.modules.dynamic_rnn import (
     DynamicQuantizedGRU,
@@ -79,6 +79,18 @@ def test_quantize_dynamic_input_matches_definition() -> None:
     expect = torch.clamp(torch.floor(x * torch.tensor(1 / scale) + zp + 0.5), 0, 255).to(torch.uint8)
     assert torch.equal(q, expect)
     assert int(q.min()) == 0 and int(q.max()) == 255
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fast_input_quantization_bit_equal_to_reference(per_row: bool) -> None:
+    x = torch.cat([torch.randn(6, 50) * 3, torch.rand(2, 50) + 1.0, torch.zeros(1, 50)])
+    x[0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5])  # halves
+    x_q, scale, zero_point = quantize_input(x, per_row)
+    assert x_q.dtype == torch.uint8
+    assert torch.equal(x_q, reference.quantize_dynamic_input(x, scale, zero_point))
+    deq = (x_q.float() - (zero_point.float()[:, None] if per_row else zero_point)) * (
+        scale[:, None] if per_row else scale)
+    assert float((deq - x).abs().max()) <= 0.51 * float(scale.max() if per_row else scale)
 
 
 @pytest.mark.parametrize("layers,bidirectional,batch_first,with_state", [

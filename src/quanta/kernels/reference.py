@@ -146,8 +146,8 @@ def quantize_dynamic_input(
     the input instead of six, which matters because dynamic quantization runs on every call."""
     x = x.float()
     if isinstance(scale, torch.Tensor):
-        inv = (1.0 / scale.float())[:, None]
-        v = torch.addcmul(zero_point.float()[:, None] + 0.5, x, inv)
+        v = x.mul((1.0 / scale.float())[:, None])
+        v.add_(zero_point.float()[:, None] + 0.5)
     else:
         v = x.mul(float(torch.tensor(1.0 / scale, dtype=torch.float32)))
         v.add_(zero_point + 0.5)
@@ -177,4 +177,6 @@ def linear_dynamic_per_row(
 
 def embedding(w_q: torch.Tensor, w_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Weight-only int8 embedding lookup: rows of int8 [V, D] times their float scale."""
-    return w_q[indices].to(torch.float32) * w_scale[indices].unsqueeze(-1)
+    flat = indices.reshape(-1)
+    rows = w_q.index_select(0, flat).to(torch.float32) * w_scale.index_select(0, flat)[:, None]
+    return rows.reshape(*indices.shape, w_q.shape[1])
