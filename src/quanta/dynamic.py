@@ -82,6 +82,8 @@ def plan_dynamic(model: nn.Module, config: QuantConfig, selected: tuple[type[nn.
             lp.reason = why
         elif _unsupported_reason(m):
             lp.reason = _unsupported_reason(m)
+        elif config.backend_for(name, type(m).__name__)[0] == "float":
+            lp.reason = f"float requested ({config.backend_for(name, type(m).__name__)[1]})"
         else:
             lp.precision, lp.quantized_type = "int8", target.__name__
             weight_only = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
@@ -125,7 +127,8 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         _, wspec, _, _ = config.for_module(lp.name, float_module)
         wspec = dataclasses.replace(wspec, bits=lp.weight_bits)
         qtype = mapping.MAPPING[type(float_module)]["dynamic"]
-        q = qtype(float_module, weight_spec=wspec, backend=config.backend,
+        backend = config.backend_for(lp.name, lp.float_type)[0]
+        q = qtype(float_module, weight_spec=wspec, backend=backend,
                   per_row=config.dynamic_per_row, layer_name=lp.name)
         lp.weight_bits = q.weight_bits
         lp.backend = q.backend_label() if isinstance(q, DynamicModule) else ""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import quanta
-from quanta.config import QuantConfig
+from quanta.config import Override, QuantConfig
 from quanta.errors import UnsupportedModelError
 from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding
 from quanta.modules.dynamic_rnn import DynamicQuantizedLSTM
@@ -64,6 +64,10 @@ def test_modules_filter_skip_and_per_row(model: Tagger) -> None:
     assert q2.head.per_row and q2._quanta.config.dynamic_per_row
     q3 = quanta.quantize_dynamic(model, QuantConfig(dynamic_per_row=True))
     assert q3.head.per_row and q3._quanta.config.mode == "dynamic"
+    overrides = (Override("rnn", backend="reference"), Override("head", backend="float"))
+    q4 = quanta.quantize_dynamic(model, QuantConfig(overrides=overrides))
+    assert q4.rnn.backend == "reference" and q4._quanta.plan.layers["rnn"].backend == "reference"
+    assert isinstance(q4.head, nn.Linear) and "float requested" in q4._quanta.plan.layers["head"].reason
 
 
 def test_inplace(model: Tagger) -> None:
