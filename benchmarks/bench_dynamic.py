@@ -165,14 +165,15 @@ def main() -> None:
             rows += measure(variants, make_batch(b, ARGS.seq), reps)
     meta = {"model": "all-MiniLM-L6-v2" + (" (random weights)" if ARGS.random else ""),
             "threads": ARGS.threads, "reps": reps, "torch": torch.__version__, "vnni": has_vnni(),
-            "weight_bits": weight_bits_for_cpu(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "weight_bits": weight_bits_for_cpu(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
     out = Path(ARGS.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out.with_suffix(".tmp")
     tmp_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     tmp_path.replace(out)  # atomic
     print(f"{meta['model']}, seq {ARGS.seq}, {ARGS.threads} threads, median of {reps} interleaved rounds, "
-          f"VNNI={meta['vnni']}")
+          f"VNNI={meta['vnni']}, load average {meta['load_average_at_end']} on {meta['cpu_count']} CPUs")
     print("| batch | variant | median ms | speed-up vs fp32 | rel. L2 error | model MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

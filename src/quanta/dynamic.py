@@ -21,7 +21,7 @@ from quanta.config import QuantConfig
 from quanta.errors import UnsupportedModelError
 from quanta.modules import mapping
 from quanta.modules.backends import resolve_weight_bits
-from quanta.modules.dynamic import DynamicModule, embedding_weight_spec
+from quanta.modules.dynamic import DynamicModule, QuantizedEmbedding, embedding_weight_spec
 from quanta.modules.sites import QuantaState
 
 
@@ -134,8 +134,9 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         lp.backend = q.backend_label() if isinstance(q, DynamicModule) else ""
         lp.activation = "none"
         granularity = "per row" if config.dynamic_per_row else "per tensor"
-        lp.reason = ("weight-only int8 (one scale per row)" if lp.backend == "reference" and "Embedding" in
-                     lp.quantized_type else f"input quantized at run time ({granularity})")
+        weight_only = isinstance(q, QuantizedEmbedding)
+        lp.reason = "weight-only int8 (one scale per row)" if weight_only else \
+            f"input quantized at run time ({granularity})"
         _set_module(model, lp.name, q)
     model.eval()
     state = QuantaState(plan, config)
