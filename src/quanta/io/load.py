@@ -228,7 +228,7 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
         _build_quantized(model, plan, manifest.get("modules"), table)
         state = QuantaState(plan, config)
         _build_sites(plan, state)
-        model._quanta = state
+        state.attach(model)  # sets model._quanta (unregistered) and its state-dict hooks
         check_tensors(model, table)
         model.load_state_dict(fmt.unpack(table, blobs), strict=True)
     except FormatError:
