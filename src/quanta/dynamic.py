@@ -140,6 +140,5 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         _set_module(model, lp.name, q)
     model.eval()
     state = QuantaState(plan, config)
-    model._quanta = state
-    state.attach(model)
+    state.attach(model)  # sets model._quanta without registering it as a child module
     return model

@@ -151,7 +151,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _build_quantized(model: nn.Module, plan: Plan, modules: Any, table: dict[str, Any]) -> None:
+def _build_quantized(model: nn.Module, plan: Plan, config: QuantConfig, modules: Any,
+                     table: dict[str, Any]) -> None:
     if not isinstance(modules, dict):
         raise FormatError("manifest field 'modules' must be an object")
     classes = quantized_classes()
@@ -170,7 +171,9 @@ def _build_quantized(model: nn.Module, plan: Plan, modules: Any, table: dict[str
             quantized = cls.empty_like(float_module, lp, f"{name}.bias" in table)
         else:  # modules built from the float module and a weight spec (dynamic types)
             spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=lp.weight_bits or 8)
-            quantized = cls(float_module, weight_spec=spec)
+            backend = config.backend_for(name, lp.float_type)[0]
+            quantized = cls(float_module, weight_spec=spec, backend=backend,
+                            per_row=config.dynamic_per_row, layer_name=name)
         _set_module(model, name, quantized)
 
 
@@ -225,7 +228,7 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
         for lp in plan.layers.values():
             if lp.kind == "module" and lp.replaced:
                 _set_module(model, lp.name, nn.Identity())
-        _build_quantized(model, plan, manifest.get("modules"), table)
+        _build_quantized(model, plan, config, manifest.get("modules"), table)
         state = QuantaState(plan, config)
         _build_sites(plan, state)
         state.attach(model)  # sets model._quanta (unregistered) and its state-dict hooks
