@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -79,21 +80,28 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | None = 
     return model
 
 
-def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any) -> None:
+def swap_layers(
+    model: nn.Module, plan: Plan, config: QuantConfig, record: Any,
+    make_layer: Callable[..., nn.Module], make_site: Callable[[Any], QuantizedSite],
+) -> QuantaState:
+    """Apply a plan's fusion and swap its int8 layers and call sites; shared by static and QAT.
+
+    ``make_layer(lp, module, bn, weight_spec, activation_spec)`` builds what replaces an int8
+    layer (``bn``: the BatchNorm folded into it, or None); folded BatchNorms and ReLU modules
+    whose every call was fused become ``nn.Identity``.
+    """
     modules = dict(model.named_modules())
-    fused_calls: dict[str, int] = {}
-    for lp in plan.int8_layers():
-        for name in lp.fused:
-            fused_calls[name] = fused_calls.get(name, 0) + 1
+    fused_calls = Counter(name for lp in plan.int8_layers() for name in lp.fused)
     for lp in plan.int8_layers():
         module = modules[lp.name]
         _, wspec, aspec, _ = config.for_module(lp.name, module)
-        bn = [n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)]
-        if bn:
-            module = fold_batchnorm(module, modules[bn[0]])
-            _set_module(model, bn[0], nn.Identity())
-            plan.layers[bn[0]].replaced = True
-        _set_module(model, lp.name, ObservedModule(module, lp.activation, wspec, aspec, lp.name))
+        batchnorms = (n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm))
+        bn_name = next(batchnorms, None)
+        if bn_name is not None:
+            _set_module(model, bn_name, nn.Identity())
+            plan.layers[bn_name].replaced = True
+        bn = modules[bn_name] if bn_name is not None else None
+        _set_module(model, lp.name, make_layer(lp, module, bn, wspec, aspec))
     for name, count in fused_calls.items():
         calls = len(record.module_nodes(name))
         if name in modules and calls == count and not plan.layers[name].replaced:
@@ -102,10 +110,19 @@ def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any
     state = QuantaState(plan, config)
     for lp in plan.layers.values():
         if lp.kind == "site" and lp.precision == "int8":
-            state.sites[site_module_key(lp.name)] = QuantizedSite(
-                lp.name, lp.float_type, lp.activation, config.activation
-            )
+            state.sites[site_module_key(lp.name)] = make_site(lp)
     state.attach(model)
+    return state
+
+
+def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any) -> None:
+    def observed(lp: Any, module: nn.Module, bn: nn.Module | None, wspec: QuantSpec,
+                 aspec: QuantSpec) -> nn.Module:
+        folded = fold_batchnorm(module, bn) if bn is not None else module
+        return ObservedModule(folded, lp.activation, wspec, aspec, lp.name)
+
+    swap_layers(model, plan, config, record, observed,
+                lambda lp: QuantizedSite(lp.name, lp.float_type, lp.activation, config.activation))
 
 
 def calibrate(prepared: nn.Module, data: Iterable[Any], *, max_batches: int | None = None,

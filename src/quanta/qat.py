@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module, get_state
+from quanta.api import _copy, _resolve_config, get_state, swap_layers
 from quanta.capture.plan import Plan, plan_static
 from quanta.capture.record import DataflowRecord, call_with, capture
-from quanta.config import QuantConfig
+from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import UnsupportedModelError
 from quanta.modules.backends import resolve_weight_bits
 from quanta.modules.mapping import MAPPING
@@ -65,49 +65,32 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QuantConfig | Non
 
 
 def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: DataflowRecord) -> None:
-    """Swap int8 layers for QAT modules (BN moves inside them), like ``api._apply_static``."""
-    modules = dict(model.named_modules())
-    fused_calls: dict[str, int] = {}
-    for lp in plan.int8_layers():
-        for name in lp.fused:
-            fused_calls[name] = fused_calls.get(name, 0) + 1
-    qat_modules: dict[str, QATModule] = {}
-    for lp in plan.int8_layers():
-        module = modules[lp.name]
-        _, wspec, _, _ = config.for_module(lp.name, module)
+    """Swap int8 layers for QAT modules (their BatchNorm moves inside them)."""
+
+    def qat_layer(lp: Any, module: nn.Module, bn: nn.Module | None, wspec: QuantSpec,
+                  aspec: QuantSpec) -> nn.Module:
         wspec = resolve_weight_bits(wspec, config.backend)
         lp.weight_bits = wspec.bits
-        bn = next((modules[n] for n in lp.fused
-                   if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm)), None)
-        if bn is not None:
-            bn_name = next(n for n in lp.fused if modules.get(n) is bn)
-            _set_module(model, bn_name, nn.Identity())
-            plan.layers[bn_name].replaced = True
         # Activation qparams use config.activation, the spec convert computes them with.
-        q = MAPPING[type(module)]["qat"](
+        return MAPPING[type(module)]["qat"](
             module, bn=bn, activation=lp.activation, weight_spec=wspec,
             activation_spec=config.activation, name=lp.name, output_int8=lp.output_int8,
         )
-        _set_module(model, lp.name, q)
-        qat_modules[lp.name] = q
-    for name, count in fused_calls.items():
-        if name in modules and len(record.module_nodes(name)) == count and not plan.layers[name].replaced:
-            _set_module(model, name, nn.Identity())
-            plan.layers[name].replaced = True
-    state = QuantaState(plan, config)
-    for lp in plan.layers.values():
-        if lp.kind == "site" and lp.precision == "int8":
-            site = QuantizedSite(lp.name, lp.float_type, lp.activation)
-            site.observer = FakeQuantize(config.activation, f"{lp.name} ({lp.float_type})")
-            site.fake_quant = True
-            state.sites[site_module_key(lp.name)] = site
+
+    def qat_site(lp: Any) -> QuantizedSite:
+        site = QuantizedSite(lp.name, lp.float_type, lp.activation)
+        site.observer = FakeQuantize(config.activation, f"{lp.name} ({lp.float_type})")
+        site.fake_quant = True
+        return site
+
+    state = swap_layers(model, plan, config, record, qat_layer, qat_site)
+    qat_modules = {n: m for n, m in model.named_modules() if isinstance(m, QATModule)}
     for name, q in qat_modules.items():
         source = plan.layers[name].input_from
         if source in qat_modules:
             q.set_input_source(qat_modules[source].output_observer)
         elif source:
             q.set_input_source(state.sites[site_module_key(source)].observer)
-    state.attach(model)
 
 
 def freeze(qat_model: nn.Module, observers: bool = True, batchnorm: bool = True) -> nn.Module:
