@@ -56,8 +56,6 @@ def choose_module_backend(module: nn.Module, requested: str, source: str) -> tup
         why = f"onednn requested ({source})"
     if backend == "onednn" and getattr(module, "padding_mode", "zeros") != "zeros":
         return "reference", "oneDNN needs zero padding"
-    if backend == "onednn" and requested != "onednn":
-        why += "; calls under ~2M MACs run float (fixed oneDNN cost)" if kind != "linear" else ""
     return backend, why
 
 

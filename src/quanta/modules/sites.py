@@ -46,8 +46,8 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
         self.converted = False
         self.output_int8 = True
-        self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
+        self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
         self.output_scale.fill_(scale)
@@ -117,6 +117,25 @@ _SITE_FREE_LEAVES = frozenset({
 })
 
 
+class _EagerCall:
+    """Runs a quanta model's forward outside ``torch.compile`` tracing (installed as the model's
+    ``_call_impl``), so compiling a quantized model works and gives the eager result.
+
+    Why not traced: QTensor is a wrapper subclass carrying int8 data; as a traceable subclass,
+    AOT autograd's metadata pass runs its ``__torch_function__`` under the functional mode, where
+    dequantizing (``Tensor.to``) fails; made opaque, Dynamo cannot trace
+    ``_make_wrapper_subclass`` and recurses. Tracing would need every int8 op as a registered
+    custom op. A callable object (not a closure) so ``copy.deepcopy`` rebinds it to the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.compiler.disable
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return nn.Module._call_impl(self.model, *args, **kwargs)
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, state: QuantaState) -> None:
         super().__init__()
@@ -152,6 +171,7 @@ class QuantaState(LeafMarker, nn.Module):
         self.tracker = SiteTracker()
         self._mode: _SiteMode | None = None
         self._root_handles: list = []
+        self._eager: _EagerCall | None = None
 
     @property
     def sites_by_key(self) -> dict[str, QuantizedSite]:
@@ -173,8 +193,13 @@ class QuantaState(LeafMarker, nn.Module):
             model._register_state_dict_hook(self._add_state),
             model._register_load_state_dict_pre_hook(self._load_state, with_module=True),
         ]
+        self._eager = _EagerCall(model)
+        model.__dict__["_call_impl"] = self._eager
 
     def detach(self) -> None:
+        if self._eager is not None:
+            self._eager.model.__dict__.pop("_call_impl", None)
+            self._eager = None
         self.tracker.remove()
         for h in self._root_handles:
             h.remove()

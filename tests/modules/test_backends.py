@@ -1,0 +1,135 @@
+"""Fast path (oneDNN / float per op) vs the integer reference on whole models, and the backend
+choice: recorded in the plan and report, overridable in the config, safe on CPUs without VNNI."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quanta
+from quanta.config import Override, QuantConfig
+from quanta.debug.report import report
+from quanta.kernels import cpu
+from quanta.modules import backends
+from quanta.modules.quantized import QuantizedModule
+from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
+from quanta.zoo.vision import BasicBlock
+
+pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="oneDNN int8 kernels unavailable")
+
+
+def _reference_twin(qmodel: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(qmodel)
+    backends.select_backends(twin, twin._quanta.plan, "reference")
+    return twin
+
+
+def _last_output_scale(qmodel: nn.Module) -> float:
+    last = [m for m in qmodel.modules() if isinstance(m, QuantizedModule)][-1]
+    return float(last.output_scale)
+
+
+def _within_one_quantum(fast: torch.Tensor, ref: torch.Tensor, quantum: float) -> float:
+    """Fraction of elements that differ by at most one output quantum."""
+    return float(((fast - ref).abs() <= quantum * 1.001).float().mean())
+
+
+def _resnet_like() -> nn.Module:
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        BasicBlock(16, 16), BasicBlock(16, 32, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as in a trained model
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_mnist_cnn_fast_matches_reference():
+    train, _ = load_mnist("train")
+    x, _ = load_mnist("test")
+    model = load_pretrained_mnist_cnn()
+    qmodel = quanta.quantize(model, [train[i * 100:(i + 1) * 100] for i in range(4)], show_progress=False)
+    ref_model = _reference_twin(qmodel)
+    with torch.no_grad():
+        fast, ref = qmodel(x), ref_model(x)
+        single_fast = torch.cat([qmodel(x[i:i + 1]) for i in range(20)])  # batch 1: float per call
+    quantum = _last_output_scale(qmodel)
+    assert _within_one_quantum(fast, ref, quantum) >= 0.999
+    assert _within_one_quantum(single_fast, ref[:20], quantum) >= 0.999
+    assert float((fast.argmax(1) == ref.argmax(1)).float().mean()) >= 0.99
+    rows = {r["name"]: r for r in report(qmodel).to_dict()["layers"]}
+    assert rows["block1.conv1"]["backend"] == "onednn"
+    assert rows["classifier"]["backend"] == "onednn" and "per call" in rows["classifier"]["reason"]
+    assert all(r["backend"] == "reference" for r in report(ref_model).to_dict()["layers"]
+               if r["precision"] == "int8")
+
+
+def test_resnet_block_fast_matches_reference():
+    model = _resnet_like()
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    ref_model = _reference_twin(qmodel)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        fast, ref, float_out = qmodel(x), ref_model(x), model(x)
+    assert _within_one_quantum(fast, ref, _last_output_scale(qmodel)) >= 0.999
+    cos = torch.nn.functional.cosine_similarity(fast.flatten(), float_out.flatten(), dim=0)
+    assert float(cos) >= 0.99
+    plan = qmodel._quanta.plan
+    adds = [lp for lp in plan.layers.values() if lp.kind == "site" and lp.precision == "int8"]
+    assert adds and all(lp.backend == "onednn" and lp.backend_reason for lp in adds)
+    assert plan.layers["3.conv1"].backend == "onednn"
+    rows = {r["name"]: r for r in report(qmodel).to_dict()["layers"]}
+    assert "chosen per call by rows" in rows["7"]["reason"]  # the Linear head
+    assert "onednn" in str(report(qmodel))
+
+
+def test_override_forces_backend_and_round_trips():
+    model = _resnet_like()
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    config = QuantConfig(overrides=(Override("0", backend="onednn"), Override("3", backend="reference")))
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    qmodel = quanta.quantize(model, calib, config=config, show_progress=False)
+    plan = qmodel._quanta.plan
+    assert plan.layers["0"].backend == "onednn" and "override '0'" in plan.layers["0"].backend_reason
+    assert plan.layers["3.conv1"].backend == "reference"
+    assert plan.layers["4.conv1"].backend == "onednn"
+    with pytest.raises(ValueError, match="backend"):
+        Override("0", backend="cuda")
+    config = QuantConfig(backend="reference")
+    everything_ref = quanta.quantize(model, calib, config=config, show_progress=False)
+    assert {m.backend for m in everything_ref.modules() if isinstance(m, QuantizedModule)} == {"reference"}
+
+
+def test_weights_wider_than_the_cpu_tolerates_never_reach_onednn(monkeypatch):
+    model = _resnet_like()
+    qmodel = quanta.quantize(model, [torch.randn(8, 3, 32, 32)], show_progress=False)
+    assert all(m.weight_bits == 8 for m in qmodel.modules() if isinstance(m, QuantizedModule))
+    monkeypatch.setattr(cpu, "weight_bits_for_cpu", lambda: 7)  # e.g. loaded on AVX2 without VNNI
+    backends.select_backends(qmodel, qmodel._quanta.plan, "auto")
+    chosen = {m.backend for m in qmodel.modules() if isinstance(m, QuantizedModule)}
+    assert chosen == {"float"}
+    assert "saturate" in qmodel._quanta.plan.layers["3.conv1"].backend_reason
+
+
+def test_copy_load_state_dict_and_compile_keep_results():
+    model = _resnet_like()
+    qmodel = quanta.quantize(model, [torch.randn(8, 3, 32, 32)], show_progress=False)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = qmodel(x)
+        twin = copy.deepcopy(qmodel)  # packed oneDNN weights are caches: rebuilt on the copy
+        assert torch.equal(twin(x), expected)
+        twin.load_state_dict(qmodel.state_dict())
+        assert torch.equal(twin(x), expected)
+        compiled = torch.compile(qmodel)
+        assert torch.equal(compiled(x), expected)
