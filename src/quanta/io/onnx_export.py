@@ -8,9 +8,15 @@ twin is exported with torch's TorchScript exporter; the quantize/dequantize step
 nodes, so their placement follows quanta's plan exactly (no graph pattern matching). The
 graph carries quanta's own numbers: int8 weight initializers (7-bit where chosen) with
 per-channel scales (``axis=0``), int32 biases at ``x_scale * w_scale``, and the calibrated
-uint8 activation qparams. Ops quanta runs in float stay float; int8-native ops (pooling,
-reshapes) sit between a DequantizeLinear and the next QuantizeLinear, which ONNX Runtime
-turns into its int8 kernels.
+uint8 activation qparams. Ops quanta runs in float stay float.
+
+Activations that quanta keeps int8 keep their quantize/dequantize pair in the graph: the
+export forward remembers the qparams of every quantized activation (``_QParams``), follows
+them through the ops a QTensor runs natively (reshapes, max pooling, ReLU), re-quantizes after
+average pooling (quanta rounds the integer mean), and quantizes each input of an int8 call site
+(``x + y``) with the qparams the reference add sees. Numerically these extra pairs are exact
+(dequantize then quantize with the same qparams is the identity); they let ONNX Runtime fuse
+QLinearAdd / int8 pooling instead of running those ops in float.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from quanta.io.atomic import atomic_write_bytes
 from quanta.io.save import converted_state
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
-from quanta.qtensor import _METADATA
+from quanta.qtensor import _METADATA, _NATIVE, _avg_pool
 
 OPSET = 17
 
@@ -67,6 +73,28 @@ class _Dequant(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
 
 
+class _QParams:
+    """The uint8 qparams of the activations of one export forward, by tensor identity (the
+    tensors are kept alive until ``clear`` so an id is never reused meanwhile)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[torch.Tensor, float, int]] = {}
+
+    def note(self, t: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        self._by_id[id(t)] = (t, scale, zero_point)
+        return t
+
+    def of(self, t: Any) -> tuple[float, int] | None:
+        entry = self._by_id.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return None if entry is None or entry[0] is not t else entry[1:]
+
+    def quant_dequant(self, y: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        return self.note(_QuantDequant.apply(y, scale, zero_point), scale, zero_point)
+
+    def clear(self) -> None:
+        self._by_id.clear()
+
+
 def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = None) -> torch.Tensor:
     """The fused activation; a ReLU followed by a quantize with zero point 0 is implied by the
     quantize's clamp at 0 (exactly), so it is left out and ORT can fuse the quantized op."""
@@ -81,8 +109,9 @@ class _ExportQuantized(nn.Module):
     """Float stand-in for a quantized Conv/Linear: Q/DQ on the input, DQ weights and bias,
     the float op, the fused activation, Q/DQ on the output when it stays int8."""
 
-    def __init__(self, q: QuantizedModule) -> None:
+    def __init__(self, q: QuantizedModule, qparams: _QParams) -> None:
         super().__init__()
+        self._qparams = qparams
         channels = q.weight.shape[0]
         self.register_buffer("weight", q.weight.clone())
         self.register_buffer("weight_scale", q.weight_scale.float().clone())
@@ -112,7 +141,7 @@ class _ExportQuantized(nn.Module):
             y = conv(x, w, b, stride, padding, dilation, groups)
         y = _activation(y, self.activation, self.output_qparams[1] if self.output_qparams else None)
         if self.output_qparams is not None:
-            y = _QuantDequant.apply(y, *self.output_qparams)
+            y = self._qparams.quant_dequant(y, *self.output_qparams)
         return y
 
 
@@ -125,16 +154,23 @@ class _ExportAdaptiveAvgPool2d(nn.Module):
     size does not divide the input size, but uniform bins are a plain AveragePool, and any
     other bins are explicit slice means."""
 
-    def __init__(self, output_size: Any) -> None:
+    def __init__(self, output_size: Any, qparams: _QParams | None = None) -> None:
         super().__init__()
         self.output_size = output_size
+        self._qparams = qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._pool(x)
+        qp = self._qparams.of(x) if self._qparams is not None else None
+        # quanta pools int8 activations on the integers and rounds: quantize again, same qparams
+        return y if qp is None else self._qparams.quant_dequant(y, *qp)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         size = self.output_size if isinstance(self.output_size, (tuple, list)) else (self.output_size,) * 2
         h, w = int(x.shape[-2]), int(x.shape[-1])
         oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
         if (oh, ow) == (1, 1):
-            return torch.mean(x, dim=(-2, -1), keepdim=True)
+            return F.adaptive_avg_pool2d(x, 1)  # GlobalAveragePool
         rows, cols = _bins(h, oh), _bins(w, ow)
         uniform = _uniform(rows) and _uniform(cols)
         if uniform:
@@ -153,37 +189,64 @@ def _uniform(bins: list[tuple[int, int]]) -> bool:
 
 
 class _ExportSiteMode(TorchFunctionMode):
-    """During the export forward: an int8 call site runs in float, then quantize/dequantize."""
+    """During the export forward: ops a QTensor runs natively keep their input's qparams (average
+    pooling quantizes again); an int8 call site quantizes its int8 inputs with their qparams,
+    runs in float, then quantizes its output."""
 
-    def __init__(self, tracker: Any, sites: dict[str, Any]) -> None:
+    def __init__(self, tracker: Any, sites: dict[str, Any], qparams: _QParams) -> None:
         super().__init__()
-        self.tracker, self.sites = tracker, sites
+        self.tracker, self.sites, self.qparams = tracker, sites, qparams
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        native = _NATIVE.get(func)
+        if native is not None:
+            return self._native(func, native, args, kwargs)
         tracker = self.tracker
-        if tracker.leaf_depth or not tracker.stack or func in _METADATA:
+        if tracker.leaf_depth or not tracker.stack:
             return func(*args, **kwargs)
         op = canonical_op_name(func)
         if op not in INT8_SITE_OPS:
             return func(*args, **kwargs)
         site = self.sites.get(tracker.next_key(op))
-        y = func(*args, **kwargs)
         if site is None:
-            return y
+            return func(*args, **kwargs)
+        if op == "add" and len(args) == 2 and not kwargs:
+            args = tuple(self._requantized(a) for a in args)
+        elif op == "cat" and args and isinstance(args[0], (list, tuple)):
+            args = ([self._requantized(t) for t in args[0]], *args[1:])
+        y = func(*args, **kwargs)
         scale, zero_point = float(site.output_scale), int(site.output_zero_point)
-        return _QuantDequant.apply(_activation(y, site.activation, zero_point), scale, zero_point)
+        return self.qparams.quant_dequant(_activation(y, site.activation, zero_point), scale, zero_point)
+
+    def _requantized(self, t: Any) -> Any:
+        qp = self.qparams.of(t)
+        return t if qp is None else _QuantDequant.apply(t, *qp)
+
+    def _native(self, func: Callable, native: Callable, args: tuple, kwargs: dict) -> Any:
+        y = func(*args, **kwargs)
+        qp = self.qparams.of(args[0]) if args else None
+        if qp is None or not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return y
+        if native is _avg_pool:
+            return self.qparams.quant_dequant(y, *qp)
+        return self.qparams.note(y, *qp)
 
 
 class _ExportWrapper(nn.Module):
-    def __init__(self, twin: nn.Module, tracker: Any, sites: dict[str, Any]) -> None:
+    def __init__(self, twin: nn.Module, tracker: Any, sites: dict[str, Any], qparams: _QParams) -> None:
         super().__init__()
         self.twin = twin
-        self._tracker, self._sites = tracker, sites
+        self._tracker, self._sites, self._qparams = tracker, sites, qparams
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _ExportSiteMode(self._tracker, self._sites):
-            return self.twin(*args, **kwargs)
+        try:
+            with _ExportSiteMode(self._tracker, self._sites, self._qparams):
+                return self.twin(*args, **kwargs)
+        finally:
+            self._qparams.clear()
 
 
 def export_twin(model: nn.Module) -> tuple[nn.Module, Any]:
@@ -197,18 +260,19 @@ def export_twin(model: nn.Module) -> tuple[nn.Module, Any]:
     twin_state = twin._quanta
     twin_state.detach()
     del twin._quanta
+    qparams = _QParams()
     for name, m in list(twin.named_modules()):
         parent, _, attr = name.rpartition(".")
         owner = twin.get_submodule(parent) if parent else twin
         if isinstance(m, QuantizedModule):
             if not isinstance(m, (QuantizedLinear, _QuantizedConvNd)):
                 raise UnsupportedModelError(f"{name}: {type(m).__name__} has no ONNX export")
-            setattr(owner, attr, _ExportQuantized(m))
+            setattr(owner, attr, _ExportQuantized(m, qparams))
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            setattr(owner, attr, _ExportAdaptiveAvgPool2d(m.output_size))
+            setattr(owner, attr, _ExportAdaptiveAvgPool2d(m.output_size, qparams))
     tracker = twin_state.tracker
     tracker.install(twin)
-    return _ExportWrapper(twin.eval(), tracker, dict(twin_state.sites_by_key)), tracker
+    return _ExportWrapper(twin.eval(), tracker, dict(twin_state.sites_by_key), qparams), tracker
 
 
 def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
