@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 
 import quanta
+from quanta.qtensor import QTensor
 
 ort = pytest.importorskip("onnxruntime")
 REFERENCE = quanta.QuantConfig(backend="reference")
@@ -55,6 +56,15 @@ def test_mnist_cnn_matches_reference_in_ort(tmp_path: Path) -> None:
     assert _within_one_quantum(q, got, ref, "classifier") >= 0.999
     assert (got.argmax(1) == y[:1000].numpy()).mean() > 0.97
     assert _run_ort(path, x[:1]).shape == (1, 10)
+    total, exact, within = _per_op_agreement(q, path, x[:200])
+    assert within == total and exact / total >= 0.9999  # measured: every op exact
+
+    # the residual adds (one input arrives through max pooling) run as ORT's int8 QLinearAdd
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "mnist.opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearAdd") == 2 and "Add" not in fused
 
 
 def test_seven_bit_weights_are_exported_as_chosen(tmp_path: Path) -> None:
@@ -71,7 +81,87 @@ def test_seven_bit_weights_are_exported_as_chosen(tmp_path: Path) -> None:
     assert _within_one_quantum(q, _run_ort(tmp_path / "m7.onnx", x[:500]), ref, "classifier") >= 0.999
 
 
-def _vision(name: str, tmp_path: Path, size: int = 96) -> tuple[float, float, float]:
+def _scope(node: onnx.NodeProto) -> str:
+    """'/twin/features/features.2/conv/conv.0/conv.0.0/Conv' -> 'features.2.conv.0.0'."""
+    parts = node.name.split("/")[2:-1]
+    kept = [c for i, c in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(c + "."))]
+    return ".".join(kept)
+
+
+def _per_op_agreement(q: torch.nn.Module, path: Path, x: torch.Tensor) -> tuple[int, int, int]:
+    """Teacher-forced check of every int8 Conv/Gemm/Add in ONNX Runtime: the op's int8 input as
+    ORT computed it is fed to quanta's reference op, and the two outputs are compared. This is the
+    export's own fidelity, free of the amplification a deep network adds on top (see below).
+    Returns (elements, exactly equal, within one output quantum)."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.value_info}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+              for n in proto.graph.node if n.op_type == "Constant"}
+
+    def quantized_input(name: str) -> str:  # DequantizeLinear output -> the QuantizeLinear output it reads
+        dq = producer[name]
+        assert dq.op_type == "DequantizeLinear" and producer[dq.input[0]].op_type == "QuantizeLinear"
+        return dq.input[0]
+
+    ops, adds = [], {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "Add"):
+            continue
+        end = node
+        while end.output[0] != "output" and end.op_type != "QuantizeLinear":
+            (end,) = consumers[end.output[0]]  # the fused activation (Clip/Relu), then the output Q
+        if node.op_type == "Add":
+            key = f"{_scope(node)}:add#{adds.setdefault(_scope(node), 0)}"
+            adds[_scope(node)] += 1
+        else:
+            key = _scope(node)
+        inputs = node.input[:2] if node.op_type == "Add" else node.input[:1]
+        ops.append((node.op_type, key, [quantized_input(i) for i in inputs], end.output[0]))
+    names = sorted({t for _, _, ins, out in ops for t in [*ins, out]} - {"output"})
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    debug = path.with_suffix(".debug.onnx")
+    onnx.save(proto, str(debug))
+    values = dict(zip(["output", *names], _run_ort_all(debug, x), strict=True))
+
+    def qtensor(name: str) -> QTensor:
+        q_node = producer[name]
+        data = torch.from_numpy(values[name])
+        if data.dim() == 4 and list(data.shape[1:]) != shapes[name][1:]:
+            data = data.permute(0, 3, 1, 2)  # an intermediate ORT handed out channels-last
+        return QTensor(data.contiguous(), float(consts[q_node.input[1]]), int(consts[q_node.input[2]]))
+
+    sites = q._quanta.sites_by_key
+    total = exact = within = 0
+    for op_type, key, ins, out in ops:
+        if op_type == "Add":
+            ours, quantum = sites[key].run(torch.add, tuple(qtensor(i) for i in ins), {}), 1.0
+        else:
+            module = q.get_submodule(key)
+            ours, quantum = module(qtensor(ins[0])), float(module.output_scale)
+        if isinstance(ours, QTensor):  # compare int8 outputs in quanta (LSB)
+            diff, quantum = (ours.int_data.int() - qtensor(out).int_data.int()).abs().float(), 1.0
+        else:
+            diff = (ours - torch.from_numpy(values[out])).abs()
+        total += diff.numel()
+        exact += int((diff == 0).sum())
+        within += int((diff <= quantum * 1.0001).sum())
+    return total, exact, within
+
+
+def _run_ort_all(path: Path, x: torch.Tensor) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})
+
+
+def _vision(name: str, tmp_path: Path, size: int = 96) -> dict[str, float]:
     from quanta.zoo import vision
 
     torch.manual_seed(0)
@@ -82,20 +172,35 @@ def _vision(name: str, tmp_path: Path, size: int = 96) -> tuple[float, float, fl
     x = torch.randn(4, 3, size, size)
     ref, got = q(x), _run_ort(path, x)
     last = [n for n, m in q.named_modules() if hasattr(m, "weight_scale")][-1]
-    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(got), ref, dim=1).min().item()
-    top1 = float((got.argmax(1) == ref.numpy().argmax(1)).mean())
-    return _within_one_quantum(q, got, ref, last), cosine, top1
+    total, exact, within = _per_op_agreement(q, path, x)
+    return {
+        "end_to_end_within": _within_one_quantum(q, got, ref, last),
+        "cosine": torch.nn.functional.cosine_similarity(torch.from_numpy(got), ref, dim=1).min().item(),
+        "top1": float((got.argmax(1) == ref.numpy().argmax(1)).mean()),
+        "per_op_within": within / total, "per_op_exact": exact / total,
+    }
 
 
+# Random-weight ResNet-18/MobileNetV2 amplify single-LSB differences chaotically: measured here,
+# quanta's *own* oneDNN backend agrees with its reference on only 98.6% (ResNet-18) and 58%
+# (MobileNetV2) of outputs within one quantum, although each oneDNN conv differs from the
+# reference on ~1 element per million (1 LSB). ORT's QLinearConv requantizes as
+# round(acc * f32(s_x*s_w/s_y)) where quanta does round(f32(acc*s_x*s_w) / s_y): the same ~1e-6
+# rate of 1-LSB differences (Add, GlobalAveragePool and Gemm agree exactly). So each exported op
+# is asserted op by op (teacher-forced, >= 99.9% within one quantum, the issue's bar), and the
+# end-to-end agreement of these chaotic random nets only as measured regression bounds.
 @pytest.mark.slow
 def test_resnet18_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
-    within, cosine, top1 = _vision("resnet18", tmp_path)
-    # measured 98.9% within one quantum: rare 1-LSB rounding ties compound over 20 layers
-    assert within >= 0.97 and cosine >= 0.999 and top1 == 1.0
+    r = _vision("resnet18", tmp_path)
+    # measured: per op 100% exact; end to end 100% within one quantum, cosine 1.0
+    assert r["per_op_within"] >= 0.999 and r["per_op_exact"] >= 0.9999, r
+    assert r["end_to_end_within"] >= 0.97 and r["cosine"] >= 0.999 and r["top1"] == 1.0, r
 
 
 @pytest.mark.slow
 def test_mobilenet_v2_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
-    within, cosine, top1 = _vision("mobilenet_v2", tmp_path)
-    # measured 71-83% within one quantum: random weights amplify 1-LSB ties over 52 convs
-    assert within >= 0.6 and cosine >= 0.98, (within, cosine, top1)
+    r = _vision("mobilenet_v2", tmp_path)
+    # measured: per op 100% within one quantum, 99.9999% exact (4 of 5.1M conv outputs differ
+    # by 1 LSB); end to end 70.8% within one quantum, cosine 0.9987 (chaotic amplification)
+    assert r["per_op_within"] >= 0.999 and r["per_op_exact"] >= 0.9999, r
+    assert r["end_to_end_within"] >= 0.6 and r["cosine"] >= 0.99, r
