@@ -94,18 +94,28 @@ def torchao_pt2e(model: nn.Module, calib: list, example: tuple, case: Any) -> Ru
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    exported = torch.export.export(copy.deepcopy(model), example).module()
+    # strict export: the non-strict graph of `out += identity` with a shared ReLU module made
+    # the quantizer fail ("Input partition has more than one output node")
+    exported = torch.export.export(copy.deepcopy(model), example, strict=True).module()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calib:
-            prepared(*batch)
+    batch_size = example[0].shape[0]
+    with torch.no_grad():  # the exported graph is specialised to the example's batch size
+        for i in range(len(calib)):
+            prepared(*case.inputs(batch_size, 1000 + i))
     converted = convert_pt2e(prepared)
     size = state_bytes(converted)
-    compiled = torch.compile(converted)
-    with torch.no_grad():
-        compiled(*example)
-    return (lambda x: compiled(*x)), size, "X86InductorQuantizer + inductor (freezing on)"
+    import torch._inductor.config as inductor_config
+
+    freezing = inductor_config.freezing
+    inductor_config.freezing = True  # torchao's recipe: constant-fold and prepack int8 weights
+    try:
+        compiled = torch.compile(converted)
+        with torch.no_grad():
+            compiled(*example)
+    finally:
+        inductor_config.freezing = freezing
+    return (lambda x: compiled(*x)), size, "X86InductorQuantizer, strict export, inductor freezing"
 
 
 # ---------------------------------------------------------------- ONNX Runtime
