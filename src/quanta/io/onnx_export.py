@@ -12,11 +12,12 @@ uint8 activation qparams. Ops quanta runs in float stay float.
 
 Activations that quanta keeps int8 keep their quantize/dequantize pair in the graph: the
 export forward remembers the qparams of every quantized activation (``_QParams``), follows
-them through the ops a QTensor runs natively (reshapes, max pooling, ReLU), re-quantizes after
-average pooling (quanta rounds the integer mean), and quantizes each input of an int8 call site
-(``x + y``) with the qparams the reference add sees. Numerically these extra pairs are exact
-(dequantize then quantize with the same qparams is the identity); they let ONNX Runtime fuse
-QLinearAdd / int8 pooling instead of running those ops in float.
+them through the ops a QTensor runs natively (reshapes, ReLU), quantizes again after pooling
+(quanta rounds the integer mean of average pooling; max pooling then runs on uint8 in ORT),
+and quantizes each input of an int8 call site (``x + y``) with the qparams the reference add
+sees. Numerically these extra pairs are exact (dequantize then quantize with the same qparams
+is the identity); they let ONNX Runtime fuse QLinearAdd and int8 pooling instead of running
+those ops in float.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from quanta.io.atomic import atomic_write_bytes
 from quanta.io.save import converted_state
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
-from quanta.qtensor import _METADATA, _NATIVE, _avg_pool
+from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
 
 OPSET = 17
 
@@ -230,7 +231,8 @@ class _ExportSiteMode(TorchFunctionMode):
         qp = self.qparams.of(args[0]) if args else None
         if qp is None or not isinstance(y, torch.Tensor) or not y.is_floating_point():
             return y
-        if native is _avg_pool:
+        if native is _avg_pool or native is _max_pool:
+            # average: quanta rounds the integer mean; max: exact, and lets ORT pool on uint8
             return self.qparams.quant_dequant(y, *qp)
         return self.qparams.note(y, *qp)
 
