@@ -91,8 +91,8 @@ def swap_layers(
     whose every call was fused become ``nn.Identity``.
     """
     modules = dict(model.named_modules())
-    fused_calls = Counter(name for lp in plan.int8_layers() for name in lp.fused)
-    for lp in plan.int8_layers():
+    fused_calls = Counter(name for lp in plan.activation_layers() for name in lp.fused)
+    for lp in plan.activation_layers():
         module = modules[lp.name]
         _, wspec, aspec, _ = config.for_module(lp.name, module)
         batchnorms = (n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm))
@@ -191,6 +191,13 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
                   output_qparams=lp.output_qparams, activation=lp.activation, output_int8=lp.output_int8)
         q.layer_name = name
         _set_module(model, name, q)
+    for lp in plan.int8_layers():
+        if lp.weight_only:  # embeddings: int8 rows, nothing to calibrate
+            module = model.get_submodule(lp.name)
+            wspec = resolve_weight_bits(config.for_module(lp.name, module)[1], config.backend)
+            q = MAPPING[type(module)]["static"](module, weight_spec=wspec, layer_name=lp.name)
+            lp.weight_bits = q.weight_bits
+            _set_module(model, lp.name, q)
     select_backends(model, plan, config.backend)
     state.attach(model)
     model.eval()

@@ -44,6 +44,7 @@ class LayerPlan:
     backend: str = ""
     backend_reason: str = ""  # why this kernel was chosen (dispatch rule, override, CPU limit)
     replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
+    weight_only: bool = False  # int8 weights, float activations (embeddings)
 
 
 @dataclass
@@ -72,6 +73,11 @@ class Plan:
 
     def int8_layers(self) -> list[LayerPlan]:
         return [p for p in self.layers.values() if p.precision == "int8" and p.kind == "module"]
+
+    def activation_layers(self) -> list[LayerPlan]:
+        """Int8 modules with activation qparams (observed while calibrating, fake-quantized in
+        QAT); weight-only layers (embeddings) are converted directly."""
+        return [p for p in self.int8_layers() if not p.weight_only]
 
 
 def _relu_kind(node: Node, modules: dict[str, nn.Module]) -> str:
@@ -126,7 +132,10 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             lp.reason = f"padding_mode={m.padding_mode!r} has no int8 kernel"
         else:
             lp.precision, lp.quantized_type, lp.weight_bits = "int8", target.__name__, wspec.bits
-            if name not in calls:
+            if mapping.is_weight_only(target):
+                lp.weight_only = True
+                lp.reason = "weight-only int8 (one scale per row), float output"
+            elif name not in calls:
                 lp.reason = "not in the example forward: no fusion, float output"
         if name not in calls and lp.precision != "int8":
             lp.reason = "not called in the example forward"
@@ -146,7 +155,7 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
     # 3. Fusion: BatchNorm folding, then ReLU/ReLU6 folding into the producer's output range.
     for name, nodes in calls.items():
         lp = plan.layers.get(name)
-        if lp is None or lp.precision != "int8" or len(nodes) != 1:
+        if lp is None or lp.precision != "int8" or len(nodes) != 1 or lp.weight_only:
             continue
         tail = nodes[0]
         bn = _sole_consumer(record, tail)
@@ -163,12 +172,23 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         if n.kind == "function" and lp is not None and lp.precision == "int8":
             _fuse_activation(record, plan, modules, lp, n)
 
-    # 4. int8 flow: which int8 producers emit int8, and where modules read int8 from.
-    for lp in plan.layers.values():
-        if lp.precision != "int8":
-            continue
-        nodes = calls.get(lp.name) or [n for n in record.nodes if n.name == lp.name]
-        lp.output_int8 = bool(nodes) and all(_reads_int8(record, plan, n, set()) for n in nodes)
+    # 4. int8 flow: which int8 producers emit int8, and where modules read int8 from. An
+    #    int8 call site whose result is read in float gains nothing (and an additive attention
+    #    mask of -inf-like values would wreck its range): it runs in float. Repeat until no
+    #    site changes, since one site's precision decides what its producers may emit.
+    changed = True
+    while changed:
+        changed = False
+        for lp in plan.layers.values():
+            if lp.precision != "int8":
+                continue
+            nodes = calls.get(lp.name) or [n for n in record.nodes if n.name == lp.name]
+            lp.output_int8 = bool(nodes) and not lp.weight_only and all(
+                _reads_int8(record, plan, n, set()) for n in nodes)
+            if lp.kind == "site" and not lp.output_int8:
+                lp.precision, lp.quantized_type = "float", ""
+                lp.reason = "its result is read in float: no int8 gain"
+                changed = True
     for lp in plan.layers.values():
         if lp.precision == "int8" and lp.kind == "module" and lp.name in calls:
             nodes = calls[lp.name]

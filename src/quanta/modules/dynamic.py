@@ -140,7 +140,10 @@ def _reject_max_norm(module: nn.Embedding | nn.EmbeddingBag, name: str) -> None:
 
 
 class QuantizedEmbedding(DynamicModule):
-    """``nn.Embedding`` with int8 rows (one symmetric scale per row); float32 lookups."""
+    """``nn.Embedding`` with int8 rows (one symmetric scale per row); float32 lookups.
+    Weight-only, so the same module serves static and dynamic mode."""
+
+    weight_only = True
 
     def __init__(self, float_module: nn.Embedding, weight_spec: QuantSpec, backend: str = "auto",
                  per_row: bool = False, layer_name: str = "") -> None:

@@ -26,8 +26,8 @@ MAPPING: dict[type[nn.Module], dict[str, type[nn.Module]]] = {
     nn.LSTMCell: {"dynamic": DynamicQuantizedLSTMCell},
     nn.GRU: {"dynamic": DynamicQuantizedGRU},
     nn.GRUCell: {"dynamic": DynamicQuantizedGRUCell},
-    nn.Embedding: {"dynamic": QuantizedEmbedding},
-    nn.EmbeddingBag: {"dynamic": QuantizedEmbeddingBag},
+    nn.Embedding: {"static": QuantizedEmbedding, "dynamic": QuantizedEmbedding},
+    nn.EmbeddingBag: {"static": QuantizedEmbeddingBag, "dynamic": QuantizedEmbeddingBag},
 }
 
 # producer type -> BatchNorm types folded into it when nothing else reads the producer's output
@@ -46,6 +46,11 @@ INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
 
 # functional ops with their own observed output qparams (keyed by call site)
 INT8_SITE_OPS: tuple[str, ...] = ("add", "cat")
+
+
+def is_weight_only(cls: type[nn.Module] | None) -> bool:
+    """Weight-only int8 modules (embeddings): no activation qparams, float output."""
+    return bool(getattr(cls, "weight_only", False))
 
 
 def quantized_type(module: nn.Module, mode: str) -> type[nn.Module] | None:
