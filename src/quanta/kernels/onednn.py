@@ -25,16 +25,16 @@ import numpy as np
 import torch
 
 _ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
-_NUMPY_MAX_NUMEL = 32768  # below torch's parallel grain size numpy has less per-op overhead
+_NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
 
 
 def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """Float tensor -> uint8 ``clamp(round_half_even(x / scale) + zero_point, 0, 255)``.
 
-    Bit-identical to ``reference.quantize_per_tensor``. Small tensors go through numpy (about
-    half the per-op overhead of eager torch); large ones through in-place torch ops with
-    the clamp done before rounding (equal, since the bounds are integers) and an int16
-    staging cast, which measured fastest. Memory format is preserved.
+    Bit-identical to ``reference.quantize_per_tensor``. Tensors up to 256k elements go through
+    numpy (measured 30 vs 54 us at 49k elements, 140 vs 197 us at 197k, 2 threads); larger
+    ones through in-place torch ops with the clamp done before rounding (equal, since the
+    bounds are integers) and an int16 staging cast, which measured fastest. Memory format is preserved.
     """
     x = x.detach()
     if x.dtype != torch.float32:

@@ -50,6 +50,25 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+_LAST_QUANTIZED: list[Any] = [None]  # (input, its version, scale, zero point, uint8 result)
+
+
+def _quantize_shared(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``onednn.quantize_uint8`` remembering the last call: sibling layers fed the same float
+    tensor at the same qparams (attention query/key/value after a LayerNorm) quantize it once.
+    Keyed on tensor identity and its version counter, so an in-place change invalidates it;
+    inference-mode tensors have no version counter and are always quantized afresh."""
+    if x.is_inference():
+        return onednn.quantize_uint8(x, scale, zero_point)
+    last = _LAST_QUANTIZED[0]
+    if last is not None and last[0] is x and last[1] == x._version and last[2] == scale \
+            and last[3] == zero_point:
+        return last[4]
+    q = onednn.quantize_uint8(x, scale, zero_point)
+    _LAST_QUANTIZED[0] = (x, x._version, scale, zero_point, q)
+    return q
+
+
 class QuantizedModule(LeafMarker, nn.Module):
     """Shared state, input handling and backend caches of the static int8 modules."""
 
@@ -165,7 +184,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         self._check_float_input(x)
         if self.backend == "reference":
             return reference.quantize_per_tensor(x, scale, zero_point)
-        return onednn.quantize_uint8(x, scale, zero_point)
+        return _quantize_shared(x, scale, zero_point)
 
     def dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The float value the int8 op would see: a QTensor dequantized, a float tensor

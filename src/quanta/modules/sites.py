@@ -21,7 +21,7 @@ from quanta.capture.plan import Plan
 from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
-from quanta.kernels import eltwise, reference
+from quanta.kernels import eltwise, onednn, reference
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedModule
 from quanta.numerics.observers import make_observer
@@ -67,8 +67,15 @@ class QuantizedSite(LeafMarker, nn.Module):
         scale, zp = self.qparams()
         q = self._int8(func, args, kwargs, scale, zp)
         if q is None:
-            y = func(*dequantize_any(args), **dequantize_any(kwargs))
-            q = reference.quantize_per_tensor(_ACT[self.activation](y), scale, zp)
+            y = _ACT[self.activation](func(*dequantize_any(args), **dequantize_any(kwargs)))
+            if self.backend != "reference":
+                # An input arrived in float (its producer runs float): no int8 kernel runs here.
+                # Requantize only for an int8 consumer; a float consumer gets the float result
+                # (differs from the reference by < 1/2 output quantum, or less where it clamps).
+                if not self.output_int8:
+                    return y
+                return QTensor(onednn.quantize_uint8(y, scale, zp), scale, zp)
+            q = reference.quantize_per_tensor(y, scale, zp)
         out = QTensor(q, scale, zp)
         return out if self.output_int8 else out.dequantize()
 

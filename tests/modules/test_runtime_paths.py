@@ -1,0 +1,84 @@
+"""Runtime shortcuts of the fast path: add call sites fed a float input run the float op, and
+sibling Linear layers share one quantization of the same float input."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quanta.config import QuantSpec
+from quanta.kernels import cpu, reference
+from quanta.modules.quantized import QuantizedLinear
+from quanta.modules.sites import QuantizedSite
+from quanta.qtensor import QTensor
+
+pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="oneDNN int8 kernels unavailable")
+
+SCALE, ZP = 0.05, 120
+
+
+def _site(backend: str, output_int8: bool) -> QuantizedSite:
+    site = QuantizedSite("block:add#0", "add", "none")
+    site.set_qparams(SCALE, ZP)
+    site.backend, site.output_int8 = backend, output_int8
+    return site
+
+
+def _inputs() -> tuple[torch.Tensor, QTensor]:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 32, generator=g)
+    b_q = torch.randint(0, 256, (2, 16, 32), generator=g, dtype=torch.uint8)
+    return a, QTensor(b_q, 0.02, 128)
+
+
+def test_float_input_with_float_consumer_returns_the_float_op():
+    a, b = _inputs()
+    out = _site("onednn", output_int8=False).run(torch.add, (a, b), {})
+    assert not isinstance(out, QTensor)
+    assert torch.equal(out, a + b.dequantize())
+    ref = _site("reference", output_int8=False).run(torch.add, (a, b), {})
+    in_range = (out / SCALE + ZP).abs().le(255) & (out / SCALE + ZP).ge(0)
+    assert in_range.float().mean() > 0.99
+    assert float((out - ref)[in_range].abs().max()) <= SCALE / 2 * 1.001
+
+
+def test_float_input_with_int8_consumer_matches_the_reference():
+    a, b = _inputs()
+    fast = _site("onednn", output_int8=True).run(torch.add, (a, b), {})
+    ref = _site("reference", output_int8=True).run(torch.add, (a, b), {})
+    assert isinstance(fast, QTensor) and isinstance(ref, QTensor)
+    assert torch.equal(fast.int_data, ref.int_data)
+
+
+def _linear(seed: int) -> QuantizedLinear:
+    torch.manual_seed(seed)
+    spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=cpu.weight_bits_for_cpu())
+    module = QuantizedLinear(nn.Linear(64, 48), weight_spec=spec, input_qparams=(0.03, 128),
+                             output_qparams=(0.1, 128))
+    module.set_backend("onednn", forced=True)
+    return module
+
+
+def test_siblings_share_the_input_quantization_and_in_place_changes_invalidate_it():
+    first, second = _linear(1), _linear(2)
+    x = torch.randn(128, 64)
+    with torch.no_grad():
+        assert torch.equal(first.quantize_input(x), second.quantize_input(x))
+        assert second.quantize_input(x) is first.quantize_input(x)  # shared, not recomputed
+        y1 = second(x)
+        x.mul_(2.0)
+        y2 = second(x)
+        fresh = _linear(2)(x.clone())
+    assert not torch.equal(y1, y2)
+    assert torch.equal(y2, fresh)
+    assert torch.equal(second.quantize_input(x), reference.quantize_per_tensor(x, 0.03, 128))
+
+
+def test_inference_tensors_are_quantized_afresh():
+    first = _linear(1)
+    with torch.inference_mode():
+        x = torch.randn(128, 64)
+        a = first.quantize_input(x)
+        x.mul_(2.0)
+        b = first.quantize_input(x)
+    assert torch.equal(b, reference.quantize_per_tensor(x, 0.03, 128))
+    assert not torch.equal(a, b)
