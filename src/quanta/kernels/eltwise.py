@@ -9,11 +9,13 @@ reference except where float rounding order flips a tie: within one output quant
 
 Inputs of any rank work when both have the same shape and memory layout: the data is viewed
 as channels_last [1, C, 1, L] with C the innermost dimension, so no copy is made. Other cases
-(broadcasting, mixed layouts, relu6) use a short float expression with the same tolerance.
+(broadcasting, mixed layouts, relu6) use a short float expression with the same tolerance;
+tensors up to 64k elements use the same expression in numpy (a oneDNN call costs more).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _UNIT: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -60,11 +62,35 @@ def add_float_expr(
     return t.clamp_(lo, hi).to(torch.uint8)
 
 
+_SMALL_NUMEL = 65536  # below this one numpy pass beats a oneDNN call (14 vs 62 us at 3k elements)
+
+
+def add_numpy(
+    a: torch.Tensor, a_scale: float, a_zp: int, b: torch.Tensor, b_scale: float, b_zp: int,
+    out_scale: float, out_zp: int, activation: str = "none",
+) -> torch.Tensor:
+    """:func:`add_float_expr` in numpy for small tensors (no per-op dispatch; layout kept)."""
+    t = a.numpy().astype(np.float32)
+    t *= np.float32(a_scale / out_scale)
+    t += b.numpy().astype(np.float32) * np.float32(b_scale / out_scale)
+    t += np.float32(out_zp - (a_zp * a_scale + b_zp * b_scale) / out_scale)
+    np.rint(t, out=t)
+    lo, hi = 0, 255
+    if activation in ("relu", "relu6"):
+        lo = max(out_zp, 0)
+    if activation == "relu6":
+        hi = min(255, round(6.0 / out_scale) + out_zp)
+    np.clip(t, lo, hi, out=t)
+    return torch.from_numpy(t.astype(np.uint8))
+
+
 def add_uint8(
     a: torch.Tensor, a_scale: float, a_zp: int, b: torch.Tensor, b_scale: float, b_zp: int,
     out_scale: float, out_zp: int, activation: str = "none",
 ) -> torch.Tensor:
     """uint8 + uint8 -> uint8 at (out_scale, out_zp) with optional fused relu/relu6."""
+    if a.shape == b.shape and a.numel() <= _SMALL_NUMEL and a.dtype == b.dtype == torch.uint8:
+        return add_numpy(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation)
     if a.shape == b.shape and a.stride() == b.stride() and activation in _ONEDNN_ACT \
             and a.dtype == b.dtype == torch.uint8:
         a4 = _as_channels_last_4d(a)
