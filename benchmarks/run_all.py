@@ -9,9 +9,13 @@ Timing: 2 threads; all rows of one (model, batch) are built first, then timed in
 (one timed chunk per row per repetition, row order rotated), median per row; every ratio is
 against torch fp32 eager of the same run. The script re-executes itself with
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000 so glibc's
-page-fault churn on large allocations does not distort any row (same allocator for all), and
-with OMP_WAIT_POLICY=PASSIVE (ORT: allow_spinning=0): on this shared 2-core machine other jobs
-made spin-waiting 2-thread runs up to 15x slower (ResNet-18 fp32 2.1 s vs 0.14 s per call).
+page-fault churn on large allocations does not distort any row (same allocator for all).
+OpenMP keeps its default (spin-waiting) policy, what users get: OMP_WAIT_POLICY=PASSIVE
+(``--omp-passive``; ORT then allow_spinning=0) puts threads to sleep after every parallel
+region and adds ~150-200 us per op at 2 threads (measured: oneDNN int8 conv 16->16 at 14x14
+50 -> 244 us, fp32 24 -> 183 us), which dominates batch-1 rows. Spinning threads stall when
+other jobs load the machine (ResNet-18 fp32 2.1 s vs 0.14 s per call at load 9): run it when
+the load average is below ~1.5 (recorded before/after each block in the JSON).
 """
 
 from __future__ import annotations
@@ -39,17 +43,19 @@ def _args() -> argparse.Namespace:
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     p.add_argument("--no-readme", action="store_true")
-    p.add_argument("--omp-active", action="store_true",
-                   help="keep OpenMP spin-waiting (default: OMP_WAIT_POLICY=PASSIVE, see below)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for a loaded machine (default: spin-waiting, see above)")
     return p.parse_args()
 
 
 ARGS = _args()
 _want = {"GLIBC_TUNABLES": _TUNABLES, **(_AVX2_ENV if ARGS.isa == "avx2" else {})}
-if not ARGS.omp_active:  # on a shared, oversubscribed machine spinning OpenMP threads stall 10x
+if ARGS.omp_passive:  # on a shared, oversubscribed machine spinning OpenMP threads stall 10x
     _want["OMP_WAIT_POLICY"] = "PASSIVE"
-if any(os.environ.get(k) != v for k, v in _want.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_want})
+_drop = [] if ARGS.omp_passive else ["OMP_WAIT_POLICY"]  # an inherited policy changes every row
+if any(os.environ.get(k) != v for k, v in _want.items()) or any(k in os.environ for k in _drop):
+    _env = {k: v for k, v in {**os.environ, **_want}.items() if k not in _drop}
+    os.execve(sys.executable, [sys.executable, *sys.argv], _env)
 
 import torch  # noqa: E402
 
