@@ -82,3 +82,25 @@ def test_inference_tensors_are_quantized_afresh():
         b = first.quantize_input(x)
     assert torch.equal(b, reference.quantize_per_tensor(x, 0.03, 128))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("shape,args,kwargs", [
+    ((1, 64, 112, 112), (3, 2, 1), {}),
+    ((8, 16, 28, 28), (2,), {}),
+    ((2, 8, 15, 13), ((3, 2),), {"stride": (2, 1), "padding": (1, 1)}),
+    ((1, 4, 9, 9), (3,), {"stride": 1, "padding": 1}),
+    ((1, 4, 9, 9), (3, 2), {"ceil_mode": True}),  # not covered: bfloat16 path
+])
+def test_integer_max_pool_matches_float(dtype, shape, args, kwargs):
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (0, 256) if dtype == torch.uint8 else (-128, 128)
+    data = torch.randint(lo, hi, shape, generator=g, dtype=dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = QTensor(data.contiguous(memory_format=layout), 0.1, 0 if dtype == torch.int8 else 128)
+        out = torch.nn.functional.max_pool2d(x, *args, **kwargs)
+        want = torch.nn.functional.max_pool2d(data.float(), *args, **kwargs).to(dtype)
+        assert isinstance(out, QTensor) and out.int_data.dtype == dtype
+        assert torch.equal(out.int_data, want)
+    module_out = nn.MaxPool2d(3, 2, 1)(QTensor(data, 0.1, 0))
+    assert torch.equal(module_out.int_data, torch.nn.functional.max_pool2d(data.float(), 3, 2, 1).to(dtype))
