@@ -1,0 +1,34 @@
+"""The examples run as a user runs them and print what they promise."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(name: str) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_static_mnist_example():
+    out = _run("static_mnist.py")
+    assert "int8 accuracy 99." in out and "reloaded outputs identical: True" in out
+
+
+@pytest.mark.slow
+def test_dynamic_minilm_example():
+    out = _run("dynamic_minilm.py")
+    line = next(ln for ln in out.splitlines() if ln.startswith("cosine"))
+    assert float(line.split("min ")[1].split(",")[0]) >= 0.99
+
+
+@pytest.mark.slow
+def test_qat_mnist_example():
+    out = _run("qat_mnist.py")
+    assert float(out.split("QAT int8 accuracy: ")[1].split(" %")[0]) >= 98.5
