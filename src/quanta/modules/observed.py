@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -39,11 +40,16 @@ class ObservedModule(LeafMarker, nn.Module):
                  activation_spec: QuantSpec, name: str) -> None:
         super().__init__()
         self.module = module
+        self._init_observing(activation, weight_spec, activation_spec, name, make_observer)
+
+    def _init_observing(self, activation: str, weight_spec: QuantSpec, activation_spec: QuantSpec,
+                        name: str, make: Callable[[QuantSpec, str], nn.Module]) -> None:
+        """The fields ``convert`` reads, shared with the QAT modules (which pass FakeQuantize)."""
         self.activation = activation
         self.weight_spec = weight_spec
         self.layer_name = name
-        self.input_observer = make_observer(activation_spec, f"{name} (input)")
-        self.output_observer = make_observer(activation_spec, f"{name} (output)")
+        self.input_observer = make(activation_spec, f"{name} (input)")
+        self.output_observer = make(activation_spec, f"{name} (output)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_observer(dequantize_any(x))

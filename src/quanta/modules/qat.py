@@ -108,12 +108,8 @@ class QATModule(ObservedModule):
             raise ValueError(f"{name}: resolve weight bits before building a QAT module")
         self.float_module = float_module
         self.bn = bn
-        self.activation = activation
-        self.weight_spec = weight_spec
-        self.layer_name = name
         self.output_int8 = output_int8
-        self.input_observer = FakeQuantize(activation_spec, f"{name} (input)")
-        self.output_observer = FakeQuantize(activation_spec, f"{name} (output)")
+        self._init_observing(activation, weight_spec, activation_spec, name, FakeQuantize)
         self.register_buffer("bn_frozen", torch.tensor(False))
 
     @property
