@@ -72,16 +72,16 @@ def _conv(info: dict) -> tuple[str, str]:
     kdesc = "x".join(map(str, ks))
     reduction = c // groups * math.prod(ks)
     prof = _profile()
+    # Depthwise and 3-channel stem convs lose alone on AVX2 (int8 0.47-0.91x), but in a static
+    # int8 model the float path adds a dequantize before and a quantize after the op, and end
+    # to end int8 wins: MobileNetV2 b1 on AVX2 (emulated) 0.70x with them float, 1.15x int8.
     if groups > 1 and groups == c == o:
-        if prof == "avx2":
-            return "float", f"float faster on this CPU (depthwise {kdesc}: int8 0.47-0.87x)"
-        return "onednn", f"int8 faster (depthwise {kdesc}: int8 0.98-1.9x, {prof})"
-    if reduction < _MIN_REDUCTION and prof == "avx2":
-        # In a static int8 model the float path also pays a dequantize before and a quantize
-        # after the op; with VNNI the int8 stem (0.74-0.78x alone) wins end to end (MobileNetV2).
-        measured = "0.84-0.91x" if prof == "avx2" else "0.74-0.78x"
-        return "float", (f"float faster on this CPU (conv {c}->{o} {kdesc}, reduction {reduction} < "
-                         f"{_MIN_REDUCTION}: int8 {measured})")
+        alone = "0.47-0.87x" if prof == "avx2" else "0.98-1.9x"
+        return "onednn", f"int8 (depthwise {kdesc}: {alone} alone, faster end to end, {prof})"
+    if reduction < _MIN_REDUCTION:
+        alone = "0.84-0.91x" if prof == "avx2" else "0.74-0.78x"
+        return "onednn", (f"int8 (conv {c}->{o} {kdesc}, reduction {reduction}: {alone} alone, "
+                          f"faster end to end, {prof})")
     measured = "1.1-1.8x" if prof == "avx2" else "2.8-8x"
     return "onednn", f"int8 faster (conv {kdesc}, reduction {reduction}: int8 {measured}, {prof})"
 
