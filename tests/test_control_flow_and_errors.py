@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import quanta
-from helpers import sqnr
+from quanta.debug.compare import sqnr
 
 
 class Branchy(nn.Module):

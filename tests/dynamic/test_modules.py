@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from quanta.config import QuantSpec
+from quanta.debug.compare import sqnr
 from quanta.errors import QuantizedInputError, UnsupportedModelError
 from quanta.kernels import cpu, reference
 from quanta.kernels.dynamic import DynamicLinearKernel, clear_input_cache, quantize_input
@@ -20,10 +21,6 @@ from quanta.modules.dynamic_rnn import (
 )
 
 WSPEC = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=cpu.weight_bits_for_cpu())
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import quanta
 from quanta.config import Override, QuantConfig
+from quanta.debug.compare import sqnr
 from quanta.errors import UnsupportedModelError
 from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding
 from quanta.modules.dynamic_rnn import DynamicQuantizedLSTM
@@ -32,10 +33,6 @@ def model() -> Tagger:
     return Tagger().eval()
 
 
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
 def test_one_call_swaps_same_names_and_plans(model: Tagger) -> None:
     q = quanta.quantize(model, mode="dynamic")
     assert isinstance(model.head, nn.Linear)  # deep copy by default
@@ -50,7 +47,7 @@ def test_one_call_swaps_same_names_and_plans(model: Tagger) -> None:
     assert q.state_dict()["head.weight"].dtype == torch.int8
     ids = torch.randint(0, 100, (2, 15))
     with torch.no_grad():
-        assert _sqnr(model(ids), q(ids)) >= 30.0
+        assert sqnr(model(ids), q(ids)) >= 30.0
     rows = {r["name"]: r for r in quanta.report(q).to_dict()["layers"]}
     assert set(rows) >= {"emb", "rnn", "head", "norm"}
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quanta
-from helpers import sqnr
+from quanta.debug.compare import sqnr
 
 
 class MixedPipeline(nn.Module):
