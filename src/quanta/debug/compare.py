@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from quanta.capture.record import call_with
 from quanta.debug.report import plan_of
+from quanta.kernels.reference import apply_activation
 from quanta.qtensor import dequantize_any
 
 
@@ -43,7 +44,6 @@ def _capture(model: nn.Module, names: set[str], batch: Any) -> dict[str, list[to
     return outputs
 
 
-_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0)}
 
 
 def layer_sqnr(float_model: nn.Module, qmodel: nn.Module, batch: Any) -> dict[str, float]:
@@ -71,7 +71,7 @@ def layer_sqnr(float_model: nn.Module, qmodel: nn.Module, batch: Any) -> dict[st
     result = {}
     for name, (tail, activation) in tails.items():
         if len(ref[tail]) == 1 and len(test[name]) == 1 and ref[tail][0].shape == test[name][0].shape:
-            result[name] = sqnr(_ACT[activation](ref[tail][0]), test[name][0])
+            result[name] = sqnr(apply_activation(ref[tail][0], activation), test[name][0])
     out_ref, out_test = ref["<output>"][0], test["<output>"][0]
     if isinstance(out_ref, torch.Tensor) and isinstance(out_test, torch.Tensor):
         result["<output>"] = sqnr(out_ref, out_test)

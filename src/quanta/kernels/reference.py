@@ -35,9 +35,10 @@ def quantize_bias(bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor) -> 
     return torch.round(bias.double() / (x_scale * w_scale.double())).to(torch.int32)
 
 
-def _apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """A fused activation ("none" | "relu" | "relu6") on float values; differentiable."""
     if activation == "relu":
-        return torch.clamp_min(y, 0.0)
+        return torch.relu(y)
     if activation == "relu6":
         return torch.clamp(y, 0.0, 6.0)
     return y
@@ -58,7 +59,7 @@ def epilogue(
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
     multiplier = (x_scale * w_scale.float()).reshape(shape)
-    y = _apply_activation(acc.to(torch.float32) * multiplier, activation)
+    y = apply_activation(acc.to(torch.float32) * multiplier, activation)
     if out_scale is None:
         return y
     return quantize_per_tensor(y, out_scale, out_zero_point, out_qmin, out_qmax)
@@ -123,7 +124,7 @@ def add(
 ) -> torch.Tensor:
     """Quantized elementwise add with requantization to the output qparams."""
     y = dequantize_per_tensor(a_q, a_scale, a_zero_point) + dequantize_per_tensor(b_q, b_scale, b_zero_point)
-    return quantize_per_tensor(_apply_activation(y, activation), out_scale, out_zero_point)
+    return quantize_per_tensor(apply_activation(y, activation), out_scale, out_zero_point)
 
 
 def requantize(

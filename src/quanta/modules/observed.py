@@ -10,10 +10,9 @@ import torch.nn as nn
 
 from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
+from quanta.kernels.reference import apply_activation
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import dequantize_any
-
-_ACTIVATIONS = {"none": lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0)}
 
 
 def fold_batchnorm(module: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -53,7 +52,7 @@ class ObservedModule(LeafMarker, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_observer(dequantize_any(x))
-        y = _ACTIVATIONS[self.activation](self.module(x))
+        y = apply_activation(self.module(x), self.activation)
         return self.output_observer(y)
 
     def extra_repr(self) -> str:

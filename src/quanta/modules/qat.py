@@ -33,8 +33,6 @@ from quanta.numerics.observers import MovingAverageMinMaxObserver
 from quanta.numerics.qparams import choose_qparams, fake_quantize
 from quanta.qtensor import dequantize_any
 
-_ACTIVATIONS = {"none": lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0)}
-
 
 class FakeQuantize(MovingAverageMinMaxObserver):
     """A moving-average min/max observer that also fake-quantizes what it sees.
@@ -174,7 +172,7 @@ class QATModule(ObservedModule):
             if bias is not None:
                 bias = fake_quantize_bias(bias, float(source.calculate_qparams()[0]), w_scale)
             y = self._op(x, w_fq, bias)
-        y = _ACTIVATIONS[self.activation](y)
+        y = reference.apply_activation(y, self.activation)
         self.output_observer.observe(y)
         return self.output_observer.fake_quant(y) if self.output_int8 else y
 

@@ -27,8 +27,6 @@ from quanta.modules.quantized import QuantizedModule
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
-_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.clamp(y, 0.0, 6.0)}
-
 
 def site_module_key(key: str) -> str:
     """ModuleDict keys cannot contain dots."""
@@ -60,14 +58,15 @@ class QuantizedSite(LeafMarker, nn.Module):
         if not self.converted:
             out = func(*args, **kwargs)
             if self.observer is not None:
-                observed = self.observer(_ACT[self.activation](dequantize_any(out)))
+                observed = self.observer(reference.apply_activation(dequantize_any(out), self.activation))
                 if self.fake_quant:
                     return observed
             return out
         scale, zp = self.qparams()
         q = self._int8(func, args, kwargs, scale, zp)
         if q is None:
-            y = _ACT[self.activation](func(*dequantize_any(args), **dequantize_any(kwargs)))
+            y = func(*dequantize_any(args), **dequantize_any(kwargs))
+            y = reference.apply_activation(y, self.activation)
             if self.backend != "reference":
                 # An input arrived in float (its producer runs float): no int8 kernel runs here.
                 # Requantize only for an int8 consumer; a float consumer gets the float result
