@@ -56,6 +56,31 @@ def test_vision_param_counts_match_torchvision() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
+def test_calibrate_batchnorm_normalises_each_channel_on_the_data() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(3)]
+    model = vision.mobilenet_v2(num_classes=10).eval()
+    project = model.features[2].conv[3]  # the linear projection's BatchNorm (no ReLU after it)
+    seen: list[torch.Tensor] = []
+    project.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        model(torch.cat(images))
+    default = seen.pop()  # default running stats (mean 0, var 1) normalise nothing
+    assert float((default.std(dim=(0, 2, 3)) - 1.0).abs().min()) > 0.3  # measured: std 0.25-0.54
+
+    assert vision.calibrate_batchnorm(model, images) is model
+    assert not model.training and not any(m.training for m in model.modules())
+    assert project.momentum == 0.1 and int(project.num_batches_tracked) == 3
+    seen.clear()
+    with torch.no_grad():
+        model(torch.cat(images))
+    out = seen.pop()
+    assert float(out.mean(dim=(0, 2, 3)).abs().max()) < 0.05
+    assert float((out.std(dim=(0, 2, 3)) - 1.0).abs().max()) < 0.05
+    again = vision.calibrate_batchnorm(vision.mobilenet_v2(num_classes=10).eval(), images)
+    assert torch.equal(again.features[2].conv[3].running_var, project.running_var)  # deterministic
+
+
 @pytest.fixture(scope="module")
 def minilm_model() -> tuple[minilm.MiniLM, object]:
     pytest.importorskip("tokenizers")

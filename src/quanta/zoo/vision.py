@@ -7,6 +7,8 @@ line up, but no torchvision import is needed. Weights are randomly initialised
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -180,4 +182,34 @@ def mobilenet_v2(num_classes: int = 1000, seed: int | None = 0) -> MobileNetV2:
     """Standard MobileNetV2 1.0 (3,504,872 parameters at 1000 classes), random init."""
     model = MobileNetV2(num_classes)
     _init_weights(model, seed)
+    return model
+
+
+# ---------------------------------------------------------------- conditioning
+def calibrate_batchnorm(model: nn.Module, images: Iterable[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running mean/var to the statistics of ``images`` (in place).
+
+    Why: a randomly initialised model keeps the default running stats (mean 0, var 1), so
+    its eval-mode BatchNorms normalise nothing and fold to zero biases. Measuring the stats
+    on data, as training would, gives each channel zero mean and unit variance on that data
+    and non-zero folded biases. Only the BatchNorms run in train mode (cumulative average
+    over the batches, no dropout); every module's mode and momentum are restored. Returns
+    ``model``.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+            m.train()
+        with torch.no_grad():
+            for batch in images:
+                model(batch)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.training = training
     return model
