@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from onnx import numpy_helper
 
 import quanta
+from quanta.kernels import reference
 from quanta.qtensor import QTensor
 
 ort = pytest.importorskip("onnxruntime")
@@ -161,49 +164,114 @@ def _run_ort_all(path: Path, x: torch.Tensor) -> list[np.ndarray]:
     return session.run(None, {"input": x.numpy()})
 
 
-def _vision(name: str, tmp_path: Path, size: int = 96) -> dict[str, float]:
+_EPILOGUE, _ADD = reference.epilogue, reference.add
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _epilogue_one_multiplier(acc: torch.Tensor, x_scale: float, w_scale: torch.Tensor, channel_dim: int,
+                             activation: str = "none", out_scale: float | None = None,
+                             out_zero_point: int = 0, out_qmin: int = 0, out_qmax: int = 255) -> torch.Tensor:
+    """reference.epilogue requantizing as ORT's QLinearConv/QGemm do: one f32 multiplier,
+    round(acc * f32(f32(s_x * s_w) / s_y)) + zp, where quanta rounds twice (acc * (s_x * s_w),
+    then / s_y). The fused ReLU/ReLU6 become clamps on the integers (ORT drops the Clip)."""
+    if out_scale is None:
+        return _EPILOGUE(acc, x_scale, w_scale, channel_dim, activation)
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    multiplier = (_f32(x_scale) * w_scale.float()) / _f32(out_scale)
+    q = torch.round(acc.float() * multiplier.reshape(shape)) + out_zero_point
+    low = max(out_qmin, out_zero_point) if activation in ("relu", "relu6") else out_qmin
+    high = out_qmax
+    if activation == "relu6":
+        high = min(high, int(torch.round(_f32(6.0) / _f32(out_scale))) + out_zero_point)
+    return torch.clamp(q, low, high).to(torch.uint8)
+
+
+def _add_scale_ratios(a_q: torch.Tensor, a_scale: float, a_zero_point: int, b_q: torch.Tensor,
+                      b_scale: float, b_zero_point: int, out_scale: float, out_zero_point: int,
+                      activation: str = "none") -> torch.Tensor:
+    """reference.add as ORT's QLinearAdd computes it: f32 scale ratios s_a/s_y and s_b/s_y,
+    zero points folded into one constant, where quanta dequantizes, adds, then divides by s_y."""
+    ratio_a, ratio_b = _f32(a_scale) / _f32(out_scale), _f32(b_scale) / _f32(out_scale)
+    fixed = _f32(out_zero_point) - (ratio_a * a_zero_point + ratio_b * b_zero_point)
+    q = torch.round(fixed + a_q.float() * ratio_a + b_q.float() * ratio_b)
+    low = out_zero_point if activation in ("relu", "relu6") else 0
+    high = 255
+    if activation == "relu6":
+        high = min(high, int(torch.round(_f32(6.0) / _f32(out_scale))) + out_zero_point)
+    return torch.clamp(q, low, high).to(torch.uint8)
+
+
+@contextlib.contextmanager
+def _ort_rounding_order() -> Iterator[None]:
+    """quanta's reference with ORT's f32 rounding order in requantization: the same integer
+    graph and qparams, only the order of the float multiplications differs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "epilogue", _epilogue_one_multiplier)
+        patch.setattr(reference, "add", _add_scale_ratios)
+        yield
+
+
+def _vision(name: str, tmp_path: Path, size: int = 96, calibrate_bn: bool = False) -> dict[str, float]:
     from quanta.zoo import vision
 
     torch.manual_seed(0)
     model = getattr(vision, name)().eval()
-    q = quanta.quantize(model, [torch.randn(8, 3, size, size) for _ in range(2)], config=REFERENCE,
-                        show_progress=False)
+    calibration = [torch.randn(8, 3, size, size) for _ in range(2)]
+    if calibrate_bn:
+        vision.calibrate_batchnorm(model, calibration)
+    q = quanta.quantize(model, calibration, config=REFERENCE, show_progress=False)
     path = quanta.export_onnx(q, torch.randn(1, 3, size, size), tmp_path / f"{name}.onnx")
     x = torch.randn(4, 3, size, size)
     ref, got = q(x), _run_ort(path, x)
+    with _ort_rounding_order():
+        ref_ort_order = q(x)
     last = [n for n, m in q.named_modules() if hasattr(m, "weight_scale")][-1]
     total, exact, within = _per_op_agreement(q, path, x)
     return {
         "end_to_end_within": _within_one_quantum(q, got, ref, last),
+        "end_to_end_within_ort_order": _within_one_quantum(q, got, ref_ort_order, last),
+        "end_to_end_exact_ort_order": float((got == ref_ort_order.numpy()).mean()),
         "cosine": torch.nn.functional.cosine_similarity(torch.from_numpy(got), ref, dim=1).min().item(),
         "top1": float((got.argmax(1) == ref.numpy().argmax(1)).mean()),
         "per_op_within": within / total, "per_op_exact": exact / total,
     }
 
 
-# Random-weight ResNet-18/MobileNetV2 amplify single-LSB differences chaotically: measured here,
-# quanta's *own* oneDNN backend agrees with its reference on only 98.6% (ResNet-18) and 58%
-# (MobileNetV2) of outputs within one quantum, although each oneDNN conv differs from the
-# reference on ~1 element per million (1 LSB). ORT's QLinearConv requantizes as
-# round(acc * f32(s_x*s_w/s_y)) where quanta does round(f32(acc*s_x*s_w) / s_y): the same ~1e-6
-# rate of 1-LSB differences (Add, GlobalAveragePool and Gemm agree exactly). So each exported op
-# is asserted op by op (teacher-forced, >= 99.9% within one quantum, the issue's bar), and the
-# end-to-end agreement of these chaotic random nets only as measured regression bounds.
+# Why the end-to-end bar is checked against the reference in ORT's rounding order: ORT
+# requantizes a QLinearConv/QGemm as round(acc * f32(f32(s_x*s_w)/s_y)) and a QLinearAdd with
+# f32 scale ratios, where quanta's reference computes round(f32(acc * f32(s_x*s_w)) / s_y) and
+# dequantize-add-divide. Both are exact readings of the same QDQ graph; they differ only in f32
+# rounding, on about 1 in 10^6 requantized elements, by 1 LSB (the per-op check). In MobileNetV2
+# such a flip does not stay small: rounding turns the sub-LSB change it causes in each consumer
+# into whole-LSB flips with probability equal to that change, so one flip becomes ~N_out/sqrt(K)
+# flips per layer (~30 per 1x1 expand) and after a few blocks the two int8 runs differ by noise
+# of the order of quantization noise itself. Measured on 4 images: end to end against the
+# untouched reference 71% (default MobileNetV2), 60% (BatchNorm calibrated), 98.1% (ResNet-18
+# BN-calibrated); quanta's own oneDNN path scores 58% against its reference the same way, and
+# the reference scores 86% against itself when the input moves by 1e-6 relative. Against the
+# reference with ORT's rounding order the exported graph is bit-exact end to end in all of
+# these: every op, every qparam and every rounding of the export is right.
 @pytest.mark.slow
 def test_resnet18_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
     r = _vision("resnet18", tmp_path)
-    # measured: per op 100% exact; end to end 100% within one quantum, cosine 1.0
+    # measured: per op 100% exact; end to end 100% within one quantum (no flip occurs here)
     assert r["per_op_within"] >= 0.999 and r["per_op_exact"] >= 0.9999, r
+    assert r["end_to_end_within_ort_order"] >= 0.999 and r["end_to_end_exact_ort_order"] >= 0.999, r
     assert r["end_to_end_within"] >= 0.97 and r["cosine"] >= 0.999 and r["top1"] == 1.0, r
 
 
 @pytest.mark.slow
 def test_mobilenet_v2_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
-    r = _vision("mobilenet_v2", tmp_path)
-    # measured: per op 100% within one quantum, 99.9999% exact (4 of 5.1M conv outputs differ
-    # by 1 LSB); end to end 55-71% within one quantum depending on the thread count and test
-    # order, cosine 0.9987: single-LSB ties amplify chaotically through random-weight
-    # MobileNetV2 (quanta's own oneDNN path vs its reference scores 58% the same way), so the
-    # end-to-end share is reported in the message, not asserted; the op-by-op bar is the check.
+    # BatchNorm statistics measured on the calibration images, as a trained network has them
+    # (the default random model's BNs normalise nothing and fold to zero biases)
+    r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
+    # measured: per op 100% within one quantum, 99.9999% exact; end to end bit-exact against the
+    # reference in ORT's rounding order; 60% within one quantum of the untouched reference
+    # (see above), cosine 0.993, same top-1
     assert r["per_op_within"] >= 0.999 and r["per_op_exact"] >= 0.9999, r
-    assert r["cosine"] >= 0.99 and r["top1"] == 1.0, r
+    assert r["end_to_end_within_ort_order"] >= 0.999 and r["end_to_end_exact_ort_order"] >= 0.999, r
+    assert r["cosine"] >= 0.98 and r["top1"] == 1.0, r
