@@ -59,13 +59,39 @@ def _quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y.astype(np.uint8), scale, zero_point.astype(np.int32)
 
 
+_CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc itself, no wrapper
+
+
+class _Workspace(threading.local):
+    """A per-thread float32 scratch buffer for the quantization passes (grown, never shrunk):
+    no fresh allocation per call, which glibc serves with mmap + page faults above 128 KiB."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, np.float32)
+
+    def get(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = math.prod(shape)
+        if self.buf.size < n:
+            self.buf = np.empty(n, np.float32)
+        return self.buf[:n].reshape(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
 def _quantize_tensor(x: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """Per-tensor (uint8 data, scale, zero point) of a float32 array."""
+    """Per-tensor (uint8 data, scale, zero point) of a float32 array (any shape).
+
+    Same passes and roundings as ``reference.quantize_dynamic_input``: multiply by the float32
+    reciprocal, add zp + 0.5, clamp to [0, 255], truncate."""
     scale, zero_point = dynamic_qparams(float(x.min()), float(x.max()))
-    y = np.multiply(x, np.float32(1.0 / scale))
-    y += np.float32(zero_point + 0.5)
-    np.clip(y, 0.0, 255.0, out=y)
-    return y.astype(np.uint8), scale, zero_point
+    y = _WORKSPACE.get(x.shape)
+    np.multiply(x, np.float32(1.0 / scale), out=y)
+    np.add(y, np.float32(zero_point + 0.5), out=y)
+    _CLIP(y, np.float32(0.0), np.float32(255.0), out=y)
+    q = np.empty(x.shape, np.uint8)
+    np.copyto(q, y, casting="unsafe")
+    return q, scale, zero_point
 
 
 class _InputCache(threading.local):
@@ -85,7 +111,8 @@ _CACHE = _InputCache()
 
 
 def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object, object]:
-    """[M, K] float32 -> (uint8 data, scale(s), zero point(s)), per tensor or per row."""
+    """float32 -> (uint8 data, scale(s), zero point(s)): per tensor (any shape, same shape out)
+    or per row ([M, K] only)."""
     key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, per_row)
     if _CACHE.key == key:
         return _CACHE.value
@@ -139,6 +166,7 @@ class DynamicLinearKernel:
         self.backend = backend
         self.packed = None
         if backend == "onednn":
+            self._qlinear = torch.ops.onednn.qlinear_pointwise.default
             self.packed = torch.ops.onednn.qlinear_prepack(self.w_q, None)
             self.w_zero_point = torch.zeros(w_q.shape[0], dtype=torch.int64)
             wsum = self.w_q.sum(dim=1, dtype=torch.int64).double()
@@ -161,6 +189,13 @@ class DynamicLinearKernel:
         if per_row:
             return reference.linear_dynamic_per_row(x_q, scale, zero_point, self.w_q, self.w_scale, bias)
         return reference.linear_dynamic(x_q, scale, zero_point, self.w_q, self.w_scale, bias)
+
+    def onednn_per_tensor(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The hot path: float32 [..., K] (more than ``SMALL_M`` rows, oneDNN kernel built) ->
+        float32 [..., N]; leading dims pass through oneDNN, so no reshapes here."""
+        x_q, scale, zero_point = quantize_input(x, False)
+        return self._qlinear(x_q, scale, zero_point, self.packed, self.w_scale, self.w_zero_point,
+                             bias, 1.0, 0, torch.float32, "none", [], "")
 
     def _onednn(self, x_q: torch.Tensor, scale: object, zero_point: object,
                 bias: torch.Tensor | None, per_row: bool) -> torch.Tensor:

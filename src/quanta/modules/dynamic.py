@@ -21,7 +21,7 @@ from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
 from quanta.errors import QuantizedInputError, UnsupportedModelError
 from quanta.kernels import reference
-from quanta.kernels.dynamic import DynamicLinearKernel, NonFiniteInputError, resolve_backend
+from quanta.kernels.dynamic import SMALL_M, DynamicLinearKernel, NonFiniteInputError, resolve_backend
 from quanta.modules.quantized import quantize_weight
 from quanta.qtensor import QTensor
 
@@ -112,6 +112,17 @@ class DynamicQuantizedLinear(DynamicModule):
         self.add_float("bias", float_module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and x.dtype == torch.float32 and not self.per_row:
+            # hot path (per-tensor oneDNN): the same computation with the least Python per call
+            kernel = self._kernels.get("weight") or self.kernel("weight")
+            k = self.in_features
+            if kernel.packed is not None and x.dim() > 1 and x.shape[-1] == k and x.numel() > SMALL_M * k:
+                try:
+                    return kernel.onednn_per_tensor(x, self._buffers["bias"])
+                except NonFiniteInputError as exc:
+                    raise QuantizedInputError(
+                        f"{self.describe()}: {exc}; dynamic quantization needs a finite input"
+                    ) from None
         x = self.float_input(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise QuantizedInputError(
