@@ -172,6 +172,10 @@ def test_quantize_uint8_bit_identical(shape, zp):
     q = quantize_uint8(x, scale, zp)
     assert q.dtype == torch.uint8 and torch.equal(q, R.quantize_per_tensor(x, scale, zp))
     assert torch.equal(quantize_uint8(x.half(), scale, zp), R.quantize_per_tensor(x.half(), scale, zp))
+    if x.dim() == 4:  # an NCHW float input quantized straight into channels_last
+        q_cl = quantize_uint8(x.contiguous(), scale, zp, channels_last=True)
+        assert q_cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(q_cl, R.quantize_per_tensor(x, scale, zp))
 
 
 def test_has_vnni_honours_isa_cap(monkeypatch):

@@ -1,6 +1,8 @@
 """Runtime shortcuts of the fast path: add call sites fed a float input run the float op, and
 sibling Linear layers share one quantization of the same float input."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -104,3 +106,21 @@ def test_integer_max_pool_matches_float(dtype, shape, args, kwargs):
         assert torch.equal(out.int_data, want)
     module_out = nn.MaxPool2d(3, 2, 1)(QTensor(data, 0.1, 0))
     assert torch.equal(module_out.int_data, torch.nn.functional.max_pool2d(data.float(), 3, 2, 1).to(dtype))
+
+
+@pytest.mark.parametrize("size", [(7, 9), (5, 5), (1, 1), (3, 8), (16, 16)])
+def test_integer_max_pool_sweep(size):
+    """Every kernel/stride/padding torch accepts, on odd sizes: the separable padded path and
+    the shifted-views path equal float max pooling exactly."""
+    g = torch.Generator().manual_seed(size[0] * 31 + size[1])
+    data = torch.randint(0, 256, (2, 8, *size), generator=g, dtype=torch.uint8)
+    x = QTensor(data.contiguous(memory_format=torch.channels_last), 0.1, 7)
+    checked = 0
+    for k, s, p in itertools.product([1, 2, 3, 4, 5], [1, 2, 3], [0, 1, 2]):
+        if 2 * p > k or (size[0] + 2 * p - k) < 0 or (size[1] + 2 * p - k) < 0:
+            continue
+        want = torch.nn.functional.max_pool2d(data.float(), k, s, p)
+        out = torch.nn.functional.max_pool2d(x, k, s, p)
+        assert torch.equal(out.int_data.float(), want), (k, s, p)
+        checked += 1
+    assert checked >= 5

@@ -53,18 +53,20 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 _LAST_QUANTIZED: list[Any] = [None]  # (input, its version, scale, zero point, uint8 result)
 
 
-def _quantize_shared(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+def _quantize_shared(
+    x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
+) -> torch.Tensor:
     """``onednn.quantize_uint8`` remembering the last call: sibling layers fed the same float
     tensor at the same qparams (attention query/key/value after a LayerNorm) quantize it once.
     Keyed on tensor identity and its version counter, so an in-place change invalidates it;
     inference-mode tensors have no version counter and are always quantized afresh."""
     if x.is_inference():
-        return onednn.quantize_uint8(x, scale, zero_point)
+        return onednn.quantize_uint8(x, scale, zero_point, channels_last)
     last = _LAST_QUANTIZED[0]
     if last is not None and last[0] is x and last[1] == x._version and last[2] == scale \
             and last[3] == zero_point:
         return last[4]
-    q = onednn.quantize_uint8(x, scale, zero_point)
+    q = onednn.quantize_uint8(x, scale, zero_point, channels_last)
     _LAST_QUANTIZED[0] = (x, x._version, scale, zero_point, q)
     return q
 
@@ -73,6 +75,7 @@ class QuantizedModule(LeafMarker, nn.Module):
     """Shared state, input handling and backend caches of the static int8 modules."""
 
     rank: tuple[int, ...] = ()
+    channels_last_input = False  # quantize float inputs straight into the layout the kernel takes
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_spec: QuantSpec,
                  input_qparams: tuple[float, int], output_qparams: tuple[float, int],
@@ -184,7 +187,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         self._check_float_input(x)
         if self.backend == "reference":
             return reference.quantize_per_tensor(x, scale, zero_point)
-        return _quantize_shared(x, scale, zero_point)
+        return _quantize_shared(x, scale, zero_point, self.channels_last_input)
 
     def dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The float value the int8 op would see: a QTensor dequantized, a float tensor
@@ -312,3 +315,4 @@ class QuantizedConv1d(_QuantizedConvNd):
 
 class QuantizedConv2d(_QuantizedConvNd):
     rank = (4,)
+    channels_last_input = True
