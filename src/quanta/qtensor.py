@@ -199,13 +199,30 @@ def _quantize_scalar(v: float, scale: float, zero_point: int, qmin: int, qmax: i
     return min(max(q, qmin), qmax)
 
 
-def _clamp_op(lo: float | None, hi: float | None) -> Callable:
-    def run(x: QTensor, inplace: bool = False) -> QTensor:
+_CLAMP_BOUNDS: dict[tuple, tuple[int | None, int | None]] = {}
+
+
+def _clamp_bounds(lo: float | None, hi: float | None, x: QTensor) -> tuple[int | None, int | None]:
+    """Integer bounds of a float clamp at ``x``'s qparams; None where the dtype already bounds."""
+    key = (lo, hi, x.scale, x.zero_point, x.int_data.dtype)
+    bounds = _CLAMP_BOUNDS.get(key)
+    if bounds is None:
         dmin, dmax = (0, 255) if x.int_data.dtype == torch.uint8 else (-128, 127)
         qmin = None if lo is None else _quantize_scalar(lo, x.scale, x.zero_point, dmin, dmax)
         qmax = None if hi is None else _quantize_scalar(hi, x.scale, x.zero_point, dmin, dmax)
-        if (qmin is None or qmin <= dmin) and (qmax is None or qmax >= dmax):
-            return x.with_data(x.int_data)  # already inside the range (e.g. ReLU after a fused ReLU)
+        bounds = (None if qmin is None or qmin <= dmin else qmin,
+                  None if qmax is None or qmax >= dmax else qmax)
+        if len(_CLAMP_BOUNDS) > 4096:
+            _CLAMP_BOUNDS.clear()
+        _CLAMP_BOUNDS[key] = bounds
+    return bounds
+
+
+def _clamp_op(lo: float | None, hi: float | None) -> Callable:
+    def run(x: QTensor, inplace: bool = False) -> QTensor:
+        qmin, qmax = _clamp_bounds(lo, hi, x)
+        if qmin is None and qmax is None:
+            return x  # already inside the range (a ReLU after a fused ReLU): nothing to do
         return x.with_data(torch.clamp(x.int_data, qmin, qmax))
     return run
 

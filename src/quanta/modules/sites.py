@@ -142,6 +142,9 @@ class _EagerCall:
         return nn.Module._call_impl(self.model, *args, **kwargs)
 
 
+_SITE_OP_OF: dict[Callable, str | None] = {}  # torch function -> its site op name, None if not one
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, state: QuantaState) -> None:
         super().__init__()
@@ -152,8 +155,16 @@ class _SiteMode(TorchFunctionMode):
         tracker = self.state.tracker
         if tracker.leaf_depth or not tracker.stack or func in _METADATA:
             return func(*args, **kwargs)
-        op = canonical_op_name(func)
-        if op not in INT8_SITE_OPS:
+        try:
+            op = _SITE_OP_OF[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable
+            op = canonical_op_name(func)
+            op = op if op in INT8_SITE_OPS else None
+            try:
+                _SITE_OP_OF[func] = op
+            except TypeError:
+                pass
+        if op is None:
             return func(*args, **kwargs)
         site = self.state.sites_by_key.get(tracker.next_key(op))
         if site is None:
