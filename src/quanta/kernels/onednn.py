@@ -28,6 +28,18 @@ _ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 
 _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
 
 
+_CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc, without np.clip's wrapper
+
+
+def _round_clip_cast(y: np.ndarray, zero_point: int) -> np.ndarray:
+    """uint8 ``clamp(rint(y) + zero_point, 0, 255)`` in place on the float32 array ``y``
+    (adding the integer zero point after rounding is exact, so the order is free)."""
+    np.rint(y, out=y)
+    y += np.float32(zero_point)
+    _CLIP(y, np.float32(0.0), np.float32(255.0), out=y)
+    return y.astype(np.uint8)
+
+
 def quantize_uint8(
     x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
 ) -> torch.Tensor:
@@ -49,15 +61,8 @@ def quantize_uint8(
         if channels_last and a.ndim == 4 and not x.is_contiguous(memory_format=torch.channels_last):
             y = np.empty((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), dtype=np.float32)
             np.divide(a.transpose(0, 2, 3, 1), np.float32(scale), out=y)
-            np.rint(y, out=y)
-            np.clip(y, lo, hi, out=y)
-            y += np.float32(zero_point)
-            return torch.from_numpy(y.astype(np.uint8)).permute(0, 3, 1, 2)
-        y = np.divide(a, np.float32(scale))
-        np.rint(y, out=y)
-        np.clip(y, lo, hi, out=y)
-        y += np.float32(zero_point)
-        return torch.from_numpy(y.astype(np.uint8))
+            return torch.from_numpy(_round_clip_cast(y, zero_point)).permute(0, 3, 1, 2)
+        return torch.from_numpy(_round_clip_cast(np.divide(a, np.float32(scale)), zero_point))
     y = torch.div(x, scale)
     y.round_().clamp_(lo, hi)
     if zero_point == 0:
