@@ -52,6 +52,26 @@ def test_override_by_type_changes_weight_bits_and_by_name_skips():
     assert isinstance(skipped.head, nn.Linear)
 
 
+def test_activation_override_sets_that_layers_qparams():
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    symmetric = QuantSpec(symmetric=True, observer="minmax")
+    config = QuantConfig(overrides=(Override("conv", activation=symmetric),))
+    plain = quanta.quantize(Net().eval(), data, show_progress=False)
+    qmodel = quanta.quantize(Net().eval(), data, config=config, show_progress=False)
+    assert int(qmodel.conv.input_zero_point) == 128  # symmetric uint8: zero point mid-range
+    assert int(plain.conv.input_zero_point) != 128
+    assert int(qmodel.head.input_zero_point) == int(plain.head.input_zero_point)
+
+
+@pytest.mark.parametrize("bad", [dict(dtype="int8", symmetric=True), dict(per_channel=True), dict(bits=4)])
+def test_activation_specs_the_runtime_cannot_honour_are_rejected(bad):
+    with pytest.raises(ValueError, match="activations are quantized as uint8 per tensor"):
+        QuantConfig(activation=QuantSpec(**bad))
+    with pytest.raises(ValueError, match="Override\\('head'\\).activation"):
+        Override("head", activation=QuantSpec(**bad))
+
+
 def test_report_rows_totals_and_json():
     data = [torch.randn(2, 3, 8, 8) for _ in range(3)]
     qmodel = quanta.quantize(Net().eval(), data, show_progress=False)

@@ -122,7 +122,8 @@ def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any
         return ObservedModule(folded, lp.activation, wspec, aspec, lp.name)
 
     swap_layers(model, plan, config, record, observed,
-                lambda lp: QuantizedSite(lp.name, lp.float_type, lp.activation, config.activation))
+                lambda lp: QuantizedSite(lp.name, lp.float_type, lp.activation,
+                                         config.activation_for(lp.name, lp.float_type)))
 
 
 def calibrate(prepared: nn.Module, data: Iterable[Any], *, max_batches: int | None = None,
@@ -174,15 +175,15 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
         )
     for site in state.sites.values():
         lp = plan.layers[site.key]
-        lp.output_qparams = _qparams(site.observer, config.activation)
+        lp.output_qparams = _qparams(site.observer, site.spec or config.activation)
         site.set_qparams(*lp.output_qparams)
         site.output_int8 = lp.output_int8
     for name, m in observed.items():
-        plan.layers[name].output_qparams = _qparams(m.output_observer, config.activation)
+        plan.layers[name].output_qparams = _qparams(m.output_observer, m.activation_spec)
     for name, m in observed.items():
         lp = plan.layers[name]
         source = plan.layers.get(lp.input_from)
-        lp.input_qparams = source.output_qparams if source else _qparams(m.input_observer, config.activation)
+        lp.input_qparams = source.output_qparams if source else _qparams(m.input_observer, m.activation_spec)
         wspec = resolve_weight_bits(m.weight_spec, config.backend)
         lp.weight_bits = wspec.bits
         qtype = MAPPING[type(m.module)]["static"]  # QAT converts to the same int8 modules

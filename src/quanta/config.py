@@ -56,6 +56,18 @@ WEIGHT_INT8 = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=Non
 ACTIVATION_UINT8 = QuantSpec(dtype="uint8", symmetric=False, per_channel=False, observer="histogram")
 
 
+def check_activation_spec(spec: QuantSpec, where: str) -> None:
+    """Activations run as uint8 per tensor in every kernel: reject specs the runtime would
+    silently not honour (an int8 or per-channel or narrower activation would be clamped to
+    the uint8 range, not simulated)."""
+    if spec.dtype != "uint8" or spec.per_channel or spec.bits not in (None, 8):
+        raise ValueError(
+            f"{where}: activations are quantized as uint8 per tensor with 8 bits (symmetric or "
+            f"not, any observer); got dtype={spec.dtype!r}, per_channel={spec.per_channel}, "
+            f"bits={spec.bits}"
+        )
+
+
 @dataclass(frozen=True)
 class Override:
     """Per-module settings. ``pattern`` matches a qualified module name (glob, or a prefix
@@ -70,6 +82,8 @@ class Override:
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in OVERRIDE_BACKENDS:
             raise ValueError(f"Override.backend must be one of {OVERRIDE_BACKENDS}, got {self.backend!r}")
+        if self.activation is not None:
+            check_activation_spec(self.activation, f"Override({self.pattern!r}).activation")
 
     def matches(self, name: str, module: nn.Module) -> bool:
         return self.matches_name(name, type(module).__name__)
@@ -105,6 +119,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.weight.dtype != "int8" or not self.weight.symmetric:
             raise ValueError("QuantConfig.weight must be a symmetric int8 spec")
+        check_activation_spec(self.activation, "QuantConfig.activation")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"
@@ -123,6 +138,14 @@ class QuantConfig:
                 weight = o.weight or weight
                 activation = o.activation or activation
         return False, weight, activation, ""
+
+    def activation_for(self, name: str, type_name: str) -> QuantSpec:
+        """The activation spec of one layer or call site (``type_name``: e.g. "Conv2d", "add")."""
+        spec = self.activation
+        for o in self.overrides:
+            if o.activation is not None and o.matches_name(name, type_name):
+                spec = o.activation
+        return spec
 
     def backend_for(self, name: str, float_type: str) -> tuple[str, str]:
         """(requested backend, source) for one layer: the last matching override's ``backend``,

@@ -46,6 +46,7 @@ class ObservedModule(LeafMarker, nn.Module):
         """The fields ``convert`` reads, shared with the QAT modules (which pass FakeQuantize)."""
         self.activation = activation
         self.weight_spec = weight_spec
+        self.activation_spec = activation_spec
         self.layer_name = name
         self.input_observer = make(activation_spec, f"{name} (input)")
         self.output_observer = make(activation_spec, f"{name} (output)")

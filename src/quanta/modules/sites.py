@@ -39,6 +39,7 @@ class QuantizedSite(LeafMarker, nn.Module):
     def __init__(self, key: str, op: str, activation: str, spec: QuantSpec | None = None) -> None:
         super().__init__()
         self.key, self.op, self.activation = key, op, activation
+        self.spec = spec
         self.observer = make_observer(spec, f"{key} ({op})") if spec is not None else None
         self.register_buffer("output_scale", torch.tensor(1.0))
         self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
