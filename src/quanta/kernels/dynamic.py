@@ -63,8 +63,8 @@ _CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc 
 
 
 class _Workspace(threading.local):
-    """A per-thread float32 scratch buffer for the quantization passes (grown, never shrunk):
-    no fresh allocation per call, which glibc serves with mmap + page faults above 128 KiB."""
+    """A per-thread float32 scratch block for the quantization passes (at most ``_BLOCK``
+    elements): no fresh float allocation per call."""
 
     def __init__(self) -> None:
         self.buf = np.empty(0, np.float32)
@@ -79,19 +79,39 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
+_BLOCK = 1 << 16  # elements per block of the elementwise passes (256 KiB float32 stays in L2)
+TORCH_QUANTIZE_MIN = 1 << 17  # from this size, with >1 thread, torch's threaded passes are faster
+
+
 def _quantize_tensor(x: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """Per-tensor (uint8 data, scale, zero point) of a float32 array (any shape).
+    """Per-tensor (uint8 data, scale, zero point) of a float32 array (any shape), single-threaded.
 
     Same passes and roundings as ``reference.quantize_dynamic_input``: multiply by the float32
-    reciprocal, add zp + 0.5, clamp to [0, 255], truncate."""
+    reciprocal, add zp + 0.5, clamp to [0, 255], truncate; block by block so the float
+    intermediate stays in cache."""
     scale, zero_point = dynamic_qparams(float(x.min()), float(x.max()))
-    y = _WORKSPACE.get(x.shape)
-    np.multiply(x, np.float32(1.0 / scale), out=y)
-    np.add(y, np.float32(zero_point + 0.5), out=y)
-    _CLIP(y, np.float32(0.0), np.float32(255.0), out=y)
-    q = np.empty(x.shape, np.uint8)
-    np.copyto(q, y, casting="unsafe")
-    return q, scale, zero_point
+    inv, offset = np.float32(1.0 / scale), np.float32(zero_point + 0.5)
+    lo, hi = np.float32(0.0), np.float32(255.0)
+    flat = x.reshape(-1)
+    q = np.empty(flat.shape, np.uint8)
+    work = _WORKSPACE.get((min(flat.size, _BLOCK),))
+    for start in range(0, flat.size, _BLOCK):
+        stop = min(start + _BLOCK, flat.size)
+        y = work[: stop - start]
+        np.multiply(flat[start:stop], inv, out=y)
+        np.add(y, offset, out=y)
+        _CLIP(y, lo, hi, out=y)
+        np.copyto(q[start:stop], y, casting="unsafe")
+    return q.reshape(x.shape), scale, zero_point
+
+
+def _quantize_tensor_threaded(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The same with torch's intra-op threads (the reference's own ops): for large inputs."""
+    lo, hi = torch.aminmax(x)
+    scale, zero_point = dynamic_qparams(float(lo), float(hi))
+    y = torch.mul(x, float(np.float32(1.0 / scale)))
+    y.add_(zero_point + 0.5).clamp_(0.0, 255.0)
+    return y.to(torch.uint8), scale, zero_point
 
 
 class _InputCache(threading.local):
@@ -122,6 +142,8 @@ def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object
     if per_row:
         q, s_, z_ = _quantize_rows(xn)
         x_q, scale, zero_point = torch.from_numpy(q), torch.from_numpy(s_), torch.from_numpy(z_)
+    elif xn.size >= TORCH_QUANTIZE_MIN and torch.get_num_threads() > 1:
+        x_q, scale, zero_point = _quantize_tensor_threaded(torch.from_numpy(xn))
     else:
         q, scale, zero_point = _quantize_tensor(xn)
         x_q = torch.from_numpy(q)
