@@ -2,15 +2,25 @@
 
 Tolerance per op (fast - reference), ggml-style. Inputs: full-range random uint8
 activations, random int8 weights at the bit width this CPU needs (8, or 7 without VNNI).
+The reference requantizes with one float32 multiplier per channel (ONNX Runtime's order);
+oneDNN adds a float bias after scaling and scales in its own order, so a requantized
+element lands on the other side of a .5 tie about once in 10^5-10^6.
 
-| op                     | output  | max |diff|                       | fraction allowed to differ |
-|------------------------|---------|----------------------------------|----------------------------|
-| linear, conv1d, conv2d | float32 | 1 accumulator quantum (x_s*w_s)  | 100% (float32 rounding)    |
-| linear, conv1d, conv2d | uint8   | 1 output quantum                 | 1%                         |
-| quantize_uint8         | uint8   | 0 (bit-identical)                | 0%                         |
+| op                   | output  | max |diff|          | allowed to differ | measured, ~2-10M outputs |
+|----------------------|---------|---------------------|-------------------|--------------------------|
+| linear, conv1d/2d    | float32 | 1 acc. quantum      | 100% (f32 ulps)   | ~1 float32 ulp           |
+| linear               | uint8   | 1 output quantum    | 2e-5              | 6.8e-6; relu 1.5e-6      |
+| conv2d (dense/group) | uint8   | 1 output quantum    | 2e-5              | 6.7e-6; relu6 8e-7       |
+| conv2d depthwise     | uint8   | 1 output quantum    | 2e-5              | 4.6e-6; relu6 2.7e-6     |
+| conv1d               | uint8   | 1 output quantum    | 2e-5              | 6.3e-6; relu 1e-6        |
+| add, oneDNN sum      | uint8   | 1 output quantum    | 2e-5 (eltwise)    | 2e-6 to 5e-6             |
+| add, table lookup    | uint8   | 0 (bit-identical)   | 0                 | 0                        |
+| quantize_uint8       | uint8   | 0 (bit-identical)   | 0                 | 0                        |
 
-Observed: float32 outputs differ by about one float32 ulp (<0.05 accumulator quanta; oneDNN
-adds the float bias after scaling) and uint8 outputs were bit-identical, ties included.
+Small parametrized cases allow one tie each on top of the rate (a single tie in 35 outputs is
+3%); test_u8_tie_rate_per_op checks the rate itself on ~1-2.5M outputs per op. Before the
+reference moved to the one-multiplier form (round(acc * s_x*s_w) then / s_y) oneDNN's uint8
+outputs matched it bit for bit; the two-rounding form is not what ONNX Runtime computes.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ def _seed(key: object) -> int:
 
 
 ACTS = ["none", "relu", "relu6"]
-U8_FRACTION = 0.01
+U8_LIMIT = {"linear": 2e-5, "conv2d": 2e-5, "conv2d_depthwise": 2e-5, "conv1d": 2e-5}
 
 
 def _weights(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +65,8 @@ def _qparams_for(y: torch.Tensor) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
-def _check(fast_fn, ref_fn, x_scale: float, w_scale: torch.Tensor, channel_dim: int, quantized: bool):
+def _check(op: str, fast_fn, ref_fn, x_scale: float, w_scale: torch.Tensor, channel_dim: int,
+           quantized: bool):
     ref_f = ref_fn(None, 0)
     if not quantized:
         fast = fast_fn(None, 0)
@@ -70,7 +81,7 @@ def _check(fast_fn, ref_fn, x_scale: float, w_scale: torch.Tensor, channel_dim: 
     assert fast.dtype == torch.uint8 and fast.shape == ref.shape
     diff = (fast.int() - ref.int()).abs()
     assert diff.max().item() <= 1
-    assert (diff > 0).float().mean().item() <= U8_FRACTION
+    assert (diff > 0).sum().item() <= 1 + U8_LIMIT[op] * diff.numel()
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 5), (16, 64, 33), (2, 3, 40, 300)])
@@ -85,7 +96,7 @@ def test_linear_matches_reference(shape, activation, quantized, bias):
     b = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=gen) if bias else None
     xs, xz = 0.03, 131
     lin = PackedLinear(w_q, ws, b, xs, xz)
-    _check(lambda s, z: lin(x, activation, s, z),
+    _check("linear", lambda s, z: lin(x, activation, s, z),
            lambda s, z: R.linear(x, xs, xz, w_q, ws, b, activation, s, z), xs, ws, -1, quantized)
 
 
@@ -114,7 +125,8 @@ def test_conv2d_matches_reference(cfg, activation, quantized):
     xs, xz = 0.02, 97
     conv = PackedConv(w_q, ws, b, xs, xz, s, p, d, g)
     st, pd, dl = (s, s) if isinstance(s, int) else s, (p, p) if isinstance(p, int) else p, (d, d)
-    _check(lambda so, zo: conv(x, activation, so, zo),
+    op = "conv2d_depthwise" if g == c and g > 1 else "conv2d"
+    _check(op, lambda so, zo: conv(x, activation, so, zo),
            lambda so, zo: R.conv(x, xs, xz, w_q, ws, b, st, pd, dl, g, activation, so, zo),
            xs, ws, 1, quantized)
     assert conv(x).is_contiguous(memory_format=torch.channels_last)
@@ -135,13 +147,46 @@ def test_conv1d_matches_reference(cfg, activation, quantized):
     xs, xz = 0.05, 3
     conv = PackedConv(w_q, ws, b, xs, xz, s, p, d, g)
     pd = p if isinstance(p, str) else (p,)
-    _check(lambda so, zo: conv(x, activation, so, zo),
+    _check("conv1d", lambda so, zo: conv(x, activation, so, zo),
            lambda so, zo: R.conv(x, xs, xz, w_q, ws, b, (s,), pd, (d,), g, activation, so, zo),
            xs, ws, 1, quantized)
 
 
+def _u8_diffs(fast: torch.Tensor, ref: torch.Tensor) -> tuple[int, int]:
+    diff = (fast.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1
+    return int((diff > 0).sum()), diff.numel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", sorted(U8_LIMIT))
+def test_u8_tie_rate_per_op(op):
+    """The per-op limit on ~1-2.5M requantized outputs (no activation: the highest rate)."""
+    gen = torch.Generator().manual_seed(_seed(op))
+    if op == "linear":
+        x = torch.randint(0, 256, (2048, 512), dtype=torch.uint8, generator=gen)
+        w_q, ws = _weights((512, 512), gen)
+        b = torch.randint(-5000, 5000, (512,), dtype=torch.int32, generator=gen)
+        so, zo = _qparams_for(R.linear(x, 0.03, 131, w_q, ws, b))
+        differ, total = _u8_diffs(PackedLinear(w_q, ws, b, 0.03, 131)(x, "none", so, zo),
+                                  R.linear(x, 0.03, 131, w_q, ws, b, "none", so, zo))
+    else:
+        shape, groups, k = {"conv2d": ((8, 64, 56, 56), 1, 3), "conv2d_depthwise": ((8, 96, 56, 56), 96, 3),
+                            "conv1d": ((16, 64, 2000), 1, 3)}[op]
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w_q, ws = _weights((shape[1], shape[1] // groups, *[k] * (x.dim() - 2)), gen)
+        b = torch.randint(-5000, 5000, (shape[1],), dtype=torch.int32, generator=gen)
+        ones = (1,) * (x.dim() - 2)
+        so, zo = _qparams_for(R.conv(x, 0.02, 97, w_q, ws, b, ones, ones, ones, groups))
+        differ, total = _u8_diffs(PackedConv(w_q, ws, b, 0.02, 97, 1, 1, 1, groups)(x, "none", so, zo),
+                                  R.conv(x, 0.02, 97, w_q, ws, b, ones, ones, ones, groups, "none", so, zo))
+    assert differ <= U8_LIMIT[op] * total, (op, differ, total)
+
+
 def test_requantize_rounds_half_to_even():
-    """acc / 2 hits every .5 tie: oneDNN must round them like the reference (to even)."""
+    """acc / 2 hits every .5 tie (exact in both orders): oneDNN rounds them like the reference."""
     x = torch.arange(256, dtype=torch.uint8).reshape(-1, 1)
     w_q, ws = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
     lin = PackedLinear(w_q, ws, None, 1.0, 128)

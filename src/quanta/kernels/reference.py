@@ -1,9 +1,18 @@
 """Integer-exact reference kernels: the specification every fast kernel is tested against.
 
 Accumulation is exact int32: products of integer-valued float64 tensors are exact while the
-sum stays below 2^53, far above the int32 range an int8 accumulator may reach. The epilogue
-(scale to float32, fused activation, requantize with round-half-to-even, clamp) is the same
-arithmetic the oneDNN kernels perform.
+sum stays below 2^53, far above the int32 range an int8 accumulator may reach.
+
+Requantization is the classic integer-inference form (gemmlowp, fbgemm, ONNX Runtime), so
+an exported QDQ model runs bit for bit like this reference in ONNX Runtime:
+- conv / linear: ``clamp(round_half_even(f32(acc) * M[c]) + zp_y)`` with ONE float32
+  multiplier per output channel ``M[c] = f32(f32(s_x * s_w[c]) / s_y)``; the int32 bias is in
+  ``acc``; a fused ReLU / ReLU6 is a clamp on the integers.
+- add: float32 scale ratios ``r_a = s_a / s_y``, ``r_b = s_b / s_y`` with the zero points
+  folded into one constant, each multiply-add rounded once (fused multiply-add, as ONNX
+  Runtime's x86 QLinearAdd): ``round_half_even(a * r_a + (b * r_b + k))``.
+oneDNN scales the accumulator and adds a float bias in its own order: its uint8 outputs differ
+from these at about 1e-6 of elements (ties), by one LSB (tests/kernels/test_onednn.py).
 
 Conventions: activations are per-tensor (python float scale, int zero point); weights are
 symmetric per output channel (float32 scale vector, zero points all 0); bias is int32 at
@@ -44,6 +53,32 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def requantize_multiplier(x_scale: float, w_scale: torch.Tensor, out_scale: float) -> torch.Tensor:
+    """Per-channel float32 ``f32(f32(x_scale * w_scale) / out_scale)``: one multiplier takes the
+    int32 accumulator straight to output quanta (one rounding instead of two)."""
+    return (_f32(x_scale) * w_scale.float()) / _f32(out_scale)
+
+
+def activation_bounds(
+    activation: str, out_scale: float, out_zero_point: int, qmin: int = 0, qmax: int = 255
+) -> tuple[int, int]:
+    """Integer clamp [lo, hi] of a fused activation at the output qparams: ReLU is
+    ``q >= zp``, ReLU6 also ``q <= quantize(6.0)``; equal to activating then quantizing."""
+    lo, hi = qmin, qmax
+    if activation in ("relu", "relu6"):
+        lo = max(qmin, out_zero_point)
+    if activation == "relu6":
+        six = int(quantize_per_tensor(_f32(6.0), out_scale, out_zero_point, qmin, qmax, torch.int32))
+        hi = min(qmax, six)
+    elif activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
+    return lo, hi
+
+
 def epilogue(
     acc: torch.Tensor,
     x_scale: float,
@@ -55,14 +90,17 @@ def epilogue(
     out_qmin: int = 0,
     out_qmax: int = 255,
 ) -> torch.Tensor:
-    """int32 accumulator -> float32 output, or requantized uint8 when ``out_scale`` is given."""
+    """int32 accumulator -> float32 ``acc * f32(x_scale * w_scale)`` (activated), or with
+    ``out_scale`` uint8 ``clamp(round_half_even(acc * M) + zp)``, M = requantize_multiplier."""
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
-    multiplier = (x_scale * w_scale.float()).reshape(shape)
-    y = apply_activation(acc.to(torch.float32) * multiplier, activation)
     if out_scale is None:
-        return y
-    return quantize_per_tensor(y, out_scale, out_zero_point, out_qmin, out_qmax)
+        multiplier = (x_scale * w_scale.float()).reshape(shape)
+        return apply_activation(acc.to(torch.float32) * multiplier, activation)
+    multiplier = requantize_multiplier(x_scale, w_scale, out_scale).reshape(shape)
+    lo, hi = activation_bounds(activation, out_scale, out_zero_point, out_qmin, out_qmax)
+    q = torch.round(acc.to(torch.float32) * multiplier) + out_zero_point
+    return torch.clamp(q, lo, hi).to(torch.uint8)
 
 
 def linear_accumulate(
@@ -117,20 +155,41 @@ def conv(
     return epilogue(acc, x_scale, w_scale, 1, activation, out_scale, out_zero_point)
 
 
+def add_constants(
+    a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int,
+    out_scale: float, out_zero_point: int,
+) -> tuple[float, float, float]:
+    """float32 (r_a, r_b, k) of the int8 add: ``r = f32(s / s_y)`` and the folded zero points
+    ``k = f32(zp_y - fma(r_a, zp_a, f32(r_b * zp_b)))`` (ONNX Runtime's x86 constant, as its
+    compiler contracts it), returned as python floats holding float32 values."""
+    r_a, r_b = _f32(a_scale) / _f32(out_scale), _f32(b_scale) / _f32(out_scale)
+    b_part = (r_b * b_zero_point).double()
+    k = _f32(out_zero_point) - (r_a.double() * a_zero_point + b_part).float()
+    return float(r_a), float(r_b), float(k)
+
+
 def add(
     a_q: torch.Tensor, a_scale: float, a_zero_point: int,
     b_q: torch.Tensor, b_scale: float, b_zero_point: int,
     out_scale: float, out_zero_point: int, activation: str = "none",
 ) -> torch.Tensor:
-    """Quantized elementwise add with requantization to the output qparams."""
-    y = dequantize_per_tensor(a_q, a_scale, a_zero_point) + dequantize_per_tensor(b_q, b_scale, b_zero_point)
-    return quantize_per_tensor(apply_activation(y, activation), out_scale, out_zero_point)
+    """Quantized elementwise add: ``clamp(round_half_even(f32(a * r_a + f32(b * r_b + k))))``.
+
+    Each multiply-add is rounded to float32 once (a fused multiply-add); float64 holds it
+    exactly first (an 8-bit integer times a float32 has at most 32 significant bits, and the
+    sum stays within 53 bits for scale ratios anywhere near 1). Broadcasting as torch.add."""
+    r_a, r_b, k = add_constants(a_scale, a_zero_point, b_scale, b_zero_point, out_scale, out_zero_point)
+    t = (b_q.double() * r_b + k).float()
+    y = (a_q.double() * r_a + t.double()).float()
+    lo, hi = activation_bounds(activation, out_scale, out_zero_point)
+    return torch.clamp(torch.round(y), lo, hi).to(torch.uint8)
 
 
 def requantize(
     q: torch.Tensor, scale: float, zero_point: int, out_scale: float, out_zero_point: int
 ) -> torch.Tensor:
-    """uint8 at one scale/zero point -> uint8 at another."""
+    """uint8 at one scale/zero point -> uint8 at another: dequantize, then quantize (what an ONNX
+    DequantizeLinear -> QuantizeLinear pair computes)."""
     if scale == out_scale and zero_point == out_zero_point:
         return q
     return quantize_per_tensor(dequantize_per_tensor(q, scale, zero_point), out_scale, out_zero_point)
