@@ -76,3 +76,31 @@ def test_add_and_requantize_match_float_definition():
     assert (out.double() == expected).float().mean() > 0.99
     same = reference.requantize(a, 0.05, 128, 0.05, 128)
     assert same is a
+
+
+def test_epilogue_rounds_once_with_one_multiplier():
+    """uint8 epilogue = round(acc * f32(f32(s_x*s_w)/s_y)) + zp: against the exact (float64) value
+    of acc * s_x * s_w / s_y it is off by at most 1 LSB, only next to ties."""
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randint(-(2**20), 2**20, (4096, 64), dtype=torch.int32, generator=g)
+    w_scale = torch.rand(64, generator=g) * 0.01 + 1e-4
+    x_scale, out_scale, zp = 0.0213, 0.917, 128
+    q = reference.epilogue(acc, x_scale, w_scale, 1, "none", out_scale, zp)
+    m = (torch.tensor(x_scale) * w_scale) / torch.tensor(out_scale)
+    assert torch.equal(q, torch.clamp(torch.round(acc.float() * m) + zp, 0, 255).to(torch.uint8))
+    exact = acc.double() * (float(torch.tensor(x_scale)) * w_scale.double()) / float(torch.tensor(out_scale))
+    expected = torch.clamp(torch.round(exact) + zp, 0, 255)
+    diff = (q.double() - expected).abs()
+    assert diff.max() <= 1 and (diff == 0).double().mean() > 0.9999
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_fused_activation_is_an_integer_clamp(activation):
+    """ReLU / ReLU6 before requantization == clamping the integers at quantize(0) / quantize(6)."""
+    acc = torch.arange(-3000, 3000, dtype=torch.int32).reshape(1, -1)
+    out_scale, zp = 6.0 / 200, 30
+    plain = reference.epilogue(acc, 0.5, torch.full((1,), 0.01), 0, "none", out_scale, zp)
+    fused = reference.epilogue(acc, 0.5, torch.full((1,), 0.01), 0, activation, out_scale, zp)
+    six = int(reference.quantize_per_tensor(torch.tensor(6.0), out_scale, zp))
+    assert torch.equal(fused, torch.clamp(plain, zp, six if activation == "relu6" else 255))
+    assert int(fused.min()) == zp and (activation == "relu" or int(fused.max()) == six == 230)
