@@ -7,8 +7,9 @@ Weights are prepacked once, in the constructor.
 Findings that shape this module (torch 2.13, oneDNN 3.12):
 - Bias must be floating point (an int32 bias is rejected); it is passed as
   ``float32(bias_i32 * x_scale * w_scale)`` and added after scaling the accumulator. Float32
-  outputs therefore differ from the reference by about one float32 ulp; requantized uint8
-  outputs round half to even like the reference and matched it exactly in our tests.
+  outputs therefore differ from the reference by about one float32 ulp. Requantized uint8
+  outputs use oneDNN's own f32 order, not the reference's single multiplier: they differ by
+  1 LSB on ~5e-6 of elements (rounding ties), never more (limits in tests/kernels).
 - Prepacked weights do not depend on x_scale / x_zero_point or on the input shape for
   correctness: both are passed again on every call. For conv, packing with *some* concrete
   input shape selects a blocked weight layout that runs ~20% faster than packing with none;
