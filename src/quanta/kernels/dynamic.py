@@ -80,7 +80,6 @@ _WORKSPACE = _Workspace()
 
 
 _BLOCK = 1 << 16  # elements per block of the elementwise passes (256 KiB float32 stays in L2)
-TORCH_QUANTIZE_MIN = 1 << 17  # from this size, with >1 thread, torch's threaded passes are faster
 
 
 def _quantize_tensor(x: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -103,15 +102,6 @@ def _quantize_tensor(x: np.ndarray) -> tuple[np.ndarray, float, int]:
         _CLIP(y, lo, hi, out=y)
         np.copyto(q[start:stop], y, casting="unsafe")
     return q.reshape(x.shape), scale, zero_point
-
-
-def _quantize_tensor_threaded(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """The same with torch's intra-op threads (the reference's own ops): for large inputs."""
-    lo, hi = torch.aminmax(x)
-    scale, zero_point = dynamic_qparams(float(lo), float(hi))
-    y = torch.mul(x, float(np.float32(1.0 / scale)))
-    y.add_(zero_point + 0.5).clamp_(0.0, 255.0)
-    return y.to(torch.uint8), scale, zero_point
 
 
 class _InputCache(threading.local):
@@ -142,8 +132,6 @@ def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object
     if per_row:
         q, s_, z_ = _quantize_rows(xn)
         x_q, scale, zero_point = torch.from_numpy(q), torch.from_numpy(s_), torch.from_numpy(z_)
-    elif xn.size >= TORCH_QUANTIZE_MIN and torch.get_num_threads() > 1:
-        x_q, scale, zero_point = _quantize_tensor_threaded(torch.from_numpy(xn))
     else:
         q, scale, zero_point = _quantize_tensor(xn)
         x_q = torch.from_numpy(q)
