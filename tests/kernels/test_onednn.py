@@ -10,6 +10,7 @@ element lands on the other side of a .5 tie about once in 10^5-10^6.
 |----------------------|---------|---------------------|-------------------|--------------------------|
 | linear, conv1d/2d    | float32 | 1 acc. quantum      | 100% (f32 ulps)   | ~1 float32 ulp           |
 | linear               | uint8   | 1 output quantum    | 2e-5              | 6.8e-6; relu 1.5e-6      |
+| linear + GELU        | uint8   | 1 output quantum    | 2e-5              | 0 in 35k (erf and tanh)  |
 | conv2d (dense/group) | uint8   | 1 output quantum    | 2e-5              | 6.7e-6; relu6 8e-7       |
 | conv2d depthwise     | uint8   | 1 output quantum    | 2e-5              | 4.6e-6; relu6 2.7e-6     |
 | conv1d               | uint8   | 1 output quantum    | 2e-5              | 6.3e-6; relu 1e-6        |
@@ -49,6 +50,7 @@ def _seed(key: object) -> int:
 
 
 ACTS = ["none", "relu", "relu6"]
+LINEAR_ACTS = [*ACTS, "gelu", "gelu_tanh"]  # oneDNN qconv has no GELU post-op
 U8_LIMIT = {"linear": 2e-5, "conv2d": 2e-5, "conv2d_depthwise": 2e-5, "conv1d": 2e-5}
 
 
@@ -85,7 +87,7 @@ def _check(op: str, fast_fn, ref_fn, x_scale: float, w_scale: torch.Tensor, chan
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 5), (16, 64, 33), (2, 3, 40, 300)])
-@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("activation", LINEAR_ACTS)
 @pytest.mark.parametrize("quantized", [False, True], ids=["f32out", "u8out"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_linear_matches_reference(shape, activation, quantized, bias):

@@ -38,7 +38,8 @@ def _quantize(module: nn.Module, shape, activation=None, backend="auto"):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.ReLU6()], ids=["none", "relu", "relu6"])
+@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.ReLU6(), nn.GELU(), nn.GELU("tanh")],
+                         ids=["none", "relu", "relu6", "gelu", "gelu_tanh"])
 def test_module_sqnr(case, activation):
     make, shape = CASES[case]
     torch.manual_seed(0)
@@ -47,8 +48,12 @@ def test_module_sqnr(case, activation):
     assert sqnr(float_model(x), qmodel(x)) >= 30.0
     qtype = type(qmodel[0]).__name__
     assert qtype == EXPECTED[case.split("_")[0]]
-    if activation is not None:
-        assert qmodel[0].activation == ("relu6" if isinstance(activation, nn.ReLU6) else "relu")
+    if isinstance(activation, nn.GELU) and not case.startswith("linear"):
+        assert qmodel[0].activation == "none" and isinstance(qmodel[1], nn.GELU)  # no qconv GELU
+    elif activation is not None:
+        names = {nn.ReLU6: "relu6", nn.ReLU: "relu"}
+        want = names.get(type(activation)) or ("gelu_tanh" if activation.approximate == "tanh" else "gelu")
+        assert qmodel[0].activation == want
         assert isinstance(qmodel[1], nn.Identity)
     state = qmodel.state_dict()
     assert state["0.weight"].dtype == torch.int8
@@ -56,6 +61,31 @@ def test_module_sqnr(case, activation):
     assert state["0.input_zero_point"].dtype == torch.int32
     if make().bias is not None:
         assert state["0.bias"].dtype == torch.int32
+
+
+class _GeluTwice(nn.Module):
+    """A GELU module called twice and a functional GELU: neither may be fused (GELU is not
+    idempotent, and the module or call would still run on the fused result)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc2(self.act(self.fc1(x))))
+        return self.fc3(h + self.act(x.sum(-1, keepdim=True)))
+
+
+def test_gelu_fuses_only_when_safe():
+    torch.manual_seed(0)
+    model = _GeluTwice().eval()
+    calib = [torch.randn(32, 16) for _ in range(4)]
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    assert qmodel.fc1.activation == "none" and qmodel.fc2.activation == "none"
+    assert isinstance(qmodel.act, nn.GELU)
+    x = torch.randn(64, 16)
+    assert sqnr(model(x), qmodel(x)) >= 25.0
 
 
 def test_int8_chain_keeps_activations_int8():

@@ -97,6 +97,17 @@ def _relu_kind(node: Node, modules: dict[str, nn.Module]) -> str:
     return ""
 
 
+def _gelu_kind(record: DataflowRecord, node: Node, modules: dict[str, nn.Module], lp: LayerPlan) -> str:
+    """GELU folds into a Linear only as an ``nn.GELU`` module called once: the module is
+    then replaced by Identity. Unlike ReLU, GELU is not idempotent, so a functional call or a
+    shared module (which still runs on the int8 result) must stay a separate float op."""
+    m = modules.get(node.name) if node.kind == "module" else None
+    if lp.kind != "module" or not isinstance(m, nn.GELU) or len(record.module_nodes(node.name)) != 1 \
+            or lp.float_type != "Linear":  # oneDNN's int8 conv has no GELU post-op
+        return ""
+    return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+
+
 def _sole_consumer(record: DataflowRecord, node: Node) -> Node | None:
     if node.is_output or len(node.consumers) != 1:
         return None
@@ -209,7 +220,7 @@ def _fuse_activation(record: DataflowRecord, plan: Plan, modules: dict[str, nn.M
     act = _sole_consumer(record, tail)
     if act is None:
         return
-    kind = _relu_kind(act, modules)
+    kind = _relu_kind(act, modules) or _gelu_kind(record, act, modules, lp)
     if kind:
         lp.activation = kind
         lp.fused.append(act.name)

@@ -43,6 +43,7 @@ from quanta.capture.record import batch_tensors
 from quanta.errors import UnsupportedModelError
 from quanta.io.atomic import atomic_write_bytes
 from quanta.io.save import converted_state
+from quanta.kernels import reference
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
@@ -108,6 +109,8 @@ def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = N
         return torch.relu(y)
     if activation == "relu6":
         return torch.clamp(y, 0.0, 6.0)
+    if activation in ("gelu", "gelu_tanh"):
+        return reference.apply_activation(y, activation)
     return y
 
 

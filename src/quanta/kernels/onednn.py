@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+_ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
+        "gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh")}
 _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
 
 
@@ -77,7 +78,7 @@ def _float_bias(bias_i32: torch.Tensor | None, x_scale: float, w_scale: torch.Te
     return (bias_i32.double() * x_scale * w_scale.double()).float()
 
 
-def _post_op(activation: str) -> tuple[str, list[float]]:
+def _post_op(activation: str) -> tuple[str, list[float], str]:
     try:
         return _ACT[activation]
     except KeyError:
@@ -110,7 +111,7 @@ class PackedLinear:
         out_scale: float | None = None, out_zero_point: int = 0,
     ) -> torch.Tensor:
         """x_u8 uint8 [..., K] -> float32 [..., N], or uint8 if ``out_scale`` is given."""
-        name, args = _post_op(activation)
+        name, args, algorithm = _post_op(activation)
         if not x_u8.is_contiguous():
             x_u8 = x_u8.contiguous()
         if out_scale is None:
@@ -119,7 +120,7 @@ class PackedLinear:
             dtype = None
         return torch.ops.onednn.qlinear_pointwise(
             x_u8, self.x_scale, self.x_zero_point, self.packed, self.w_scale, self.w_zero_point,
-            self.bias, float(out_scale), int(out_zero_point), dtype, name, args, "",
+            self.bias, float(out_scale), int(out_zero_point), dtype, name, args, algorithm,
         )
 
 
@@ -189,7 +190,7 @@ class PackedConv:
         out_scale: float | None = None, out_zero_point: int = 0,
     ) -> torch.Tensor:
         """x_u8 uint8 [N, C, (H,) W] -> float32 output, or uint8 if ``out_scale`` is given."""
-        name, args = _post_op(activation)
+        name, args, algorithm = _post_op(activation)
         if self.is_1d:
             x_u8 = x_u8.unsqueeze(2)
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
@@ -200,6 +201,6 @@ class PackedConv:
         y = torch.ops.onednn.qconv2d_pointwise(
             x_u8, self.x_scale, self.x_zero_point, self.packed, self.w_scale, self.w_zero_point,
             self.bias, self.stride, self.padding, self.dilation, self.groups,
-            float(out_scale), int(out_zero_point), dtype, name, args, "",
+            float(out_scale), int(out_zero_point), dtype, name, args, algorithm,
         )
         return y.squeeze(2) if self.is_1d else y

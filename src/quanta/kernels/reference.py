@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("none", "relu", "relu6")
+ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh")
+CLAMP_ACTIVATIONS = ("none", "relu", "relu6")  # exact as integer clamps; GELU is not
 
 
 def quantize_per_tensor(
@@ -45,11 +46,15 @@ def quantize_bias(bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor) -> 
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """A fused activation ("none" | "relu" | "relu6") on float values; differentiable."""
+    """A fused activation (one of ``ACTIVATIONS``) on float values; differentiable."""
     if activation == "relu":
         return torch.relu(y)
     if activation == "relu6":
         return torch.clamp(y, 0.0, 6.0)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
     return y
 
 
@@ -74,8 +79,9 @@ def activation_bounds(
     if activation == "relu6":
         six = int(quantize_per_tensor(_f32(6.0), out_scale, out_zero_point, qmin, qmax, torch.int32))
         hi = min(qmax, six)
-    elif activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
+    elif activation not in CLAMP_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not an integer clamp; expected one of "
+                         f"{CLAMP_ACTIVATIONS}")
     return lo, hi
 
 
@@ -97,6 +103,9 @@ def epilogue(
     if out_scale is None:
         multiplier = (x_scale * w_scale.float()).reshape(shape)
         return apply_activation(acc.to(torch.float32) * multiplier, activation)
+    if activation not in CLAMP_ACTIVATIONS:  # GELU: activate the float value, then quantize
+        y = apply_activation(acc.to(torch.float32) * (x_scale * w_scale.float()).reshape(shape), activation)
+        return quantize_per_tensor(y, out_scale, out_zero_point, out_qmin, out_qmax)
     multiplier = requantize_multiplier(x_scale, w_scale, out_scale).reshape(shape)
     lo, hi = activation_bounds(activation, out_scale, out_zero_point, out_qmin, out_qmax)
     q = torch.round(acc.to(torch.float32) * multiplier) + out_zero_point

@@ -47,7 +47,7 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
         return y.relu_()
     if activation == "relu6":
         return y.clamp_(0.0, 6.0)
-    return y
+    return reference.apply_activation(y, activation)
 
 
 _LAST_QUANTIZED: list[Any] = [None]  # (input, its version, scale, zero point, uint8 result)
