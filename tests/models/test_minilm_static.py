@@ -1,7 +1,8 @@
 """Acceptance: static int8 of the real all-MiniLM-L6-v2 encoder on real sentences.
 
-Linear layers int8, embeddings weight-only int8, LayerNorm/GELU/softmax/attention matmuls in
-float; the additive attention mask and the residual adds feed float ops, so they stay float.
+Linear layers int8 (GELU fused into the MLP's first Linear), embeddings weight-only int8,
+LayerNorm/softmax/attention matmuls in float; the additive attention mask and the residual
+adds feed float ops, so they stay float.
 """
 
 import pytest
