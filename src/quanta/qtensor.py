@@ -153,6 +153,9 @@ def _max_pool2d_shifts(
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if oh <= 0 or ow <= 0 or 2 * ph > kh or 2 * pw > kw:
         return None
+    if not (ph or pw) and (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0 \
+            and data.is_contiguous(memory_format=torch.channels_last):
+        return _max_pool_tiles(data, kh, kw)
     if (ph or pw) and 2 * ph < kh and 2 * pw < kw:  # padded: skip the padded copy
         rows = _max_along(data, 3, kw, sw, pw, ow)
         return _max_along(rows, 2, kh, sh, ph, oh)
@@ -167,6 +170,23 @@ def _max_pool2d_shifts(
             else:
                 torch.maximum(out, view, out=out)
     return out
+
+
+def _max_pool_tiles(data: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Non-overlapping pooling (kernel == stride, no padding, sizes divisible) of channels_last
+    data: the NHWC memory viewed as [N, H/kh, kh, W/kw, kw, C] and reduced tap by tap, kh + kw - 2
+    maxima on contiguous slices (2x2 pool: 17 vs 27 us at 16x28x28, 33 vs 52 us at batch 8)."""
+    n, c, h, w = data.shape
+    tiles = data.permute(0, 2, 3, 1).reshape(n, h // kh, kh, w // kw, kw, c)
+    rows = tiles[:, :, 0]
+    for i in range(1, kh):
+        rows = torch.maximum(rows, tiles[:, :, i])
+    out = rows[:, :, :, 0]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[:, :, :, j])
+    if kh == 1 and kw == 1:
+        out = out.clone()
+    return out.permute(0, 3, 1, 2)
 
 
 def _max_along(data: torch.Tensor, dim: int, k: int, s: int, p: int, n_out: int) -> torch.Tensor:
