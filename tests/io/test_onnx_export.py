@@ -71,6 +71,21 @@ def test_mnist_cnn_matches_reference_in_ort(tmp_path: Path) -> None:
     assert fused.count("QLinearAdd") == 2 and "Add" not in fused
 
 
+def test_fused_gelu_mlp_matches_reference_in_ort(tmp_path: Path) -> None:
+    """A Linear with GELU folded in (int8 out to the next Linear) exports as Linear -> GELU -> Q:
+    ORT reproduces the reference (GELU of the float-scaled accumulator, then one quantization)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 32)).eval()
+    q = quanta.quantize(model, [torch.randn(16, 64) for _ in range(4)], config=REFERENCE,
+                        show_progress=False)
+    assert q[0].activation == "gelu" and q[0].output_int8
+    path = quanta.export_onnx(q, torch.randn(1, 64), tmp_path / "mlp.onnx")
+    x = torch.randn(256, 64)
+    got, ref = _run_ort(path, x), q(x).numpy()
+    # measured: every output bit-identical
+    assert float(np.mean(got == ref)) >= 0.999, float(np.abs(got - ref).max())
+
+
 def test_seven_bit_weights_are_exported_as_chosen(tmp_path: Path) -> None:
     from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
 
