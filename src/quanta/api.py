@@ -91,7 +91,10 @@ def swap_layers(
     whose every call was fused become ``nn.Identity``.
     """
     modules = dict(model.named_modules())
-    fused_calls = Counter(name for lp in plan.activation_layers() for name in lp.fused)
+    # ReLU calls fused into int8 layers and into int8 call sites (the site applies it): a
+    # module whose every call is fused becomes Identity, so no redundant op runs or is exported
+    fusers = [lp for lp in plan.layers.values() if lp.precision == "int8" and not lp.weight_only]
+    fused_calls = Counter(name for lp in fusers for name in lp.fused)
     for lp in plan.activation_layers():
         module = modules[lp.name]
         _, wspec, aspec, _ = config.for_module(lp.name, module)

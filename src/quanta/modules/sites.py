@@ -58,8 +58,10 @@ class QuantizedSite(LeafMarker, nn.Module):
     def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.converted:
             out = func(*args, **kwargs)
+            if self.activation != "none":  # fused: a replaced ReLU module after it no longer runs
+                out = reference.apply_activation(dequantize_any(out), self.activation)
             if self.observer is not None:
-                observed = self.observer(reference.apply_activation(dequantize_any(out), self.activation))
+                observed = self.observer(dequantize_any(out))
                 if self.fake_quant:
                     return observed
             return out
