@@ -105,13 +105,9 @@ class _QParams:
 def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = None) -> torch.Tensor:
     """The fused activation; a ReLU followed by a quantize with zero point 0 is implied by the
     quantize's clamp at 0 (exactly), so it is left out and ORT can fuse the quantized op."""
-    if activation == "relu" and out_zero_point != 0:
-        return torch.relu(y)
-    if activation == "relu6":
-        return torch.clamp(y, 0.0, 6.0)
-    if activation in ("gelu", "gelu_tanh"):
-        return reference.apply_activation(y, activation)
-    return y
+    if activation == "relu" and out_zero_point == 0:
+        return y
+    return reference.apply_activation(y, activation)
 
 
 class _ExportQuantized(nn.Module):

@@ -57,7 +57,6 @@ def quantize_uint8(
     x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()
-    lo, hi = float(-zero_point), float(255 - zero_point)
     if x.numel() <= _NUMPY_MAX_NUMEL:
         a = x.numpy()
         if channels_last and a.ndim == 4 and not x.is_contiguous(memory_format=torch.channels_last):
@@ -66,7 +65,7 @@ def quantize_uint8(
             return torch.from_numpy(_round_clip_cast(y, zero_point)).permute(0, 3, 1, 2)
         return torch.from_numpy(_round_clip_cast(np.divide(a, np.float32(scale)), zero_point))
     y = torch.div(x, scale)
-    y.round_().clamp_(lo, hi)
+    y.round_().clamp_(float(-zero_point), float(255 - zero_point))
     if zero_point == 0:
         return y.to(torch.uint8)
     return y.to(torch.int16).add_(zero_point).to(torch.uint8)

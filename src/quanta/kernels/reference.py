@@ -100,11 +100,11 @@ def epilogue(
     ``out_scale`` uint8 ``clamp(round_half_even(acc * M) + zp)``, M = requantize_multiplier."""
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
-    if out_scale is None:
-        multiplier = (x_scale * w_scale.float()).reshape(shape)
-        return apply_activation(acc.to(torch.float32) * multiplier, activation)
-    if activation not in CLAMP_ACTIVATIONS:  # GELU: activate the float value, then quantize
+    if out_scale is None or activation not in CLAMP_ACTIVATIONS:
+        # float output; or GELU, which is not an integer clamp: activate the float, then quantize
         y = apply_activation(acc.to(torch.float32) * (x_scale * w_scale.float()).reshape(shape), activation)
+        if out_scale is None:
+            return y
         return quantize_per_tensor(y, out_scale, out_zero_point, out_qmin, out_qmax)
     multiplier = requantize_multiplier(x_scale, w_scale, out_scale).reshape(shape)
     lo, hi = activation_bounds(activation, out_scale, out_zero_point, out_qmin, out_qmax)
