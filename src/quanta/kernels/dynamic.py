@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from quanta.kernels import cpu, reference
+from quanta.kernels.onednn import CLIP
 
 _EPS = float(torch.finfo(torch.float32).eps)
 SMALL_M = 2  # rows at or below which the exact float32 reference beats oneDNN's per-call cost
@@ -57,9 +58,6 @@ def _quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y += (zero_point + np.float32(0.5))[:, None]
     np.clip(y, 0.0, 255.0, out=y)
     return y.astype(np.uint8), scale, zero_point.astype(np.int32)
-
-
-_CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc itself, no wrapper
 
 
 class _Workspace(threading.local):
@@ -99,7 +97,7 @@ def _quantize_tensor(x: np.ndarray) -> tuple[np.ndarray, float, int]:
         y = work[: stop - start]
         np.multiply(flat[start:stop], inv, out=y)
         np.add(y, offset, out=y)
-        _CLIP(y, lo, hi, out=y)
+        CLIP(y, lo, hi, out=y)
         np.copyto(q[start:stop], y, casting="unsafe")
     return q.reshape(x.shape), scale, zero_point
 

@@ -30,7 +30,7 @@ _ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh"
 _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
 
 
-_CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc, without np.clip's wrapper
+CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc, without np.clip's wrapper
 
 
 def _round_clip_cast(y: np.ndarray, zero_point: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def _round_clip_cast(y: np.ndarray, zero_point: int) -> np.ndarray:
     (adding the integer zero point after rounding is exact, so the order is free)."""
     np.rint(y, out=y)
     y += np.float32(zero_point)
-    _CLIP(y, np.float32(0.0), np.float32(255.0), out=y)
+    CLIP(y, np.float32(0.0), np.float32(255.0), out=y)
     return y.astype(np.uint8)
 
 
