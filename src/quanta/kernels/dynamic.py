@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from quanta.kernels import cpu, reference
+from quanta.kernels.native import ops as native_ops
 from quanta.kernels.onednn import CLIP
 
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -163,7 +164,7 @@ class DynamicLinearKernel:
     """One int8 weight matrix [N, K] ready to multiply float inputs: ``kernel(x2d, bias)``.
 
     ``backend`` is "onednn" or "reference" (resolved). With "onednn", calls of at most
-    ``SMALL_M`` rows take the exact reference path (see module docstring).
+    ``small_m`` rows (``SMALL_M``, or 0 with the native kernels) take the exact reference path.
     """
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, backend: str) -> None:
@@ -179,9 +180,27 @@ class DynamicLinearKernel:
             self.w_zero_point = torch.zeros(w_q.shape[0], dtype=torch.int64)
             wsum = self.w_q.sum(dim=1, dtype=torch.int64).double()
             self.wsum_scaled = (wsum * self.w_scale.double()).float()
+        # native kernels (kept oneDNN primitives, no fixed per-call cost) beat the exact float
+        # reference at every row count, so then no call takes the small-M path
+        self.natives: dict[tuple | None, native_ops.NativeLinear] | None = (
+            {} if backend == "onednn" and native_ops.available() else None)
+        self.small_m = 0 if self.natives is not None else SMALL_M
+
+    def _native(self, bias: torch.Tensor | None) -> native_ops.NativeLinear | None:
+        """The native kernel with ``bias`` built in (keyed by its storage and version)."""
+        if self.natives is None or torch.compiler.is_compiling():
+            return None
+        key = None if bias is None else (bias.data_ptr(), bias._version)
+        op = self.natives.get(key)
+        if op is None:
+            if len(self.natives) >= 4:
+                self.natives.clear()
+            b = None if bias is None else bias.detach().float().clone()
+            op = self.natives[key] = native_ops.NativeLinear(self.w_q, self.w_scale, bias_float=b)
+        return op
 
     def uses_onednn(self, rows: int) -> bool:
-        return self.packed is not None and rows > SMALL_M
+        return self.packed is not None and rows > self.small_m
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, per_row: bool = False) -> torch.Tensor:
         """x float32 [M, K] -> float32 [M, N]."""
@@ -202,17 +221,26 @@ class DynamicLinearKernel:
         """The hot path: float32 [..., K] (more than ``SMALL_M`` rows, oneDNN kernel built) ->
         float32 [..., N]; leading dims pass through oneDNN, so no reshapes here."""
         x_q, scale, zero_point = quantize_input(x, False)
+        native = self._native(bias)
+        if native is not None:
+            return native(x_q, x_scale=scale, x_zero_point=zero_point)
         return self._qlinear(x_q, scale, zero_point, self.packed, self.w_scale, self.w_zero_point,
                              bias, 1.0, 0, torch.float32, "none", [], "")
 
     def _onednn(self, x_q: torch.Tensor, scale: object, zero_point: object,
                 bias: torch.Tensor | None, per_row: bool) -> torch.Tensor:
         op = torch.ops.onednn.qlinear_pointwise
+        native = self._native(bias if not per_row else None)
         if not per_row:
+            if native is not None:
+                return native(x_q, x_scale=float(scale), x_zero_point=int(zero_point))
             return op(x_q, float(scale), int(zero_point), self.packed, self.w_scale, self.w_zero_point,
                       bias, 1.0, 0, torch.float32, "none", [], "")
-        raw = op(x_q, 1.0, 0, self.packed, self.w_scale, self.w_zero_point,
-                 None, 1.0, 0, torch.float32, "none", [], "")  # sum_k x_q * w * w_scale
+        if native is not None:  # sum_k x_q * w * w_scale
+            raw = native(x_q, x_scale=1.0, x_zero_point=0)
+        else:
+            raw = op(x_q, 1.0, 0, self.packed, self.w_scale, self.w_zero_point,
+                     None, 1.0, 0, torch.float32, "none", [], "")
         # y = s_row * (raw - zp_row * wsum * w_scale) + bias: one rank-1 update, one scaled add
         base = bias if bias is not None else torch.zeros(raw.shape[1])
         y = torch.addr(base.expand_as(raw), zero_point.float() * scale, self.wsum_scaled, alpha=-1.0)

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from quanta.kernels.native import ops as native_ops
+
 _ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
         "gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh")}
 _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
@@ -104,12 +106,16 @@ class PackedLinear:
         self.bias = _float_bias(bias_i32, self.x_scale, self.w_scale)
         # M is unknown until run time; packing with None measured as fast as a fixed [M, K].
         self.packed = torch.ops.onednn.qlinear_prepack(w_q.detach().contiguous(), None)
+        self.native = (native_ops.NativeLinear(w_q, self.w_scale, bias_i32, self.x_scale, self.x_zero_point)
+                       if native_ops.available() else None)
 
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none",
         out_scale: float | None = None, out_zero_point: int = 0,
     ) -> torch.Tensor:
         """x_u8 uint8 [..., K] -> float32 [..., N], or uint8 if ``out_scale`` is given."""
+        if self.native is not None and not torch.compiler.is_compiling():
+            return self.native(x_u8, activation, out_scale, out_zero_point)
         name, args, algorithm = _post_op(activation)
         if not x_u8.is_contiguous():
             x_u8 = x_u8.contiguous()
@@ -168,6 +174,9 @@ class PackedConv:
             w4.contiguous(), self.w_scale, self.x_scale, self.x_zero_point,
             self.stride, self.padding, self.dilation, self.groups, list(x_shape),
         )
+        self.native = native_ops.NativeConv2d(
+            w4, self.w_scale, bias_i32, self.x_scale, self.x_zero_point, self.stride, self.padding,
+            self.dilation, self.groups) if native_ops.available() else None
 
     @staticmethod
     def _resolve_padding(
@@ -189,9 +198,12 @@ class PackedConv:
         out_scale: float | None = None, out_zero_point: int = 0,
     ) -> torch.Tensor:
         """x_u8 uint8 [N, C, (H,) W] -> float32 output, or uint8 if ``out_scale`` is given."""
-        name, args, algorithm = _post_op(activation)
         if self.is_1d:
             x_u8 = x_u8.unsqueeze(2)
+        if self.native is not None and not torch.compiler.is_compiling():
+            y = self.native(x_u8, activation, out_scale, out_zero_point)
+            return y.squeeze(2) if self.is_1d else y
+        name, args, algorithm = _post_op(activation)
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
         if out_scale is None:
             out_scale, out_zero_point, dtype = 1.0, 0, torch.float32

@@ -21,7 +21,7 @@ from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
 from quanta.errors import QuantizedInputError, UnsupportedModelError
 from quanta.kernels import reference
-from quanta.kernels.dynamic import SMALL_M, DynamicLinearKernel, NonFiniteInputError, resolve_backend
+from quanta.kernels.dynamic import DynamicLinearKernel, NonFiniteInputError, resolve_backend
 from quanta.modules.quantized import quantize_weight
 from quanta.qtensor import QTensor
 
@@ -116,7 +116,8 @@ class DynamicQuantizedLinear(DynamicModule):
             # hot path (per-tensor oneDNN): the same computation with the least Python per call
             kernel = self._kernels.get("weight") or self.kernel("weight")
             k = self.in_features
-            if kernel.packed is not None and x.dim() > 1 and x.shape[-1] == k and x.numel() > SMALL_M * k:
+            rows_ok = x.numel() > kernel.small_m * k
+            if kernel.packed is not None and x.dim() > 1 and x.shape[-1] == k and rows_ok:
                 try:
                     return kernel.onednn_per_tensor(x, self._buffers["bias"])
                 except NonFiniteInputError as exc:

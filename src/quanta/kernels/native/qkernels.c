@@ -1,0 +1,324 @@
+/* quanta's native int8 Conv / Linear: oneDNN primitives built once, executed many times.
+ *
+ * torch.ops.onednn.qconv2d_pointwise / qlinear_pointwise rebuild the oneDNN primitive
+ * descriptor on every call (~30-60 us of fixed cost per op, more than the kernel itself at
+ * batch 1). This file builds each primitive once per input shape and keeps it, with its
+ * weights reordered into the primitive's own layout.
+ *
+ * It links no library: the oneDNN inside torch (libtorch_cpu.so) has the whole C API but does
+ * not export it. quanta/kernels/native.py reads the functions' offsets from that file's symbol
+ * table and passes them to qk_init(), which adds the library's load address. Same oneDNN,
+ * same OpenMP thread pool and same numerics as torch's ops.
+ *
+ * Numerics (scales are runtime arguments, so one primitive serves any qparams of a shape):
+ *   dst = act(acc * wei_scale[c] * src_scale + bias[c]) / dst_scale + dst_zp   (u8 or f32)
+ * acc is the int32 sum of (src - src_zp) * wei. The Python side chooses the scales so that
+ * this is the reference's single-multiplier requantization (see native.py).
+ */
+#define _GNU_SOURCE
+#include <link.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "oneapi/dnnl/dnnl.h"
+
+#define QK_FUNCTIONS(X)                                                                      \
+    X(dnnl_version) X(dnnl_engine_create) X(dnnl_stream_create) X(dnnl_stream_wait)            \
+    X(dnnl_memory_desc_create_with_tag) X(dnnl_memory_desc_destroy)                            \
+    X(dnnl_memory_desc_get_size) X(dnnl_memory_create) X(dnnl_memory_destroy)                  \
+    X(dnnl_memory_set_data_handle) X(dnnl_primitive_attr_create)                                \
+    X(dnnl_primitive_attr_destroy) X(dnnl_primitive_attr_set_scales_mask)                       \
+    X(dnnl_primitive_attr_set_zero_points_mask) X(dnnl_primitive_attr_set_post_ops)             \
+    X(dnnl_post_ops_create) X(dnnl_post_ops_destroy) X(dnnl_post_ops_append_eltwise)            \
+    X(dnnl_convolution_forward_primitive_desc_create) X(dnnl_matmul_primitive_desc_create)      \
+    X(dnnl_reorder_primitive_desc_create) X(dnnl_primitive_desc_query_md)                       \
+    X(dnnl_primitive_desc_destroy) X(dnnl_primitive_create) X(dnnl_primitive_execute)           \
+    X(dnnl_primitive_destroy)
+
+#define QK_POINTER(name) static __typeof__(&name) p_##name;
+QK_FUNCTIONS(QK_POINTER)
+#define QK_NAME(name) #name "\n"
+static const char *qk_names = QK_FUNCTIONS(QK_NAME);
+
+static dnnl_engine_t engine;
+static dnnl_stream_t stream;
+static char last_error[256];
+
+#define CHECK(call)                                                                          \
+    do {                                                                                     \
+        dnnl_status_t s_ = (call);                                                           \
+        if (s_ != dnnl_success) {                                                            \
+            snprintf(last_error, sizeof last_error, "%s failed (oneDNN status %d)", #call, s_); \
+            goto fail;                                                                       \
+        }                                                                                    \
+    } while (0)
+
+const char *qk_symbol_names(void) { return qk_names; }
+const char *qk_last_error(void) { return last_error; }
+
+static uintptr_t torch_base;
+static int find_torch(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    const char *name = info->dlpi_name, *want = (const char *)data;
+    size_t n = strlen(name), w = strlen(want);
+    if (n >= w && strcmp(name + n - w, want) == 0) {
+        torch_base = info->dlpi_addr;
+        return 1;
+    }
+    return 0;
+}
+
+/* offsets: the st_value of each name of qk_symbol_names(), in order. Returns oneDNN's
+ * major*100+minor on success, 0 on failure (see qk_last_error). */
+int qk_init(const char *library_suffix, const uint64_t *offsets, int count) {
+    int i = 0;
+    torch_base = 0;
+    dl_iterate_phdr(find_torch, (void *)library_suffix);
+    if (!torch_base) {
+        snprintf(last_error, sizeof last_error, "%s is not loaded", library_suffix);
+        return 0;
+    }
+#define QK_ASSIGN(name)                                                                      \
+    if (i >= count || !offsets[i]) {                                                         \
+        snprintf(last_error, sizeof last_error, "symbol %s not found", #name);               \
+        return 0;                                                                            \
+    }                                                                                        \
+    p_##name = (__typeof__(&name))(torch_base + offsets[i++]);
+    QK_FUNCTIONS(QK_ASSIGN)
+    const dnnl_version_t *v = p_dnnl_version();
+    if (v->major != DNNL_VERSION_MAJOR) {
+        snprintf(last_error, sizeof last_error, "oneDNN %d.%d in torch, headers are %d.x",
+                 v->major, v->minor, DNNL_VERSION_MAJOR);
+        return 0;
+    }
+    CHECK(p_dnnl_engine_create(&engine, dnnl_cpu, 0));
+    CHECK(p_dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+    return v->major * 100 + v->minor;
+fail:
+    return 0;
+}
+
+/* One built primitive with everything it needs at run time. */
+typedef struct {
+    dnnl_primitive_t primitive;
+    dnnl_memory_t src, weights, bias, dst;
+    dnnl_memory_t src_scale, wei_scale, dst_scale, src_zp, dst_zp;
+    void *weights_data;
+    float src_scale_value, dst_scale_value, *wei_scale_data, *bias_data;
+    int32_t src_zp_value, dst_zp_value;
+} qk_op;
+
+typedef struct {
+    int dst_f32;        /* 1: float32 output, 0: uint8 */
+    int activation;     /* 0 none, 1 relu, 2 clip(alpha, beta), 3 gelu erf, 4 gelu tanh */
+    float alpha, beta;
+    int src_scale;      /* 1: src scale is a runtime argument (dynamic quantization) */
+    int dst_scale;      /* 1: dst scale is a runtime argument */
+} qk_epilogue;
+
+static dnnl_memory_t make_memory(int ndims, const dnnl_dims_t dims, dnnl_data_type_t dt,
+                                 dnnl_format_tag_t tag, void *data) {
+    dnnl_memory_desc_t md = NULL;
+    dnnl_memory_t mem = NULL;
+    if (p_dnnl_memory_desc_create_with_tag(&md, ndims, dims, dt, tag) != dnnl_success) return NULL;
+    if (p_dnnl_memory_create(&mem, md, engine, data) != dnnl_success) mem = NULL;
+    p_dnnl_memory_desc_destroy(md);
+    return mem;
+}
+
+void qk_destroy(qk_op *op) {
+    if (!op) return;
+    dnnl_memory_t mems[] = {op->src, op->weights, op->bias, op->dst, op->src_scale,
+                            op->wei_scale, op->dst_scale, op->src_zp, op->dst_zp};
+    for (size_t i = 0; i < sizeof mems / sizeof mems[0]; i++)
+        if (mems[i]) p_dnnl_memory_destroy(mems[i]);
+    if (op->primitive) p_dnnl_primitive_destroy(op->primitive);
+    free(op->weights_data);
+    free(op->wei_scale_data);
+    free(op->bias_data);
+    free(op);
+}
+
+static dnnl_primitive_attr_t make_attr(const qk_epilogue *e, int wei_scale_mask) {
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
+    if (p_dnnl_primitive_attr_create(&attr) != dnnl_success) return NULL;
+    CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, wei_scale_mask));
+    CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
+    if (e->src_scale) CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
+    if (!e->dst_f32) CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
+    if (e->dst_scale) CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
+    if (e->activation) {
+        static const dnnl_alg_kind_t algs[] = {dnnl_alg_kind_undef, dnnl_eltwise_relu,
+                                               dnnl_eltwise_clip, dnnl_eltwise_gelu_erf,
+                                               dnnl_eltwise_gelu_tanh};
+        CHECK(p_dnnl_post_ops_create(&ops));
+        CHECK(p_dnnl_post_ops_append_eltwise(ops, algs[e->activation], e->alpha, e->beta));
+        CHECK(p_dnnl_primitive_attr_set_post_ops(attr, ops));
+        p_dnnl_post_ops_destroy(ops);
+    }
+    return attr;
+fail:
+    if (ops) p_dnnl_post_ops_destroy(ops);
+    p_dnnl_primitive_attr_destroy(attr);
+    return NULL;
+}
+
+/* Shared second half of conv / matmul creation: primitive, reordered weights, runtime args. */
+static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_dims,
+                     dnnl_format_tag_t w_tag, const int8_t *w, int n_out, const float *scales,
+                     const float *bias, const qk_epilogue *e, int32_t src_zp) {
+    qk_op *op = calloc(1, sizeof *op);
+    dnnl_memory_desc_t user_md = NULL;
+    dnnl_memory_t user_w = NULL;
+    dnnl_primitive_desc_t reorder_pd = NULL;
+    dnnl_primitive_t reorder = NULL;
+    if (!op) goto fail;
+    CHECK(p_dnnl_primitive_create(&op->primitive, pd));
+    const_dnnl_memory_desc_t w_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    const_dnnl_memory_desc_t src_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
+    const_dnnl_memory_desc_t dst_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
+    if (posix_memalign(&op->weights_data, 64, p_dnnl_memory_desc_get_size(w_md) + 64)) goto fail;
+    CHECK(p_dnnl_memory_create(&op->weights, w_md, engine, op->weights_data));
+    CHECK(p_dnnl_memory_desc_create_with_tag(&user_md, w_ndims, w_dims, dnnl_s8, w_tag));
+    CHECK(p_dnnl_memory_create(&user_w, user_md, engine, (void *)w));
+    CHECK(p_dnnl_reorder_primitive_desc_create(&reorder_pd, user_md, engine, w_md, engine, NULL));
+    CHECK(p_dnnl_primitive_create(&reorder, reorder_pd));
+    dnnl_exec_arg_t reorder_args[] = {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, op->weights}};
+    CHECK(p_dnnl_primitive_execute(reorder, stream, 2, reorder_args));
+    CHECK(p_dnnl_stream_wait(stream));
+    CHECK(p_dnnl_memory_create(&op->src, src_md, engine, DNNL_MEMORY_NONE));
+    CHECK(p_dnnl_memory_create(&op->dst, dst_md, engine, DNNL_MEMORY_NONE));
+    dnnl_dims_t one = {1}, out = {n_out};
+    op->wei_scale_data = malloc(sizeof(float) * n_out);
+    if (!op->wei_scale_data) goto fail;
+    memcpy(op->wei_scale_data, scales, sizeof(float) * n_out);
+    op->wei_scale = make_memory(1, out, dnnl_f32, dnnl_a, op->wei_scale_data);
+    op->src_scale = make_memory(1, one, dnnl_f32, dnnl_a, &op->src_scale_value);
+    op->dst_scale = make_memory(1, one, dnnl_f32, dnnl_a, &op->dst_scale_value);
+    op->src_zp = make_memory(1, one, dnnl_s32, dnnl_a, &op->src_zp_value);
+    op->dst_zp = make_memory(1, one, dnnl_s32, dnnl_a, &op->dst_zp_value);
+    if (!op->wei_scale || !op->src_scale || !op->dst_scale || !op->src_zp || !op->dst_zp) goto fail;
+    op->src_scale_value = 1.0f;
+    op->dst_scale_value = 1.0f;
+    op->src_zp_value = src_zp;
+    if (bias) {
+        op->bias_data = malloc(sizeof(float) * n_out);
+        if (!op->bias_data) goto fail;
+        memcpy(op->bias_data, bias, sizeof(float) * n_out);
+        op->bias = make_memory(1, out, dnnl_f32, dnnl_a, op->bias_data);
+        if (!op->bias) goto fail;
+    }
+    (void)e;
+    p_dnnl_primitive_destroy(reorder);
+    p_dnnl_primitive_desc_destroy(reorder_pd);
+    p_dnnl_memory_destroy(user_w);
+    p_dnnl_memory_desc_destroy(user_md);
+    return op;
+fail:
+    if (reorder) p_dnnl_primitive_destroy(reorder);
+    if (reorder_pd) p_dnnl_primitive_desc_destroy(reorder_pd);
+    if (user_w) p_dnnl_memory_destroy(user_w);
+    if (user_md) p_dnnl_memory_desc_destroy(user_md);
+    qk_destroy(op);
+    return NULL;
+}
+
+/* Conv2d on an NHWC uint8 input [n, c, h, w] (logical NCHW dims); groups > 1 for grouped and
+ * depthwise convs. w: int8 [oc, c/groups, kh, kw] contiguous. scales: float32 [oc].
+ * geometry: stride h/w, padding top/left, bottom/right (h, w each), dilation h/w (oneDNN's
+ * convention, 0 = dense). */
+qk_op *qk_conv_create(const int64_t *shape, int64_t oc, int64_t groups, int64_t kh, int64_t kw,
+                      const int64_t *geometry, const int8_t *w, const float *scales,
+                      const float *bias, const qk_epilogue *e, int32_t src_zp) {
+    dnnl_memory_desc_t src_md = NULL, wei_md = NULL, bias_md = NULL, dst_md = NULL;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    qk_op *op = NULL;
+    int64_t n = shape[0], c = shape[1], h = shape[2], wd = shape[3];
+    dnnl_dims_t strides = {geometry[0], geometry[1]}, pad_l = {geometry[2], geometry[3]},
+                pad_r = {geometry[4], geometry[5]}, dil = {geometry[6], geometry[7]};
+    int64_t oh = (h + pad_l[0] + pad_r[0] - (dil[0] + 1) * (kh - 1) - 1) / strides[0] + 1;
+    int64_t ow = (wd + pad_l[1] + pad_r[1] - (dil[1] + 1) * (kw - 1) - 1) / strides[1] + 1;
+    dnnl_dims_t src_dims = {n, c, h, wd}, dst_dims = {n, oc, oh, ow}, bias_dims = {oc};
+    dnnl_dims_t w_dims = {groups, oc / groups, c / groups, kh, kw};
+    int grouped = groups > 1;
+    CHECK(p_dnnl_memory_desc_create_with_tag(&src_md, 4, src_dims, dnnl_u8, dnnl_nhwc));
+    CHECK(p_dnnl_memory_desc_create_with_tag(&dst_md, 4, dst_dims, e->dst_f32 ? dnnl_f32 : dnnl_u8,
+                                             dnnl_nhwc));
+    CHECK(p_dnnl_memory_desc_create_with_tag(&wei_md, grouped ? 5 : 4,
+                                             grouped ? w_dims : w_dims + 1, dnnl_s8,
+                                             dnnl_format_tag_any));
+    if (bias) CHECK(p_dnnl_memory_desc_create_with_tag(&bias_md, 1, bias_dims, dnnl_f32, dnnl_a));
+    attr = make_attr(e, grouped ? 3 : 1);
+    if (!attr) goto fail;
+    CHECK(p_dnnl_convolution_forward_primitive_desc_create(
+        &pd, engine, dnnl_forward_inference, dnnl_convolution_direct, src_md, wei_md, bias_md,
+        dst_md, strides, dil, pad_l, pad_r, attr));
+    op = finish(pd, grouped ? 5 : 4, grouped ? w_dims : w_dims + 1, grouped ? dnnl_goihw : dnnl_oihw,
+                w, (int)oc, scales, bias, e, src_zp);
+fail:
+    if (pd) p_dnnl_primitive_desc_destroy(pd);
+    if (attr) p_dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_t mds[] = {src_md, wei_md, bias_md, dst_md};
+    for (int i = 0; i < 4; i++)
+        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
+    return op;
+}
+
+/* Linear as a matmul: uint8 src [m, k] (row-major) times int8 w [n, k] (PyTorch layout). */
+qk_op *qk_linear_create(int64_t m, int64_t k, int64_t n, const int8_t *w, const float *scales,
+                        const float *bias, const qk_epilogue *e, int32_t src_zp) {
+    dnnl_memory_desc_t src_md = NULL, wei_md = NULL, bias_md = NULL, dst_md = NULL;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    qk_op *op = NULL;
+    dnnl_dims_t src_dims = {m, k}, w_dims = {k, n}, dst_dims = {m, n}, bias_dims = {1, n};
+    CHECK(p_dnnl_memory_desc_create_with_tag(&src_md, 2, src_dims, dnnl_u8, dnnl_ab));
+    CHECK(p_dnnl_memory_desc_create_with_tag(&dst_md, 2, dst_dims, e->dst_f32 ? dnnl_f32 : dnnl_u8,
+                                             dnnl_ab));
+    CHECK(p_dnnl_memory_desc_create_with_tag(&wei_md, 2, w_dims, dnnl_s8, dnnl_format_tag_any));
+    if (bias) CHECK(p_dnnl_memory_desc_create_with_tag(&bias_md, 2, bias_dims, dnnl_f32, dnnl_ab));
+    attr = make_attr(e, 1 << 1);
+    if (!attr) goto fail;
+    CHECK(p_dnnl_matmul_primitive_desc_create(&pd, engine, src_md, wei_md, bias_md, dst_md, attr));
+    op = finish(pd, 2, w_dims, dnnl_ba, w, (int)n, scales, bias, e, src_zp);
+fail:
+    if (pd) p_dnnl_primitive_desc_destroy(pd);
+    if (attr) p_dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_t mds[] = {src_md, wei_md, bias_md, dst_md};
+    for (int i = 0; i < 4; i++)
+        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
+    return op;
+}
+
+/* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
+ * to take them (see qk_epilogue). Returns 0 on success. */
+int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, float dst_scale,
+           int32_t dst_zp) {
+    op->src_scale_value = src_scale;
+    op->src_zp_value = src_zp;
+    op->dst_scale_value = dst_scale;
+    op->dst_zp_value = dst_zp;
+    CHECK(p_dnnl_memory_set_data_handle(op->src, src));
+    CHECK(p_dnnl_memory_set_data_handle(op->dst, dst));
+    dnnl_exec_arg_t args[10] = {
+        {DNNL_ARG_SRC, op->src},
+        {DNNL_ARG_WEIGHTS, op->weights},
+        {DNNL_ARG_DST, op->dst},
+        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, op->wei_scale},
+        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, op->src_zp},
+        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, op->dst_zp},
+        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, op->src_scale},
+        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, op->dst_scale},
+    };
+    int nargs = 8;
+    if (op->bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, op->bias};
+    CHECK(p_dnnl_primitive_execute(op->primitive, stream, nargs, args));
+    CHECK(p_dnnl_stream_wait(stream));
+    return 0;
+fail:
+    return 1;
+}
