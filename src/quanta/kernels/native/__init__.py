@@ -40,7 +40,8 @@ class Epilogue(ctypes.Structure):
     """Mirror of ``qk_epilogue`` in qkernels.c."""
 
     _fields_ = [("dst_f32", ctypes.c_int), ("activation", ctypes.c_int), ("alpha", ctypes.c_float),
-                ("beta", ctypes.c_float), ("src_scale", ctypes.c_int), ("dst_scale", ctypes.c_int)]
+                ("beta", ctypes.c_float), ("src_scale", ctypes.c_int), ("dst_scale", ctypes.c_int),
+                ("src_zp", ctypes.c_int), ("dst_zp", ctypes.c_int)]
 
 
 def _elf_symbols(path: Path, names: list[str]) -> list[int]:
@@ -134,6 +135,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_linear_create.argtypes = [i64, i64, i64, p, p, p, ctypes.POINTER(Epilogue), i32]
     lib.qk_run.argtypes = [p, p, p, f32, i32, f32, i32]
     lib.qk_destroy.argtypes = [p]
+    lib.qk_add_u8.argtypes = [p, p, p, i64, f32, f32, f32, f32, f32]
 
 
 def _load() -> ctypes.CDLL:

@@ -54,7 +54,7 @@ class _Handles:
 
 
 def _epilogue(
-    activation: str, out_scale: float | None, runtime_src_scale: bool
+    activation: str, out_scale: float | None, runtime_src_scale: bool, src_zp: bool, dst_zp: bool,
 ) -> tuple[native.Epilogue, bool]:
     """The C epilogue and whether weights carry the single requantization multiplier."""
     if activation not in _ACTIVATION:
@@ -62,7 +62,8 @@ def _epilogue(
     multiplier = out_scale is not None and activation in ("none", "relu", "relu6")
     e = native.Epilogue(dst_f32=int(out_scale is None), activation=_ACTIVATION[activation],
                         src_scale=int(runtime_src_scale),
-                        dst_scale=int(out_scale is not None and not multiplier))
+                        dst_scale=int(out_scale is not None and not multiplier),
+                        src_zp=int(src_zp), dst_zp=int(dst_zp))
     if activation == "relu6":
         e.alpha, e.beta = 0.0, 6.0
         if multiplier:  # clamp in output units: the reference's quantized 6 is round(f32(6) / s_y)
@@ -103,8 +104,9 @@ class NativeConv2d:
         self.groups = int(groups)
         self.handles = _Handles()
 
-    def _build(self, shape: tuple[int, ...], activation: str, out_scale: float | None) -> tuple:
-        e, multiplier = _epilogue(activation, out_scale, False)
+    def _build(self, shape: tuple[int, ...], activation: str, out_scale: float | None,
+               dst_zp: bool) -> tuple:
+        e, multiplier = _epilogue(activation, out_scale, False, self.x_zero_point != 0, dst_zp)
         scales, bias = _scales_and_bias(self.x_scale, self.w_scale, self.bias_i32, None, out_scale,
                                         multiplier)
         o, _, kh, kw = self.w_q.shape
@@ -128,10 +130,10 @@ class NativeConv2d:
     ) -> torch.Tensor:
         """x_u8 uint8 NCHW (channels_last) -> channels_last float32, or uint8 with ``out_scale``."""
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
-        key = (tuple(x_u8.shape), activation, out_scale)
+        key = (tuple(x_u8.shape), activation, out_scale, out_zero_point != 0)
         hit = self.handles.get(key)
         if hit is None:
-            handle, out_shape, dst_scale = self._build(key[0], activation, out_scale)
+            handle, out_shape, dst_scale = self._build(key[0], activation, out_scale, key[3])
             self.handles.put(key, handle, (out_shape, dst_scale))
             hit = (handle, (out_shape, dst_scale))
         handle, (out_shape, dst_scale) = hit
@@ -160,8 +162,9 @@ class NativeLinear:
         self.x_zero_point = int(x_zero_point)
         self.handles = _Handles()
 
-    def _build(self, rows: int, activation: str, out_scale: float | None) -> tuple:
-        e, multiplier = _epilogue(activation, out_scale, self.x_scale is None)
+    def _build(self, rows: int, activation: str, out_scale: float | None, dst_zp: bool) -> tuple:
+        dynamic = self.x_scale is None
+        e, multiplier = _epilogue(activation, out_scale, dynamic, dynamic or self.x_zero_point != 0, dst_zp)
         scales, bias = _scales_and_bias(self.x_scale, self.w_scale, self.bias_i32, self.bias_float,
                                         out_scale, multiplier)
         handle = self.handles.lib.qk_linear_create(
@@ -180,10 +183,10 @@ class NativeLinear:
         if not x_u8.is_contiguous():
             x_u8 = x_u8.contiguous()
         rows = x_u8.numel() // self.in_features
-        key = (rows, activation, out_scale)
+        key = (rows, activation, out_scale, out_zero_point != 0)
         hit = self.handles.get(key)
         if hit is None:
-            hit = self._build(rows, activation, out_scale)
+            hit = self._build(*key)
             self.handles.put(key, *hit)
         handle, dst_scale = hit
         y = torch.empty((*x_u8.shape[:-1], self.out_features),

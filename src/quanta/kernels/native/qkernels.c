@@ -116,6 +116,8 @@ typedef struct {
     float alpha, beta;
     int src_scale;      /* 1: src scale is a runtime argument (dynamic quantization) */
     int dst_scale;      /* 1: dst scale is a runtime argument */
+    int src_zp, dst_zp; /* 1: a zero point is applied (0 skips it: zero-point-free kernels are
+                           ~2x faster, no weight compensation) */
 } qk_epilogue;
 
 static dnnl_memory_t make_memory(int ndims, const dnnl_dims_t dims, dnnl_data_type_t dt,
@@ -146,9 +148,10 @@ static dnnl_primitive_attr_t make_attr(const qk_epilogue *e, int wei_scale_mask)
     dnnl_post_ops_t ops = NULL;
     if (p_dnnl_primitive_attr_create(&attr) != dnnl_success) return NULL;
     CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, wei_scale_mask));
-    CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
+    if (e->src_zp) CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
     if (e->src_scale) CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
-    if (!e->dst_f32) CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
+    if (!e->dst_f32 && e->dst_zp)
+        CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_DST, 0));
     if (e->dst_scale) CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_DST, 0));
     if (e->activation) {
         static const dnnl_alg_kind_t algs[] = {dnnl_alg_kind_undef, dnnl_eltwise_relu,
@@ -321,4 +324,37 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
     return 0;
 fail:
     return 1;
+}
+
+/* uint8 add, the reference's formula: y = clamp(rne(fma(a, ra, fma(b, rb, k))), lo, hi).
+ * Same-layout dense inputs of n elements. native.py checks it against reference.add on all
+ * 65536 input pairs of each qparams before using it, so it is exact or not used. */
+#define QK_ADD_BODY                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        float v = __builtin_rintf(__builtin_fmaf((float)a[i], ra, __builtin_fmaf((float)b[i], rb, k))); \
+        v = v < lo ? lo : v;                                                                 \
+        v = v > hi ? hi : v;                                                                 \
+        y[i] = (uint8_t)v;                                                                   \
+    }
+
+__attribute__((target("avx2,fma"), optimize("O3", "no-math-errno"))) static void add_avx2(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
+    float rb, float k, float lo, float hi) {
+    QK_ADD_BODY
+}
+
+__attribute__((optimize("O3", "no-math-errno"))) static void add_scalar(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
+    float rb, float k, float lo, float hi) {
+    QK_ADD_BODY
+}
+
+void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
+               float k, float lo, float hi) {
+    static int fast = -1;
+    if (fast < 0) fast = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (fast)
+        add_avx2(a, b, y, n, ra, rb, k, lo, hi);
+    else
+        add_scalar(a, b, y, n, ra, rb, k, lo, hi);
 }
