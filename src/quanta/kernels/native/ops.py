@@ -3,8 +3,10 @@
 The epilogue is chosen so oneDNN computes what :mod:`quanta.kernels.reference` specifies:
 - uint8 output with none / relu / relu6: weight scales = the reference's single multiplier
   ``M = f32(f32(s_x * s_w) / s_y)``, no dst scale, ``bias * M`` added, the activation as a clamp
-  in output units. Without bias this is the reference bit for bit; with bias the bias product is
-  rounded separately (1 LSB at rounding ties, same as ``torch.ops.onednn``).
+  in output units. Without bias and with an even output zero point this is the reference bit for
+  bit. oneDNN adds the output zero point before rounding and the bias product after its own
+  rounding, so otherwise a .5 tie (~5e-6 of outputs) can land 1 LSB away, as on torch.ops.
+- zero points of 0 are left out of the primitive: no weight compensation, ~2x faster convs.
 - float32 output, or GELU before uint8: weight scales = ``f32(s_x * s_w)``, float bias, the
   activation in float, then (uint8) oneDNN's dst scale ``s_y``.
 - dynamic (float input quantized per call): ``s_x`` and ``zp_x`` are runtime arguments.

@@ -1,0 +1,165 @@
+"""quanta's native kernels (kernels/native): kept oneDNN primitives, the C add, the loader.
+
+The shared per-op tolerance tests run on this path too (test_onednn.py, ``kernel_path``).
+Here: what only the native path has. Zero-point-free primitives (no weight compensation)
+and per-shape primitive caching must give the reference's integers. Without a bias and with an
+even output zero point the single-multiplier epilogue is the reference bit for bit; oneDNN adds
+the output zero point before rounding, so with an odd one a .5 tie (~5e-6 of outputs) rounds
+the other way, as on torch.ops. The C add is used only where it equals the reference on all
+65536 input pairs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quanta.kernels import eltwise, native
+from quanta.kernels import reference as R
+from quanta.kernels.cpu import weight_bits_for_cpu
+
+if native.load() is None:
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)
+
+from quanta.kernels.native.ops import NativeConv2d, NativeLinear  # noqa: E402
+
+
+def _w(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = 2 ** (weight_bits_for_cpu() - 1)
+    return (torch.randint(-hi, hi, shape, dtype=torch.int8, generator=gen),
+            torch.rand(shape[0], generator=gen) * 0.02 + 0.001)
+
+
+def _out_qparams(y: torch.Tensor, zero: bool) -> tuple[float, int]:
+    lo, hi = (0.0 if zero else min(float(y.min()), 0.0)), max(float(y.max()), 1e-3)
+    scale = (hi - lo) * 0.9 / 255
+    return scale, 0 if zero else int(round(-lo / scale))
+
+
+@pytest.mark.parametrize("x_zp", [0, 113])
+@pytest.mark.parametrize("out_zp_zero", [True, False], ids=["out_zp0", "out_zp"])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_conv_zero_points_exact_without_bias(x_zp, out_zp_zero, activation, groups):
+    gen = torch.Generator().manual_seed(x_zp + 7 * groups + len(activation))
+    x = torch.randint(0, 256, (2, 32, 11, 13), dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, ws = _w((32, 32 // groups, 3, 3), gen)
+    ref_f = R.conv(x, 0.02, x_zp, w, ws, None, (2, 1), (1, 1), (1, 2), groups, activation)
+    so, zo = _out_qparams(ref_f, out_zp_zero)
+    conv = NativeConv2d(w, ws, None, 0.02, x_zp, [2, 1], [1, 1], [1, 2], groups)
+    y = conv(x, activation, so, zo)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = R.conv(x, 0.02, x_zp, w, ws, None, (2, 1), (1, 1), (1, 2), groups, activation, so, zo)
+    diff = (y.int() - ref.int()).abs()
+    assert diff.max() <= (0 if zo % 2 == 0 else 1) and (diff != 0).sum() <= 1 + 2e-5 * diff.numel()
+    assert torch.allclose(conv(x, activation), ref_f, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_zp", [0, 131])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
+def test_linear_rows_and_zero_points(x_zp, activation):
+    gen = torch.Generator().manual_seed(x_zp + len(activation))
+    w, ws = _w((48, 40), gen)
+    lin = NativeLinear(w, ws, None, 0.03, x_zp)
+    sample = torch.randint(0, 256, (64, 40), dtype=torch.uint8, generator=gen)
+    so, zo = _out_qparams(R.linear(sample, 0.03, x_zp, w, ws, None, activation), activation == "relu")
+    for rows in (1, 5, 64, 5):  # a new primitive per row count, the kept one again for 5
+        x = torch.randint(0, 256, (rows, 40), dtype=torch.uint8, generator=gen)
+        ref_f = R.linear(x, 0.03, x_zp, w, ws, None, activation)
+        ref = R.linear(x, 0.03, x_zp, w, ws, None, activation, so, zo)
+        diff = lin(x, activation, so, zo).int() - ref.int()
+        assert diff.abs().max() <= (0 if zo % 2 == 0 and not activation.startswith("gelu") else 1)
+        assert (diff != 0).sum() <= 1 + 2e-5 * diff.numel()
+        assert torch.allclose(lin(x, activation), ref_f, rtol=1e-5, atol=1e-5)
+    assert len(lin.handles.items) == 6  # 3 row counts x (float, uint8 output)
+
+
+def test_dynamic_runtime_scale_matches_reference():
+    """Dynamic mode: one primitive, input scale and zero point passed per call."""
+    gen = torch.Generator().manual_seed(3)
+    w, ws = _w((24, 64), gen)
+    bias = torch.randn(24, generator=gen)
+    lin = NativeLinear(w, ws, bias_float=bias)
+    for scale, zp in [(0.01, 0), (0.05, 200), (0.3, 17)]:
+        x = torch.randint(0, 256, (7, 64), dtype=torch.uint8, generator=gen)
+        ref = R.linear_dynamic(x, scale, zp, w, ws, bias)
+        assert torch.allclose(lin(x, x_scale=scale, x_zero_point=zp), ref, rtol=1e-5, atol=1e-5)
+    assert len(lin.handles.items) == 1
+
+
+def test_primitives_are_kept_per_shape_and_evicted(monkeypatch):
+    from quanta.kernels.native import ops
+
+    monkeypatch.setattr(ops, "_MAX_SHAPES", 2)
+    gen = torch.Generator().manual_seed(0)
+    w, ws = _w((8, 4, 3, 3), gen)
+    conv = NativeConv2d(w, ws, None, 0.1, 5, [1, 1], [1, 1], [1, 1], 1)
+    for size in (6, 7, 8, 6):
+        x = torch.randint(0, 256, (1, 4, size, size), dtype=torch.uint8, generator=gen)
+        ref = R.conv(x, 0.1, 5, w, ws, None, (1, 1), (1, 1), (1, 1), 1, "none", 0.2, 3)
+        assert torch.equal(conv(x, "none", 0.2, 3), ref)
+    assert [k[0][2] for k in conv.handles.items] == [8, 6]
+
+
+def test_bad_activation_names_the_problem():
+    gen = torch.Generator().manual_seed(0)
+    w, ws = _w((8, 4), gen)
+    with pytest.raises(ValueError, match="unsupported activation 'swish'"):
+        NativeLinear(w, ws, None, 0.1, 0)(torch.zeros(1, 4, dtype=torch.uint8), "swish")
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_native_add_equals_reference(activation, layout):
+    gen = torch.Generator().manual_seed(len(activation) + len(layout))
+    shape = (2, 24, 17, 9)
+    a, b = (torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen) for _ in range(2))
+    if layout == "channels_last":
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    qp = (0.05, 120, 0.07, 131, 0.09, 50)
+    assert eltwise._native_add_args(*qp, activation) is not None
+    y = eltwise.add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation)
+    assert torch.equal(y, R.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation))
+    assert y.stride() == a.stride()
+
+
+def test_native_add_not_used_where_it_differs(monkeypatch):
+    """The exhaustive check rejects a kernel that differs on even one pair."""
+    lib = native.load()
+
+    class Off:  # the real kernel, then its first output changed by one
+        def qk_add_u8(self, a, b, y, n, *args):
+            lib.qk_add_u8(a, b, y, n, *args)
+            ctypes.memset(y, ctypes.string_at(y, 1)[0] ^ 1, 1)
+
+    monkeypatch.setattr(native, "load", lambda: Off())
+    qp = (0.031, 3, 0.029, 250, 0.05, 9, "none")
+    assert eltwise._native_add_args(*qp) is None
+    a = torch.randint(0, 256, (70000,), dtype=torch.uint8)
+    assert torch.equal(eltwise.add_uint8(a, *qp[:2], a, *qp[2:]), R.add(a, *qp[:2], a, *qp[2:]))
+
+
+def test_elf_reader_rejects_non_elf_and_missing_names(tmp_path):
+    bogus = tmp_path / "libnot.so"
+    bogus.write_bytes(b"not an elf file" * 10)
+    with pytest.raises(OSError, match="not a 64-bit ELF"):
+        native._elf_symbols(bogus, ["dnnl_version"])
+    torch_lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    assert native._elf_symbols(torch_lib, ["quanta_no_such_function", "dnnl_version"])[0] == 0
+
+
+def test_disabled_by_environment_falls_back_to_torch_ops():
+    code = ("import torch; from quanta.kernels import native, onednn;"
+            "w = torch.ones(4, 3, dtype=torch.int8); p = onednn.PackedLinear(w, torch.ones(4), None, 1.0, 0);"
+            "y = p(torch.ones(2, 3, dtype=torch.uint8), 'none', 1.0, 0);"
+            "print(native.unavailable_reason(), p.native, y.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "QUANTA_NATIVE": "0"}).stdout
+    assert out.strip() == "disabled by QUANTA_NATIVE=0 None [[3, 3, 3, 3], [3, 3, 3, 3]]"
