@@ -1,21 +1,24 @@
 """Per-op backend choice: oneDNN int8, the integer reference, or float on dequantized weights.
 
-Why: int8 is not always faster. The rule below comes from ``benchmarks/kernel_table.py`` at
-2 threads (torch 2.13, oneDNN 3.12), int8 uint8->uint8 time vs fp32 eager:
+Why: int8 is not always faster. The rule below comes from ``benchmarks/kernel_table.py --quick``
+at 2 threads (torch 2.13, oneDNN 3.12, quanta's native kept primitives), int8 uint8->uint8 time
+vs fp32 eager, batch 1:
 
 AVX2 without VNNI (ONEDNN_MAX_CPU_ISA=AVX2, 7-bit weights):
-  conv 3x3 1.5-1.7x, 1x1 1.1-1.8x, 7x7 stem (3->64) 1.3x; depthwise 3x3 0.47-0.87x (1.2x once),
-  3x3 stem (3->32) 0.84-0.91x; Linear 0.25-0.83x for M<=8, 0.84-1.25x at M=32, 1.3-1.6x at M=128.
+  conv 3x3 1.6-1.9x, 1x1 1.6x, 7x7 stem (3->64) 1.3x, 3x3 stem (3->32) 1.2x, depthwise 3x3
+  0.88-1.4x; Linear 0.44-0.85x at M=1, 0.92-1.09x at M=8, 1.14-1.30x at M=32, 1.5-1.6x at M=128.
 VNNI/AMX (this machine natively):
-  conv 3x3 5-8x, 1x1 2.8-4x (one outlier: 160->960 @7x7 batch 1 0.35x), 7x7 stem 2.8-3.2x,
-  depthwise 0.98-1.9x, 3x3 stem 0.74-0.78x;
-  Linear 0.34-0.73x when M*K*N < ~1.2M MACs, 1.3-9x above ~2M.
+  conv 3x3 7-8x, 1x1 2.1-3.2x, 7x7 stem 3.4x, depthwise 1.7-2.6x, 3x3 stem 0.95x;
+  Linear 0.76x at M=1 384->384 (147k MACs), 1.5-4x at M=1 from 590k MACs, 2.4x+ from M=8.
 
-oneDNN has a fixed ~30 us cost per call, so small Linear calls lose. For Linear, M (rows) is
-known only at run time: ``choose_backend`` returns "onednn" and the module should call
-:func:`linear_prefers_int8` per call, running the float op on dequantized weights (kept
-beside the int8 ones) when it returns False. "float" is only returned for Linear when
-``shape_info`` carries ``rows``.
+Before the native kernels (``torch.ops.onednn`` rebuilds its primitive on every call, ~30-60 us)
+small Linear calls lost up to M*K*N ~2M MACs natively and M < 32 on AVX2; the thresholds below
+are for the native path, which every x86 torch build with oneDNN symbols gets.
+
+For Linear, M (rows) is known only at run time: ``choose_backend`` returns "onednn" and the
+module should call :func:`linear_prefers_int8` per call, running the float op on dequantized
+weights (kept beside the int8 ones) when it returns False. "float" is only returned for Linear
+when ``shape_info`` carries ``rows``.
 
 shape_info keys: linear: in_features, out_features, optional rows (M); conv1d/conv2d:
 in_channels, out_channels, kernel (int or tuple), groups.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 
 from quanta.kernels.cpu import has_vnni, is_x86, onednn_available
+from quanta.kernels.native import ops as native_ops
 
 BACKENDS = ("onednn", "reference", "float")
 REQUESTS = ("auto", "reference", "onednn")
@@ -39,18 +43,19 @@ def _profile() -> str:
 def linear_prefers_int8(rows: int, in_features: int, out_features: int) -> bool:
     """Whether the oneDNN int8 Linear beats fp32 for an [rows, in_features] input here."""
     macs = rows * in_features * out_features
+    kept = native_ops.available()  # torch.ops.onednn's per-call cost moves the break-even up
     if _profile() == "avx2":
-        return rows >= 32 and macs >= 8_000_000
-    return macs >= 2_000_000
+        return rows >= 16 and macs >= 2_000_000 if kept else rows >= 32 and macs >= 8_000_000
+    return macs >= (300_000 if kept else 2_000_000)
 
 
 def conv_prefers_int8(macs: int) -> bool:
     """Whether a oneDNN int8 conv call of ``macs`` multiply-accumulates beats fp32 here.
 
-    The ~30-35 us fixed cost per oneDNN call dominates tiny convs: measured natively (1 thread)
-    3x3 16->16 at 14x14 (0.45M MACs) int8 37 us vs fp32 23 us; 32->32 at 7x7 42 vs 29 us;
-    64->64 at 56x56 (116M MACs) 118 us vs ~1 ms. AVX2 threshold is scaled like Linear's."""
-    return macs >= (8_000_000 if _profile() == "avx2" else 2_000_000)
+    Through torch.ops (~30-35 us fixed per call) tiny convs lost: 3x3 16->16 at 14x14 (0.45M
+    MACs) int8 37 us vs fp32 23 us (1 thread). Native kept primitives: 12.6 vs 20.9 us (2 threads).
+    Not used in forward (see QuantizedConv2d._int8_wins)."""
+    return macs >= (2_000_000 if _profile() == "avx2" else 300_000)
 
 
 def _linear(info: dict) -> tuple[str, str]:
@@ -58,9 +63,9 @@ def _linear(info: dict) -> tuple[str, str]:
     prof = _profile()
     rows = info.get("rows")
     if rows is not None and not linear_prefers_int8(int(rows), k, n):
-        measured = "int8 0.25-0.84x" if prof == "avx2" else "int8 0.34-0.73x"
+        measured = "int8 0.44-1.09x" if prof == "avx2" else "int8 0.76x"
         return "float", f"float faster on this CPU (linear M={rows} {k}->{n}: {measured})"
-    rule = "M>=32 and M*K*N>=8M" if prof == "avx2" else "M*K*N>=2M"
+    rule = "M>=16 and M*K*N>=2M" if prof == "avx2" else "M*K*N>=300k"
     return "onednn", f"int8 when {rule} ({prof}), float below: chosen per call by rows"
 
 
@@ -72,17 +77,17 @@ def _conv(info: dict) -> tuple[str, str]:
     kdesc = "x".join(map(str, ks))
     reduction = c // groups * math.prod(ks)
     prof = _profile()
-    # Depthwise and 3-channel stem convs lose alone on AVX2 (int8 0.47-0.91x), but in a static
-    # int8 model the float path adds a dequantize before and a quantize after the op, and end
-    # to end int8 wins: MobileNetV2 b1 on AVX2 (emulated) 0.70x with them float, 1.15x int8.
+    # Depthwise and 3-channel stem convs were the ops int8 could lose alone (AVX2 0.88-1.4x, 3x3
+    # stem natively 0.95x); in a static int8 model the float path would add a dequantize before
+    # and a quantize after the op, and end to end int8 wins.
     if groups > 1 and groups == c == o:
-        alone = "0.47-0.87x" if prof == "avx2" else "0.98-1.9x"
+        alone = "0.88-1.4x" if prof == "avx2" else "1.7-2.6x"
         return "onednn", f"int8 (depthwise {kdesc}: {alone} alone, faster end to end, {prof})"
     if reduction < _MIN_REDUCTION:
-        alone = "0.84-0.91x" if prof == "avx2" else "0.74-0.78x"
+        alone = "1.2x" if prof == "avx2" else "0.95x"
         return "onednn", (f"int8 (conv {c}->{o} {kdesc}, reduction {reduction}: {alone} alone, "
                           f"faster end to end, {prof})")
-    measured = "1.1-1.8x" if prof == "avx2" else "2.8-8x"
+    measured = "1.6-1.9x" if prof == "avx2" else "2.1-8x"
     return "onednn", f"int8 faster (conv {kdesc}, reduction {reduction}: int8 {measured}, {prof})"
 
 
