@@ -230,12 +230,14 @@ class QuantizedLinear(QuantizedModule):
 
     def _int8_wins(self, x: torch.Tensor) -> bool:
         """Per-call choice on the oneDNN backend: int8 only when the row count is large enough."""
-        data = x.int_data if isinstance(x, QTensor) else x
-        rows = data.numel() // self.in_features
+        quantized_input = isinstance(x, QTensor)
+        data = x.int_data if quantized_input else x
+        key = (data.numel() // self.in_features, quantized_input)
         table = self.__dict__.setdefault("_int8_rows", {})
-        wins = table.get(rows)
+        wins = table.get(key)
         if wins is None:
-            wins = table[rows] = dispatch.linear_prefers_int8(rows, self.in_features, self.out_features)
+            wins = table[key] = dispatch.linear_prefers_int8(
+                key[0], self.in_features, self.out_features, quantized_input or self.output_int8)
         return wins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
