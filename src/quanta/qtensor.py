@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from quanta.kernels import native
+
 
 class QTensor(torch.Tensor):
     int_data: torch.Tensor
@@ -155,6 +157,14 @@ def _max_pool2d_int(
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if oh <= 0 or ow <= 0 or 2 * ph > kh or 2 * pw > kw:
         return None
+    lib = native.load()
+    nhwc = data.is_contiguous(memory_format=torch.channels_last)
+    if lib is not None and data.dtype == torch.uint8 and nhwc and not torch.compiler.is_compiling():
+        # one threaded C pass over NHWC
+        out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
+        geometry = torch.tensor([n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow], dtype=torch.int64)
+        lib.qk_max_pool_u8(data.data_ptr(), out.data_ptr(), geometry.data_ptr())
+        return out.permute(0, 3, 1, 2)
     if not (ph or pw) and (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0 \
             and data.is_contiguous(memory_format=torch.channels_last):
         return _max_pool_tiles(data, kh, kw)

@@ -163,3 +163,35 @@ def test_disabled_by_environment_falls_back_to_torch_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "QUANTA_NATIVE": "0"}).stdout
     assert out.strip() == "disabled by QUANTA_NATIVE=0 None [[3, 3, 3, 3], [3, 3, 3, 3]]"
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((1, 64, 112, 112), 3, 2, 1),  # ResNet stem pool, large enough to run threaded
+    ((2, 16, 28, 28), 2, 2, 0), ((1, 8, 9, 11), 3, 1, 1), ((3, 5, 7, 7), (2, 3), (1, 2), (1, 1)),
+])
+def test_native_max_pool_equals_torch(shape, kernel, stride, padding):
+    from quanta.qtensor import _max_pool2d_int
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = _max_pool2d_int(x, kernel, stride, padding)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding).to(torch.uint8))
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((1, 3, 224, 224), True), ((8, 3, 64, 64), True), ((1, 1, 28, 28), True), ((5, 384), False),
+    ((128, 1536), False), ((2, 64, 56, 56), False),
+])
+@pytest.mark.parametrize("zero_point", [0, 117, 255])
+def test_native_quantize_equals_reference(shape, channels_last, zero_point):
+    from quanta.kernels.onednn import quantize_uint8
+
+    gen = torch.Generator().manual_seed(zero_point + sum(shape))
+    x = torch.randn(shape, generator=gen) * 3
+    x.view(-1)[:4] = torch.tensor([0.5, 1.5, -2.5, 1e9]) * 0.0213  # exact .5 ties and a clamp
+    y = quantize_uint8(x, 0.0213, zero_point, channels_last)
+    assert torch.equal(y, R.quantize_per_tensor(x, 0.0213, zero_point))
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from quanta.kernels import native
 from quanta.kernels.native import ops as native_ops
 
 _ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
@@ -49,7 +50,9 @@ def quantize_uint8(
 ) -> torch.Tensor:
     """Float tensor -> uint8 ``clamp(round_half_even(x / scale) + zero_point, 0, 255)``.
 
-    Bit-identical to ``reference.quantize_per_tensor``. Tensors up to 256k elements go through
+    Bit-identical to ``reference.quantize_per_tensor``. With the native kernels: one C pass (a
+    float32 division and round-half-even, like numpy's), threaded for large tensors. Otherwise
+    tensors up to 256k elements go through
     numpy (measured 30 vs 54 us at 49k elements, 140 vs 197 us at 197k, 2 threads); larger
     ones through in-place torch ops with the clamp done before rounding (equal, since the
     bounds are integers) and an int16 staging cast, which measured fastest. Memory format is
@@ -59,6 +62,18 @@ def quantize_uint8(
     x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()
+    lib = native.load()
+    if lib is not None and not torch.compiler.is_compiling():  # one C pass, same arithmetic
+        if channels_last and x.dim() == 4 and x.is_contiguous() \
+                and not x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape
+            y = torch.empty((n, h, w, c), dtype=torch.uint8)
+            lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), n, c, h * w, scale, zero_point, 1)
+            return y.permute(0, 3, 1, 2)
+        if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+            y = torch.empty_like(x, dtype=torch.uint8)
+            lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), 1, 1, x.numel(), scale, zero_point, 0)
+            return y
     if x.numel() <= _NUMPY_MAX_NUMEL:
         a = x.numpy()
         if channels_last and a.ndim == 4 and not x.is_contiguous(memory_format=torch.channels_last):

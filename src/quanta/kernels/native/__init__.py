@@ -96,7 +96,8 @@ def _compile(include: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, "-O2", "-shared", "-fPIC", f"-I{include}", str(_SOURCE), "-o", tmp]
+        # -fopenmp: libgomp.so.1 resolves to the one torch already loaded (one thread pool)
+        cmd = [compiler, "-O2", "-fopenmp", "-shared", "-fPIC", f"-I{include}", str(_SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise OSError(f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-500:]}")
@@ -136,6 +137,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_run.argtypes = [p, p, p, f32, i32, f32, i32]
     lib.qk_destroy.argtypes = [p]
     lib.qk_add_u8.argtypes = [p, p, p, i64, f32, f32, f32, f32, f32]
+    lib.qk_quantize_u8.argtypes = [p, p, i64, i64, i64, f32, i32, ctypes.c_int]
+    lib.qk_max_pool_u8.argtypes = [p, p, p]
 
 
 def _load() -> ctypes.CDLL:

@@ -349,12 +349,104 @@ __attribute__((optimize("O3", "no-math-errno"))) static void add_scalar(
     QK_ADD_BODY
 }
 
-void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
-               float k, float lo, float hi) {
+static int has_avx2_fma(void) {
     static int fast = -1;
     if (fast < 0) fast = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (fast)
-        add_avx2(a, b, y, n, ra, rb, k, lo, hi);
-    else
-        add_scalar(a, b, y, n, ra, rb, k, lo, hi);
+    return fast;
+}
+
+/* Elementwise kernels split into this many-element blocks across torch's OpenMP threads (the
+ * library is built with -fopenmp and binds to the libgomp torch already loaded). */
+#define QK_BLOCK 32768
+
+void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
+               float k, float lo, float hi) {
+    int fast = has_avx2_fma();
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
+        if (fast)
+            add_avx2(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
+        else
+            add_scalar(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
+    }
+}
+
+/* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
+ * (a float32 division, then rounding half to even). x is [n, c, inner] contiguous; with
+ * to_channels_last the result is [n, inner, c] (NCHW -> NHWC in the same pass). */
+__attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
+    const float *restrict x, uint8_t *restrict y, int64_t len, int64_t x_stride, float scale,
+    float zp) {
+    for (int64_t i = 0; i < len; i++) {
+        float v = __builtin_rintf(x[i * x_stride] / scale) + zp;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > 255.0f ? 255.0f : v;
+        y[i] = (uint8_t)v;
+    }
+}
+
+__attribute__((target("avx2"), optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
+    for (int64_t i = 0; i < len; i++) {
+        float v = __builtin_rintf(x[i] / scale) + zp;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > 255.0f ? 255.0f : v;
+        y[i] = (uint8_t)v;
+    }
+}
+
+void qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
+                    int32_t zero_point, int to_channels_last) {
+    float zp = (float)zero_point;
+    if (!to_channels_last || c == 1) {
+        int64_t total = n * c * inner, blocks = (total + QK_BLOCK - 1) / QK_BLOCK;
+        int fast = has_avx2_fma();
+#pragma omp parallel for schedule(static) if (blocks > 1)
+        for (int64_t i = 0; i < blocks; i++) {
+            int64_t start = i * QK_BLOCK, len = total - start < QK_BLOCK ? total - start : QK_BLOCK;
+            if (fast)
+                quantize_run_avx2(x + start, y + start, len, scale, zp);
+            else
+                quantize_run(x + start, y + start, len, 1, scale, zp);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) collapse(2) if (n * c * inner > QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float *src = x + (b * c + ch) * inner;
+            uint8_t *dst = y + b * c * inner + ch;
+            for (int64_t i = 0; i < inner; i++) {
+                float v = __builtin_rintf(src[i] / scale) + zp;
+                v = v < 0.0f ? 0.0f : v;
+                v = v > 255.0f ? 255.0f : v;
+                dst[i * c] = (uint8_t)v;
+            }
+        }
+}
+
+/* uint8 max pooling on NHWC data, no dilation; taps outside the input are skipped (they never
+ * win: every value is >= 0 and each window holds at least one real tap, checked by the caller). */
+__attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y, const int64_t *g) {
+    int64_t n = g[0], c = g[1], h = g[2], w = g[3], kh = g[4], kw = g[5], sh = g[6], sw = g[7],
+            ph = g[8], pw = g[9], oh = g[10], ow = g[11];
+#pragma omp parallel for schedule(static) collapse(2) if (n * oh * ow * c * kh * kw > 4 * QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t oy = 0; oy < oh; oy++)
+            for (int64_t ox = 0; ox < ow; ox++) {
+                uint8_t *restrict out = y + ((b * oh + oy) * ow + ox) * c;
+                memset(out, 0, (size_t)c);
+                for (int64_t i = 0; i < kh; i++) {
+                    int64_t iy = oy * sh - ph + i;
+                    if (iy < 0 || iy >= h) continue;
+                    for (int64_t j = 0; j < kw; j++) {
+                        int64_t ix = ox * sw - pw + j;
+                        if (ix < 0 || ix >= w) continue;
+                        const uint8_t *restrict in = x + ((b * h + iy) * w + ix) * c;
+                        for (int64_t ch = 0; ch < c; ch++) out[ch] = in[ch] > out[ch] ? in[ch] : out[ch];
+                    }
+                }
+            }
 }
