@@ -195,3 +195,22 @@ def test_native_quantize_equals_reference(shape, channels_last, zero_point):
     assert torch.equal(y, R.quantize_per_tensor(x, 0.0213, zero_point))
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_native_adaptive_avg_pool_equals_float_path():
+    """Same integers as QTensor's float rule (average of q - zp, round half even, + zp) on
+    random shapes, including uneven adaptive windows."""
+    import torch.nn.functional as F
+
+    from quanta.qtensor import QTensor
+
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(40):
+        c, h, w = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 40), (1, 20), (1, 20)))
+        oh, ow = (int(torch.randint(1, d + 1, (), generator=gen)) for d in (h, w))
+        zp = int(torch.randint(0, 256, (), generator=gen))
+        x = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, generator=gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = F.adaptive_avg_pool2d(QTensor(x, 0.1, zp), (oh, ow))
+        want = torch.clamp(torch.round(F.adaptive_avg_pool2d(x.float() - zp, (oh, ow))) + zp, 0, 255)
+        assert torch.equal(y.int_data, want.to(torch.uint8))

@@ -450,3 +450,34 @@ __attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y
                 }
             }
 }
+
+/* uint8 adaptive average pooling on NHWC data, as quanta's QTensor rule: the float average of
+ * (q - zp) over torch's adaptive windows (sum exact in float32, then divided by the window
+ * size), rounded half to even, + zp, clamped to [0, 255]. g: n, c, h, w, oh, ow, zp. */
+__attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
+    const uint8_t *x, uint8_t *y, const int64_t *g) {
+    int64_t n = g[0], c = g[1], h = g[2], w = g[3], oh = g[4], ow = g[5];
+    float zp = (float)g[6];
+#pragma omp parallel for schedule(static) collapse(2) if (n * h * w * c > 4 * QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t oy = 0; oy < oh; oy++) {
+            float sum[c];
+            int64_t y0 = oy * h / oh, y1 = ((oy + 1) * h + oh - 1) / oh;
+            for (int64_t ox = 0; ox < ow; ox++) {
+                int64_t x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
+                for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0.0f;
+                for (int64_t iy = y0; iy < y1; iy++)
+                    for (int64_t ix = x0; ix < x1; ix++) {
+                        const uint8_t *in = x + ((b * h + iy) * w + ix) * c;
+                        for (int64_t ch = 0; ch < c; ch++) sum[ch] += (float)in[ch] - zp;
+                    }
+                float count = (float)((y1 - y0) * (x1 - x0));
+                uint8_t *out = y + ((b * oh + oy) * ow + ox) * c;
+                for (int64_t ch = 0; ch < c; ch++) {
+                    float v = __builtin_rintf(sum[ch] / count) + zp;
+                    v = v < 0.0f ? 0.0f : v;
+                    out[ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
+                }
+            }
+        }
+}
