@@ -214,3 +214,27 @@ def test_native_adaptive_avg_pool_equals_float_path():
         y = F.adaptive_avg_pool2d(QTensor(x, 0.1, zp), (oh, ow))
         want = torch.clamp(torch.round(F.adaptive_avg_pool2d(x.float() - zp, (oh, ow))) + zp, 0, 255)
         assert torch.equal(y.int_data, want.to(torch.uint8))
+
+
+def test_concurrent_calls_from_threads_agree():
+    """ctypes releases the GIL: several Python threads running the same kept primitives must
+    get the serial results (the C side runs one op at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(5)
+    w, ws = _w((32, 16, 3, 3), gen)
+    conv = NativeConv2d(w, ws, None, 0.05, 7, [1, 1], [1, 1], [1, 1], 1)
+    lw, lws = _w((24, 64), gen)
+    lin = NativeLinear(lw, lws, bias_float=torch.randn(24, generator=gen))
+    xs = [torch.randint(0, 256, (2, 16, 12, 12), dtype=torch.uint8, generator=gen) for _ in range(8)]
+    rows = [torch.randint(0, 256, (5, 64), dtype=torch.uint8, generator=gen) for _ in range(8)]
+
+    def work(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = conv(xs[i % 8], "relu", 0.3, 3)
+        return y, lin(rows[i % 8], x_scale=0.01 * (1 + i % 8), x_zero_point=i % 8)
+
+    serial = [work(i) for i in range(64)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(work, range(64)))
+    for a, b in zip(serial, threaded, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

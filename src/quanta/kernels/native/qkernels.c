@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include <link.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -299,8 +300,15 @@ fail:
 
 /* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
  * to take them (see qk_epilogue). Returns 0 on success. */
+static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;
+
 int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, float dst_scale,
            int32_t dst_zp) {
+    /* ctypes drops the GIL around this call: one op at a time, since an op's memory objects,
+     * runtime qparams and library-managed scratchpad are shared by all its callers (each run
+     * already uses every OpenMP thread). */
+    pthread_mutex_lock(&run_lock);
+    int status = 0;
     op->src_scale_value = src_scale;
     op->src_zp_value = src_zp;
     op->dst_scale_value = dst_scale;
@@ -321,8 +329,10 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
     if (op->bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, op->bias};
     CHECK(p_dnnl_primitive_execute(op->primitive, stream, nargs, args));
     CHECK(p_dnnl_stream_wait(stream));
-    return 0;
+    pthread_mutex_unlock(&run_lock);
+    return status;
 fail:
+    pthread_mutex_unlock(&run_lock);
     return 1;
 }
 
