@@ -238,3 +238,21 @@ def test_concurrent_calls_from_threads_agree():
         threaded = list(pool.map(work, range(64)))
     for a, b in zip(serial, threaded, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("shape", [(3,), (1, 384), (128, 384), (4, 128, 1536)])
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 50.0])
+def test_native_dynamic_quantization_equals_numpy_and_reference(shape, spread):
+    from quanta.kernels import dynamic as kd
+
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=gen) * spread + 0.3 * spread
+    q, scale, zp = kd._quantize_tensor_native(native.load(), x)
+    q_np, scale_np, zp_np = kd._quantize_tensor(x.numpy())
+    assert (scale, zp) == (scale_np, zp_np) and torch.equal(q, torch.from_numpy(q_np))
+    assert torch.equal(q, R.quantize_dynamic_input(x, scale, zp))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y.view(-1)[-1] = bad
+        with pytest.raises(kd.NonFiniteInputError):
+            kd._quantize_tensor_native(native.load(), y)

@@ -491,3 +491,63 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
             }
         }
 }
+
+/* Dynamic quantization of a float32 input, in two threaded passes with numpy's arithmetic
+ * (quanta.kernels.dynamic): qk_min_max finds the range (returns 1 if any value is NaN or
+ * infinite), qk_quantize_dynamic_u8 computes y = trunc(clamp(f32(x * inv) + offset, 0, 255))
+ * with offset = zp + 0.5: multiply and add rounded separately (no FMA contraction). */
+__attribute__((optimize("O3"))) int qk_min_max_f32(const float *x, int64_t n, float *out) {
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+    float lo = x[0], hi = x[0];
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) \
+    reduction(| : bad) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, stop = n - start < QK_BLOCK ? n : start + QK_BLOCK;
+        float l = x[start], h = x[start];
+        float finite = 0.0f;
+        for (int64_t j = start; j < stop; j++) {
+            l = x[j] < l ? x[j] : l;
+            h = x[j] > h ? x[j] : h;
+            finite += x[j] * 0.0f; /* NaN for NaN or +-inf */
+        }
+        lo = l < lo ? l : lo;
+        hi = h > hi ? h : hi;
+        bad |= finite != finite;
+    }
+    out[0] = lo;
+    out[1] = hi;
+    return bad;
+}
+
+#define QK_DYN_BODY                                                                          \
+    for (int64_t i = 0; i < len; i++) {                                                      \
+        float v = x[i] * inv;                                                                \
+        v = v + offset;                                                                      \
+        v = v < 0.0f ? 0.0f : v;                                                             \
+        v = v > 255.0f ? 255.0f : v;                                                         \
+        y[i] = (uint8_t)v;                                                                   \
+    }
+
+__attribute__((target("avx2"), optimize("O3", "fp-contract=off"))) static void dyn_avx2(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
+    QK_DYN_BODY
+}
+
+__attribute__((optimize("O3", "fp-contract=off"))) static void dyn_plain(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
+    QK_DYN_BODY
+}
+
+void qk_quantize_dynamic_u8(const float *x, uint8_t *y, int64_t n, float inv, float offset) {
+    int fast = has_avx2_fma();
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
+        if (fast)
+            dyn_avx2(x + start, y + start, len, inv, offset);
+        else
+            dyn_plain(x + start, y + start, len, inv, offset);
+    }
+}
