@@ -15,14 +15,13 @@ The epilogue is chosen so oneDNN computes what :mod:`quanta.kernels.reference` s
 from __future__ import annotations
 
 import ctypes
-from collections import OrderedDict
 
 import torch
 
 from quanta.kernels import native
 
 _ACTIVATION = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3, "gelu_tanh": 4}
-_MAX_SHAPES = 8  # primitives kept per layer (LRU); each holds its own reordered weights
+_MAX_SHAPES = 8  # primitives kept per layer; each holds its own reordered weights
 
 
 def available() -> bool:
@@ -30,22 +29,17 @@ def available() -> bool:
 
 
 class _Handles:
-    """LRU of built primitives for one layer; frees them when evicted or collected."""
+    """Built primitives of one layer by call key, oldest evicted first; freed when evicted or
+    collected."""
 
     def __init__(self) -> None:
         self.lib = native.load()
-        self.items: OrderedDict[tuple, tuple[int, object]] = OrderedDict()
-
-    def get(self, key: tuple) -> tuple[int, object] | None:
-        hit = self.items.get(key)
-        if hit is not None:
-            self.items.move_to_end(key)
-        return hit
+        self.items: dict[tuple, tuple[int, object]] = {}
 
     def put(self, key: tuple, handle: int, extra: object) -> None:
         self.items[key] = (handle, extra)
         while len(self.items) > _MAX_SHAPES:
-            self.lib.qk_destroy(self.items.popitem(last=False)[1][0])
+            self.lib.qk_destroy(self.items.pop(next(iter(self.items)))[0])
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -132,10 +126,10 @@ class NativeConv2d:
     ) -> torch.Tensor:
         """x_u8 uint8 NCHW (channels_last) -> channels_last float32, or uint8 with ``out_scale``."""
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
-        key = (tuple(x_u8.shape), activation, out_scale, out_zero_point != 0)
-        hit = self.handles.get(key)
+        key = (x_u8.shape, activation, out_scale, out_zero_point != 0)
+        hit = self.handles.items.get(key)  # hot path: a plain dict lookup (eviction is by age)
         if hit is None:
-            handle, out_shape, dst_scale = self._build(key[0], activation, out_scale, key[3])
+            handle, out_shape, dst_scale = self._build(tuple(key[0]), activation, out_scale, key[3])
             self.handles.put(key, handle, (out_shape, dst_scale))
             hit = (handle, (out_shape, dst_scale))
         handle, (out_shape, dst_scale) = hit
@@ -186,7 +180,7 @@ class NativeLinear:
             x_u8 = x_u8.contiguous()
         rows = x_u8.numel() // self.in_features
         key = (rows, activation, out_scale, out_zero_point != 0)
-        hit = self.handles.get(key)
+        hit = self.handles.items.get(key)
         if hit is None:
             hit = self._build(*key)
             self.handles.put(key, *hit)
