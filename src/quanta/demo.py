@@ -177,7 +177,13 @@ def run_demo(*, calib_batches: int = 10, calib_batch_size: int = 100, threads: i
 
 
 def _backends(report: Any) -> str:
+    from quanta.kernels import native
+
     names = sorted({r["backend"] for r in report.rows if r.get("backend")})
+    if "onednn" in names:  # say which way oneDNN is reached
+        why = native.unavailable_reason()
+        names[names.index("onednn")] = "onednn (native kept primitives)" if why is None \
+            else f"onednn (torch.ops; native kernels unavailable: {why})"
     return ", ".join(names) or "none"
 
 
