@@ -18,6 +18,7 @@ w_scale) and the row zero points are removed afterwards with the per-channel wei
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -198,10 +199,8 @@ class DynamicLinearKernel:
         self.w_q = w_q.contiguous()
         self.w_scale = w_scale.detach().float().contiguous()
         self.backend = backend
-        self.packed = None
         if backend == "onednn":
             self._qlinear = torch.ops.onednn.qlinear_pointwise.default
-            self.packed = torch.ops.onednn.qlinear_prepack(self.w_q, None)
             self.w_zero_point = torch.zeros(w_q.shape[0], dtype=torch.int64)
             wsum = self.w_q.sum(dim=1, dtype=torch.int64).double()
             self.wsum_scaled = (wsum * self.w_scale.double()).float()
@@ -224,8 +223,14 @@ class DynamicLinearKernel:
             op = self.natives[key] = native_ops.NativeLinear(self.w_q, self.w_scale, bias_float=b)
         return op
 
+    @functools.cached_property
+    def packed(self) -> torch.Tensor | None:
+        """torch.ops.onednn's prepacked weights (oneDNN backend), built on first use: with the
+        native kernels only the torch.compile path needs them."""
+        return torch.ops.onednn.qlinear_prepack(self.w_q, None) if self.backend == "onednn" else None
+
     def uses_onednn(self, rows: int) -> bool:
-        return self.packed is not None and rows > self.small_m
+        return self.backend == "onednn" and rows > self.small_m
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, per_row: bool = False) -> torch.Tensor:
         """x float32 [M, K] -> float32 [M, N]."""

@@ -20,6 +20,7 @@ Findings that shape this module (torch 2.13, oneDNN 3.12):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,10 +120,16 @@ class PackedLinear:
         self.w_scale = w_scale.detach().float().contiguous()
         self.w_zero_point = torch.zeros(self.out_features, dtype=torch.int64)
         self.bias = _float_bias(bias_i32, self.x_scale, self.w_scale)
-        # M is unknown until run time; packing with None measured as fast as a fixed [M, K].
-        self.packed = torch.ops.onednn.qlinear_prepack(w_q.detach().contiguous(), None)
+        self._w = w_q.detach().contiguous()
         self.native = (native_ops.NativeLinear(w_q, self.w_scale, bias_i32, self.x_scale, self.x_zero_point)
                        if native_ops.available() else None)
+
+    @functools.cached_property
+    def packed(self) -> torch.Tensor:
+        """torch.ops.onednn's prepacked weights, built on first use (only the fallback and the
+        torch.compile path need them). M is unknown until run time; packing with None measured
+        as fast as a fixed [M, K]."""
+        return torch.ops.onednn.qlinear_prepack(self._w, None)
 
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none",
@@ -185,13 +192,18 @@ class PackedConv:
             w4, x_shape = w4.unsqueeze(2), [*x_shape[:2], 1, x_shape[-1]]
             self.stride, self.padding, self.dilation = (
                 [1, *self.stride], [0, *self.padding], [1, *self.dilation])
-        self.packed = torch.ops.onednn.qconv_prepack(
-            w4.contiguous(), self.w_scale, self.x_scale, self.x_zero_point,
-            self.stride, self.padding, self.dilation, self.groups, list(x_shape),
-        )
+        self._w, self._x_shape = w4.contiguous(), list(x_shape)
         self.native = native_ops.NativeConv2d(
             w4, self.w_scale, bias_i32, self.x_scale, self.x_zero_point, self.stride, self.padding,
             self.dilation, self.groups) if native_ops.available() else None
+
+    @functools.cached_property
+    def packed(self) -> torch.Tensor:
+        """torch.ops.onednn's prepacked weights, built on first use (fallback / torch.compile)."""
+        return torch.ops.onednn.qconv_prepack(
+            self._w, self.w_scale, self.x_scale, self.x_zero_point,
+            self.stride, self.padding, self.dilation, self.groups, self._x_shape,
+        )
 
     @staticmethod
     def _resolve_padding(

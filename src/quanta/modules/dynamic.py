@@ -117,7 +117,7 @@ class DynamicQuantizedLinear(DynamicModule):
             kernel = self._kernels.get("weight") or self.kernel("weight")
             k = self.in_features
             rows_ok = x.numel() > kernel.small_m * k
-            if kernel.packed is not None and x.dim() > 1 and x.shape[-1] == k and rows_ok:
+            if kernel.backend == "onednn" and x.dim() > 1 and x.shape[-1] == k and rows_ok:
                 try:
                     return kernel.onednn_per_tensor(x, self._buffers["bias"])
                 except NonFiniteInputError as exc:

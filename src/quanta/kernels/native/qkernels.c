@@ -347,7 +347,15 @@ fail:
         y[i] = (uint8_t)v;                                                                   \
     }
 
-__attribute__((target("avx2,fma"), optimize("O3", "no-math-errno"))) static void add_avx2(
+#if defined(__x86_64__) || defined(__i386__)
+#define QK_X86 1
+#define QK_TARGET(isa) __attribute__((target(isa)))
+#else
+#define QK_X86 0
+#define QK_TARGET(isa)
+#endif
+
+QK_TARGET("avx2,fma") __attribute__((optimize("O3", "no-math-errno"))) static void add_avx2(
     const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
     float rb, float k, float lo, float hi) {
     QK_ADD_BODY
@@ -360,9 +368,13 @@ __attribute__((optimize("O3", "no-math-errno"))) static void add_scalar(
 }
 
 static int has_avx2_fma(void) {
+#if QK_X86
     static int fast = -1;
     if (fast < 0) fast = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return fast;
+#else
+    return 0;
+#endif
 }
 
 /* Elementwise kernels split into this many-element blocks across torch's OpenMP threads (the
@@ -397,7 +409,7 @@ __attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
     }
 }
 
-__attribute__((target("avx2"), optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
+QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
     const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
     for (int64_t i = 0; i < len; i++) {
         float v = __builtin_rintf(x[i] / scale) + zp;
@@ -529,7 +541,7 @@ __attribute__((optimize("O3"))) int qk_min_max_f32(const float *x, int64_t n, fl
         y[i] = (uint8_t)v;                                                                   \
     }
 
-__attribute__((target("avx2"), optimize("O3", "fp-contract=off"))) static void dyn_avx2(
+QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off"))) static void dyn_avx2(
     const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
     QK_DYN_BODY
 }
