@@ -30,6 +30,7 @@
     X(dnnl_memory_desc_create_with_tag) X(dnnl_memory_desc_destroy)                            \
     X(dnnl_memory_desc_get_size) X(dnnl_memory_create) X(dnnl_memory_destroy)                  \
     X(dnnl_memory_set_data_handle) X(dnnl_primitive_attr_create)                                \
+    X(dnnl_primitive_attr_set_scratchpad_mode)                                                  \
     X(dnnl_primitive_attr_destroy) X(dnnl_primitive_attr_set_scales_mask)                       \
     X(dnnl_primitive_attr_set_zero_points_mask) X(dnnl_primitive_attr_set_post_ops)             \
     X(dnnl_post_ops_create) X(dnnl_post_ops_destroy) X(dnnl_post_ops_append_eltwise)            \
@@ -104,7 +105,8 @@ fail:
 /* One built primitive with everything it needs at run time. */
 typedef struct {
     dnnl_primitive_t primitive;
-    dnnl_memory_t src, weights, bias, dst;
+    dnnl_memory_t src, weights, bias, dst, scratchpad;
+    size_t scratchpad_size;
     dnnl_memory_t src_scale, wei_scale, dst_scale, src_zp, dst_zp;
     void *weights_data;
     float src_scale_value, dst_scale_value, *wei_scale_data, *bias_data;
@@ -134,7 +136,7 @@ static dnnl_memory_t make_memory(int ndims, const dnnl_dims_t dims, dnnl_data_ty
 void qk_destroy(qk_op *op) {
     if (!op) return;
     dnnl_memory_t mems[] = {op->src, op->weights, op->bias, op->dst, op->src_scale,
-                            op->wei_scale, op->dst_scale, op->src_zp, op->dst_zp};
+                            op->wei_scale, op->dst_scale, op->src_zp, op->dst_zp, op->scratchpad};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; i++)
         if (mems[i]) p_dnnl_memory_destroy(mems[i]);
     if (op->primitive) p_dnnl_primitive_destroy(op->primitive);
@@ -148,6 +150,9 @@ static dnnl_primitive_attr_t make_attr(const qk_epilogue *e, int wei_scale_mask)
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t ops = NULL;
     if (p_dnnl_primitive_attr_create(&attr) != dnnl_success) return NULL;
+    /* user scratchpad: one buffer for all ops (they run one at a time), allocated once, instead
+     * of oneDNN allocating (and page-faulting) one per execution */
+    CHECK(p_dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
     CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_WEIGHTS, wei_scale_mask));
     if (e->src_zp) CHECK(p_dnnl_primitive_attr_set_zero_points_mask(attr, DNNL_ARG_SRC, 0));
     if (e->src_scale) CHECK(p_dnnl_primitive_attr_set_scales_mask(attr, DNNL_ARG_SRC, 0));
@@ -193,6 +198,10 @@ static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_
     dnnl_exec_arg_t reorder_args[] = {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, op->weights}};
     CHECK(p_dnnl_primitive_execute(reorder, stream, 2, reorder_args));
     CHECK(p_dnnl_stream_wait(stream));
+    const_dnnl_memory_desc_t pad_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    op->scratchpad_size = pad_md ? p_dnnl_memory_desc_get_size(pad_md) : 0;
+    if (op->scratchpad_size)
+        CHECK(p_dnnl_memory_create(&op->scratchpad, pad_md, engine, DNNL_MEMORY_NONE));
     CHECK(p_dnnl_memory_create(&op->src, src_md, engine, DNNL_MEMORY_NONE));
     CHECK(p_dnnl_memory_create(&op->dst, dst_md, engine, DNNL_MEMORY_NONE));
     dnnl_dims_t one = {1}, out = {n_out};
@@ -301,6 +310,8 @@ fail:
 /* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
  * to take them (see qk_epilogue). Returns 0 on success. */
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *scratchpad;       /* shared by all ops, under run_lock */
+static size_t scratchpad_size;
 
 int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, float dst_scale,
            int32_t dst_zp) {
@@ -315,7 +326,7 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
     op->dst_zp_value = dst_zp;
     CHECK(p_dnnl_memory_set_data_handle(op->src, src));
     CHECK(p_dnnl_memory_set_data_handle(op->dst, dst));
-    dnnl_exec_arg_t args[10] = {
+    dnnl_exec_arg_t args[11] = {
         {DNNL_ARG_SRC, op->src},
         {DNNL_ARG_WEIGHTS, op->weights},
         {DNNL_ARG_DST, op->dst},
@@ -327,6 +338,20 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
     };
     int nargs = 8;
     if (op->bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, op->bias};
+    if (op->scratchpad) {
+        if (op->scratchpad_size > scratchpad_size) {
+            free(scratchpad);
+            scratchpad_size = 0;
+            if (posix_memalign(&scratchpad, 64, op->scratchpad_size)) {
+                scratchpad = NULL;
+                snprintf(last_error, sizeof last_error, "out of memory for the scratchpad");
+                goto fail;
+            }
+            scratchpad_size = op->scratchpad_size;
+        }
+        CHECK(p_dnnl_memory_set_data_handle(op->scratchpad, scratchpad));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, op->scratchpad};
+    }
     CHECK(p_dnnl_primitive_execute(op->primitive, stream, nargs, args));
     CHECK(p_dnnl_stream_wait(stream));
     pthread_mutex_unlock(&run_lock);
