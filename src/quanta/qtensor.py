@@ -142,7 +142,8 @@ def _max_pool2d_int(
     data: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
     ceil_mode: bool = False, return_indices: bool = False,
 ) -> torch.Tensor | None:
-    """2-d max pooling on integer data, exact, without leaving the integers: non-overlapping
+    """2-d max pooling on integer data, exact, without leaving the integers: with the native
+    kernels one threaded C pass over NHWC uint8 data; otherwise non-overlapping
     windows reduce channels_last tiles (:func:`_max_pool_tiles`), padded windows run as two
     separable 1-d passes (:func:`_max_along`), the rest as the running maximum of kh*kw strided
     views (of the input padded with the dtype's minimum, which never wins). All measured
@@ -162,8 +163,7 @@ def _max_pool2d_int(
     if lib is not None and data.dtype == torch.uint8 and nhwc and not torch.compiler.is_compiling():
         # one threaded C pass over NHWC
         out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
-        geometry = torch.tensor([n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow], dtype=torch.int64)
-        lib.qk_max_pool_u8(data.data_ptr(), out.data_ptr(), geometry.data_ptr())
+        lib.qk_max_pool_u8(data.data_ptr(), out.data_ptr(), n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow)
         return out.permute(0, 3, 1, 2)
     if not (ph or pw) and (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0 \
             and data.is_contiguous(memory_format=torch.channels_last):
@@ -301,8 +301,7 @@ def _adaptive_avg_pool2d_native(data: torch.Tensor, output_size: Any, zero_point
     if len(size) != 2 or oh <= 0 or ow <= 0:
         return None
     out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
-    geometry = torch.tensor([n, c, h, w, oh, ow, zero_point], dtype=torch.int64)
-    lib.qk_adaptive_avg_pool_u8(data.data_ptr(), out.data_ptr(), geometry.data_ptr())
+    lib.qk_adaptive_avg_pool_u8(data.data_ptr(), out.data_ptr(), n, c, h, w, oh, ow, zero_point)
     return out.permute(0, 3, 1, 2)
 
 

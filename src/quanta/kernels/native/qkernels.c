@@ -476,9 +476,10 @@ void qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t in
 
 /* uint8 max pooling on NHWC data, no dilation; taps outside the input are skipped (they never
  * win: every value is >= 0 and each window holds at least one real tap, checked by the caller). */
-__attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y, const int64_t *g) {
-    int64_t n = g[0], c = g[1], h = g[2], w = g[3], kh = g[4], kw = g[5], sh = g[6], sw = g[7],
-            ph = g[8], pw = g[9], oh = g[10], ow = g[11];
+__attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y, int64_t n, int64_t c,
+                                                   int64_t h, int64_t w, int64_t kh, int64_t kw,
+                                                   int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                                   int64_t oh, int64_t ow) {
 #pragma omp parallel for schedule(static) collapse(2) if (n * oh * ow * c * kh * kw > 4 * QK_BLOCK)
     for (int64_t b = 0; b < n; b++)
         for (int64_t oy = 0; oy < oh; oy++)
@@ -500,11 +501,11 @@ __attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y
 
 /* uint8 adaptive average pooling on NHWC data, as quanta's QTensor rule: the float average of
  * (q - zp) over torch's adaptive windows (sum exact in float32, then divided by the window
- * size), rounded half to even, + zp, clamped to [0, 255]. g: n, c, h, w, oh, ow, zp. */
+ * size), rounded half to even, + zp, clamped to [0, 255]. */
 __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
-    const uint8_t *x, uint8_t *y, const int64_t *g) {
-    int64_t n = g[0], c = g[1], h = g[2], w = g[3], oh = g[4], ow = g[5];
-    float zp = (float)g[6];
+    const uint8_t *x, uint8_t *y, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+    int32_t zero_point) {
+    float zp = (float)zero_point;
 #pragma omp parallel for schedule(static) collapse(2) if (n * h * w * c > 4 * QK_BLOCK)
     for (int64_t b = 0; b < n; b++)
         for (int64_t oy = 0; oy < oh; oy++) {
