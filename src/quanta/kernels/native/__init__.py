@@ -1,14 +1,15 @@
-"""Build and load quanta's native int8 kernels (``qkernels.c``): oneDNN primitives kept per shape.
+"""Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
+(``primitives.c``) and elementwise loops (``elementwise.c``), one shared library.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
-~30-60 us per op that dominates batch-1 latency. ``qkernels.c`` builds each primitive once.
+~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
 
 How it finds oneDNN: torch's ``libtorch_cpu.so`` contains oneDNN's full C API but does not
 export it. Its symbol table (``.symtab``) still names every function; :func:`_symbol_offsets`
 reads their offsets, and the C side adds the library's load address. The result is torch's
 own oneDNN: same version, same OpenMP thread pool, same kernels as ``torch.ops.onednn``.
 
-The C file is compiled once per torch build with the system C compiler into a cache
+The C files are compiled once per torch build with the system C compiler into a cache
 directory (``$QUANTA_CACHE_DIR``, else ``~/.cache/quanta``), atomically. Anything that fails
 (no compiler, a stripped torch, a oneDNN major version other than the headers') leaves
 :func:`load` returning None with the reason in :func:`unavailable_reason`; callers then use
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCE = Path(__file__).with_name("qkernels.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("primitives.c", "elementwise.c")]
 _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -37,7 +38,7 @@ _loaded = False
 
 
 class Epilogue(ctypes.Structure):
-    """Mirror of ``qk_epilogue`` in qkernels.c."""
+    """Mirror of ``qk_epilogue`` in primitives.c."""
 
     _fields_ = [("dst_f32", ctypes.c_int), ("activation", ctypes.c_int), ("alpha", ctypes.c_float),
                 ("beta", ctypes.c_float), ("src_scale", ctypes.c_int), ("dst_scale", ctypes.c_int),
@@ -84,7 +85,7 @@ def _cache_dir() -> Path:
 
 
 def _compile(include: Path) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + torch.__version__.encode() + str(include).encode()).hexdigest()[:16]
     target = _cache_dir() / f"qkernels-{key}.so"
     if target.exists():
@@ -97,10 +98,11 @@ def _compile(include: Path) -> Path:
     os.close(fd)
     try:
         # -fopenmp: libgomp.so.1 resolves to the one torch already loaded (one thread pool)
-        cmd = [compiler, "-O2", "-fopenmp", "-shared", "-fPIC", f"-I{include}", str(_SOURCE), "-o", tmp]
+        cmd = [compiler, "-O2", "-fopenmp", "-shared", "-fPIC", f"-I{include}", *map(str, _SOURCES),
+               "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise OSError(f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+            raise OSError(f"compiling the native kernels failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: a concurrent build or reader never sees half a file
     finally:
         if os.path.exists(tmp):

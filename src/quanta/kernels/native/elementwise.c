@@ -1,0 +1,236 @@
+/* quanta's native elementwise int8 kernels: plain C loops, vectorized by the compiler.
+ *
+ * Each computes exactly what quanta's reference (or its numpy/torch path) computes; the tests
+ * compare them element for element. Large tensors are split in blocks across torch's OpenMP
+ * threads: the library is built with -fopenmp, and libgomp.so.1 resolves to the copy torch
+ * already loaded, so there is one thread pool.
+ */
+#include <stdint.h>
+#include <string.h>
+
+/* uint8 add, the reference's formula: y = clamp(rne(fma(a, ra, fma(b, rb, k))), lo, hi).
+ * Same-layout dense inputs of n elements. kernels/eltwise.py checks it against reference.add on
+ * all 65536 input pairs of each qparams before using it, so it is exact or not used. */
+#define QK_ADD_BODY                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        float v = __builtin_rintf(__builtin_fmaf((float)a[i], ra, __builtin_fmaf((float)b[i], rb, k))); \
+        v = v < lo ? lo : v;                                                                 \
+        v = v > hi ? hi : v;                                                                 \
+        y[i] = (uint8_t)v;                                                                   \
+    }
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QK_X86 1
+#define QK_TARGET(isa) __attribute__((target(isa)))
+#else
+#define QK_X86 0
+#define QK_TARGET(isa)
+#endif
+
+QK_TARGET("avx2,fma") __attribute__((optimize("O3", "no-math-errno"))) static void add_avx2(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
+    float rb, float k, float lo, float hi) {
+    QK_ADD_BODY
+}
+
+__attribute__((optimize("O3", "no-math-errno"))) static void add_scalar(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
+    float rb, float k, float lo, float hi) {
+    QK_ADD_BODY
+}
+
+static int has_avx2_fma(void) {
+#if QK_X86
+    static int fast = -1;
+    if (fast < 0) fast = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return fast;
+#else
+    return 0;
+#endif
+}
+
+#define QK_BLOCK 32768 /* elements per block handed to one OpenMP thread */
+
+void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
+               float k, float lo, float hi) {
+    int fast = has_avx2_fma();
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
+        if (fast)
+            add_avx2(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
+        else
+            add_scalar(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
+    }
+}
+
+/* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
+ * (a float32 division, then rounding half to even). x is [n, c, inner] contiguous; with
+ * to_channels_last the result is [n, inner, c] (NCHW -> NHWC in the same pass). */
+__attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
+    const float *restrict x, uint8_t *restrict y, int64_t len, int64_t x_stride, float scale,
+    float zp) {
+    for (int64_t i = 0; i < len; i++) {
+        float v = __builtin_rintf(x[i * x_stride] / scale) + zp;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > 255.0f ? 255.0f : v;
+        y[i] = (uint8_t)v;
+    }
+}
+
+QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
+    for (int64_t i = 0; i < len; i++) {
+        float v = __builtin_rintf(x[i] / scale) + zp;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > 255.0f ? 255.0f : v;
+        y[i] = (uint8_t)v;
+    }
+}
+
+void qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
+                    int32_t zero_point, int to_channels_last) {
+    float zp = (float)zero_point;
+    if (!to_channels_last || c == 1) {
+        int64_t total = n * c * inner, blocks = (total + QK_BLOCK - 1) / QK_BLOCK;
+        int fast = has_avx2_fma();
+#pragma omp parallel for schedule(static) if (blocks > 1)
+        for (int64_t i = 0; i < blocks; i++) {
+            int64_t start = i * QK_BLOCK, len = total - start < QK_BLOCK ? total - start : QK_BLOCK;
+            if (fast)
+                quantize_run_avx2(x + start, y + start, len, scale, zp);
+            else
+                quantize_run(x + start, y + start, len, 1, scale, zp);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) collapse(2) if (n * c * inner > QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float *src = x + (b * c + ch) * inner;
+            uint8_t *dst = y + b * c * inner + ch;
+            for (int64_t i = 0; i < inner; i++) {
+                float v = __builtin_rintf(src[i] / scale) + zp;
+                v = v < 0.0f ? 0.0f : v;
+                v = v > 255.0f ? 255.0f : v;
+                dst[i * c] = (uint8_t)v;
+            }
+        }
+}
+
+/* uint8 max pooling on NHWC data, no dilation; taps outside the input are skipped (they never
+ * win: every value is >= 0 and each window holds at least one real tap, checked by the caller). */
+__attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y, int64_t n, int64_t c,
+                                                   int64_t h, int64_t w, int64_t kh, int64_t kw,
+                                                   int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                                   int64_t oh, int64_t ow) {
+#pragma omp parallel for schedule(static) collapse(2) if (n * oh * ow * c * kh * kw > 4 * QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t oy = 0; oy < oh; oy++)
+            for (int64_t ox = 0; ox < ow; ox++) {
+                uint8_t *restrict out = y + ((b * oh + oy) * ow + ox) * c;
+                memset(out, 0, (size_t)c);
+                for (int64_t i = 0; i < kh; i++) {
+                    int64_t iy = oy * sh - ph + i;
+                    if (iy < 0 || iy >= h) continue;
+                    for (int64_t j = 0; j < kw; j++) {
+                        int64_t ix = ox * sw - pw + j;
+                        if (ix < 0 || ix >= w) continue;
+                        const uint8_t *restrict in = x + ((b * h + iy) * w + ix) * c;
+                        for (int64_t ch = 0; ch < c; ch++) out[ch] = in[ch] > out[ch] ? in[ch] : out[ch];
+                    }
+                }
+            }
+}
+
+/* uint8 adaptive average pooling on NHWC data, as quanta's QTensor rule: the float average of
+ * (q - zp) over torch's adaptive windows (sum exact in float32, then divided by the window
+ * size), rounded half to even, + zp, clamped to [0, 255]. */
+__attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
+    const uint8_t *x, uint8_t *y, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
+    int32_t zero_point) {
+    float zp = (float)zero_point;
+#pragma omp parallel for schedule(static) collapse(2) if (n * h * w * c > 4 * QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t oy = 0; oy < oh; oy++) {
+            float sum[c];
+            int64_t y0 = oy * h / oh, y1 = ((oy + 1) * h + oh - 1) / oh;
+            for (int64_t ox = 0; ox < ow; ox++) {
+                int64_t x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
+                for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0.0f;
+                for (int64_t iy = y0; iy < y1; iy++)
+                    for (int64_t ix = x0; ix < x1; ix++) {
+                        const uint8_t *in = x + ((b * h + iy) * w + ix) * c;
+                        for (int64_t ch = 0; ch < c; ch++) sum[ch] += (float)in[ch] - zp;
+                    }
+                float count = (float)((y1 - y0) * (x1 - x0));
+                uint8_t *out = y + ((b * oh + oy) * ow + ox) * c;
+                for (int64_t ch = 0; ch < c; ch++) {
+                    float v = __builtin_rintf(sum[ch] / count) + zp;
+                    v = v < 0.0f ? 0.0f : v;
+                    out[ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
+                }
+            }
+        }
+}
+
+/* Dynamic quantization of a float32 input, in two threaded passes with numpy's arithmetic
+ * (quanta.kernels.dynamic): qk_min_max finds the range (returns 1 if any value is NaN or
+ * infinite), qk_quantize_dynamic_u8 computes y = trunc(clamp(f32(x * inv) + offset, 0, 255))
+ * with offset = zp + 0.5: multiply and add rounded separately (no FMA contraction). */
+__attribute__((optimize("O3"))) int qk_min_max_f32(const float *x, int64_t n, float *out) {
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+    float lo = x[0], hi = x[0];
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) \
+    reduction(| : bad) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, stop = n - start < QK_BLOCK ? n : start + QK_BLOCK;
+        float l = x[start], h = x[start];
+        float finite = 0.0f;
+        for (int64_t j = start; j < stop; j++) {
+            l = x[j] < l ? x[j] : l;
+            h = x[j] > h ? x[j] : h;
+            finite += x[j] * 0.0f; /* NaN for NaN or +-inf */
+        }
+        lo = l < lo ? l : lo;
+        hi = h > hi ? h : hi;
+        bad |= finite != finite;
+    }
+    out[0] = lo;
+    out[1] = hi;
+    return bad;
+}
+
+#define QK_DYN_BODY                                                                          \
+    for (int64_t i = 0; i < len; i++) {                                                      \
+        float v = x[i] * inv;                                                                \
+        v = v + offset;                                                                      \
+        v = v < 0.0f ? 0.0f : v;                                                             \
+        v = v > 255.0f ? 255.0f : v;                                                         \
+        y[i] = (uint8_t)v;                                                                   \
+    }
+
+QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off"))) static void dyn_avx2(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
+    QK_DYN_BODY
+}
+
+__attribute__((optimize("O3", "fp-contract=off"))) static void dyn_plain(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
+    QK_DYN_BODY
+}
+
+void qk_quantize_dynamic_u8(const float *x, uint8_t *y, int64_t n, float inv, float offset) {
+    int fast = has_avx2_fma();
+    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
+        if (fast)
+            dyn_avx2(x + start, y + start, len, inv, offset);
+        else
+            dyn_plain(x + start, y + start, len, inv, offset);
+    }
+}
