@@ -51,58 +51,54 @@ static int has_avx2_fma(void) {
 
 #define QK_BLOCK 32768 /* elements per block handed to one OpenMP thread */
 
+/* Runs fast(...) or plain(...) on [start, start + len) blocks of [0, n) across OpenMP threads;
+ * the two kernels take (offset pointers..., len, extra args...) as built by ARGS. */
+#define QK_BLOCKS(n, fast, plain, ARGS)                                                      \
+    do {                                                                                     \
+        int use_fast = has_avx2_fma();                                                       \
+        int64_t blocks = ((n) + QK_BLOCK - 1) / QK_BLOCK;                                    \
+        _Pragma("omp parallel for schedule(static) if (blocks > 1)")                         \
+        for (int64_t i = 0; i < blocks; i++) {                                               \
+            int64_t start = i * QK_BLOCK, len = (n) - start < QK_BLOCK ? (n) - start : QK_BLOCK; \
+            if (use_fast)                                                                    \
+                fast ARGS;                                                                   \
+            else                                                                             \
+                plain ARGS;                                                                  \
+        }                                                                                    \
+    } while (0)
+
 void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
                float k, float lo, float hi) {
-    int fast = has_avx2_fma();
-    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
-#pragma omp parallel for schedule(static) if (blocks > 1)
-    for (int64_t i = 0; i < blocks; i++) {
-        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
-        if (fast)
-            add_avx2(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
-        else
-            add_scalar(a + start, b + start, y + start, len, ra, rb, k, lo, hi);
-    }
+    QK_BLOCKS(n, add_avx2, add_scalar, (a + start, b + start, y + start, len, ra, rb, k, lo, hi));
 }
 
 /* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
  * (a float32 division, then rounding half to even). x is [n, c, inner] contiguous; with
  * to_channels_last the result is [n, inner, c] (NCHW -> NHWC in the same pass). */
-__attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
-    const float *restrict x, uint8_t *restrict y, int64_t len, int64_t x_stride, float scale,
-    float zp) {
-    for (int64_t i = 0; i < len; i++) {
-        float v = __builtin_rintf(x[i * x_stride] / scale) + zp;
-        v = v < 0.0f ? 0.0f : v;
-        v = v > 255.0f ? 255.0f : v;
-        y[i] = (uint8_t)v;
+#define QK_QUANTIZE_BODY                                                                     \
+    for (int64_t i = 0; i < len; i++) {                                                      \
+        float v = __builtin_rintf(x[i] / scale) + zp;                                        \
+        v = v < 0.0f ? 0.0f : v;                                                             \
+        v = v > 255.0f ? 255.0f : v;                                                         \
+        y[i] = (uint8_t)v;                                                                   \
     }
+
+__attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
+    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
+    QK_QUANTIZE_BODY
 }
 
 QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
     const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
-    for (int64_t i = 0; i < len; i++) {
-        float v = __builtin_rintf(x[i] / scale) + zp;
-        v = v < 0.0f ? 0.0f : v;
-        v = v > 255.0f ? 255.0f : v;
-        y[i] = (uint8_t)v;
-    }
+    QK_QUANTIZE_BODY
 }
 
 void qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
                     int32_t zero_point, int to_channels_last) {
     float zp = (float)zero_point;
     if (!to_channels_last || c == 1) {
-        int64_t total = n * c * inner, blocks = (total + QK_BLOCK - 1) / QK_BLOCK;
-        int fast = has_avx2_fma();
-#pragma omp parallel for schedule(static) if (blocks > 1)
-        for (int64_t i = 0; i < blocks; i++) {
-            int64_t start = i * QK_BLOCK, len = total - start < QK_BLOCK ? total - start : QK_BLOCK;
-            if (fast)
-                quantize_run_avx2(x + start, y + start, len, scale, zp);
-            else
-                quantize_run(x + start, y + start, len, 1, scale, zp);
-        }
+        int64_t total = n * c * inner;
+        QK_BLOCKS(total, quantize_run_avx2, quantize_run, (x + start, y + start, len, scale, zp));
         return;
     }
 #pragma omp parallel for schedule(static) collapse(2) if (n * c * inner > QK_BLOCK)
@@ -223,14 +219,5 @@ __attribute__((optimize("O3", "fp-contract=off"))) static void dyn_plain(
 }
 
 void qk_quantize_dynamic_u8(const float *x, uint8_t *y, int64_t n, float inv, float offset) {
-    int fast = has_avx2_fma();
-    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
-#pragma omp parallel for schedule(static) if (blocks > 1)
-    for (int64_t i = 0; i < blocks; i++) {
-        int64_t start = i * QK_BLOCK, len = n - start < QK_BLOCK ? n - start : QK_BLOCK;
-        if (fast)
-            dyn_avx2(x + start, y + start, len, inv, offset);
-        else
-            dyn_plain(x + start, y + start, len, inv, offset);
-    }
+    QK_BLOCKS(n, dyn_avx2, dyn_plain, (x + start, y + start, len, inv, offset));
 }

@@ -238,6 +238,15 @@ fail:
     return NULL;
 }
 
+static void release(dnnl_primitive_desc_t pd, dnnl_primitive_attr_t attr, dnnl_memory_desc_t src,
+                    dnnl_memory_desc_t wei, dnnl_memory_desc_t bias, dnnl_memory_desc_t dst) {
+    if (pd) p_dnnl_primitive_desc_destroy(pd);
+    if (attr) p_dnnl_primitive_attr_destroy(attr);
+    dnnl_memory_desc_t mds[] = {src, wei, bias, dst};
+    for (int i = 0; i < 4; i++)
+        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
+}
+
 /* Conv2d on an NHWC uint8 input [n, c, h, w] (logical NCHW dims); groups > 1 for grouped and
  * depthwise convs. w: int8 [oc, c/groups, kh, kw] contiguous. scales: float32 [oc].
  * geometry: stride h/w, padding top/left, bottom/right (h, w each), dilation h/w (oneDNN's
@@ -272,11 +281,7 @@ qk_op *qk_conv_create(const int64_t *shape, int64_t oc, int64_t groups, int64_t 
     op = finish(pd, grouped ? 5 : 4, grouped ? w_dims : w_dims + 1, grouped ? dnnl_goihw : dnnl_oihw,
                 w, (int)oc, scales, bias, src_zp);
 fail:
-    if (pd) p_dnnl_primitive_desc_destroy(pd);
-    if (attr) p_dnnl_primitive_attr_destroy(attr);
-    dnnl_memory_desc_t mds[] = {src_md, wei_md, bias_md, dst_md};
-    for (int i = 0; i < 4; i++)
-        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
+    release(pd, attr, src_md, wei_md, bias_md, dst_md);
     return op;
 }
 
@@ -298,11 +303,7 @@ qk_op *qk_linear_create(int64_t m, int64_t k, int64_t n, const int8_t *w, const 
     CHECK(p_dnnl_matmul_primitive_desc_create(&pd, engine, src_md, wei_md, bias_md, dst_md, attr));
     op = finish(pd, 2, w_dims, dnnl_ba, w, (int)n, scales, bias, src_zp);
 fail:
-    if (pd) p_dnnl_primitive_desc_destroy(pd);
-    if (attr) p_dnnl_primitive_attr_destroy(attr);
-    dnnl_memory_desc_t mds[] = {src_md, wei_md, bias_md, dst_md};
-    for (int i = 0; i < 4; i++)
-        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
+    release(pd, attr, src_md, wei_md, bias_md, dst_md);
     return op;
 }
 
