@@ -9,9 +9,12 @@ Two backends compute the same integers:
 - ``reference``: :func:`quanta.kernels.reference.linear_dynamic` (float64 accumulation, exact);
   for small K the same integers are summed in float32, which is exact while
   ``K * 255 * 128 < 2**24`` (every partial sum is an integer below 2^24).
-- ``onednn``: ``torch.ops.onednn.qlinear_pointwise`` with the weights prepacked once. It has a
-  fixed ~30 us cost per call; measured here (2 threads, VNNI) the exact float32 reference is
-  faster for M <= 2 rows when K <= 514, so calls of that size take the reference path.
+- ``onednn``: quanta's native kept oneDNN matmul (:mod:`quanta.kernels.native`, the input scale
+  and zero point are runtime arguments, so one primitive per row count serves every call), with
+  input quantization in C. Without the native kernels: ``torch.ops.onednn.qlinear_pointwise``
+  with the weights prepacked once, which has a fixed ~30 us cost per call; measured here (2
+  threads, VNNI) the exact float32 reference is faster for M <= 2 rows when K <= 514, so calls
+  of that size take the reference path there.
 Per-row input qparams on oneDNN: the kernel runs with x_scale=1, x_zp=0 (raw u8 x s8 sums times
 w_scale) and the row zero points are removed afterwards with the per-channel weight sums.
 """
@@ -146,13 +149,13 @@ def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object
     key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, per_row)
     if _CACHE.key == key:
         return _CACHE.value
-    # numpy: single-threaded but with far less per-op overhead than eager torch here; bit-equal
-    # to reference.quantize_dynamic_input (tested)
     lib = native.load()
-    if lib is not None and not per_row:
+    if lib is not None and not per_row:  # two threaded C passes, bit-equal to numpy's (tested)
         x_q, scale, zero_point = _quantize_tensor_native(lib, x.detach().float().contiguous())
         _CACHE.source, _CACHE.key, _CACHE.value = x, key, (x_q, scale, zero_point)
         return x_q, scale, zero_point
+    # numpy: single-threaded but with far less per-op overhead than eager torch here; bit-equal
+    # to reference.quantize_dynamic_input (tested)
     xn = x.detach().float().contiguous().numpy()
     if per_row:
         q, s_, z_ = _quantize_rows(xn)

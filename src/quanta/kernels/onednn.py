@@ -1,10 +1,12 @@
-"""Fast x86 int8 Linear / Conv1d / Conv2d through ``torch.ops.onednn`` on plain tensors.
+"""Fast x86 int8 Linear / Conv1d / Conv2d on plain tensors, through oneDNN.
 
 Same conventions and results as :mod:`quanta.kernels.reference` (uint8 per-tensor
 activations, symmetric int8 per-output-channel weights, int32 bias at x_scale * w_scale).
-Weights are prepacked once, in the constructor.
+Two ways to reach oneDNN, same kernels: quanta's native kept primitives
+(:mod:`quanta.kernels.native`, used whenever they load) and ``torch.ops.onednn`` (the fallback,
+and the path under ``torch.compile`` tracing), whose weights are prepacked on first use.
 
-Findings that shape this module (torch 2.13, oneDNN 3.12):
+Findings that shape the torch.ops path (torch 2.13, oneDNN 3.12):
 - Bias must be floating point (an int32 bias is rejected); it is passed as
   ``float32(bias_i32 * x_scale * w_scale)`` and added after scaling the accumulator. Float32
   outputs therefore differ from the reference by about one float32 ulp. Requantized uint8

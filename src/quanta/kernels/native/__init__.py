@@ -5,7 +5,7 @@ Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call
 ~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
 
 How it finds oneDNN: torch's ``libtorch_cpu.so`` contains oneDNN's full C API but does not
-export it. Its symbol table (``.symtab``) still names every function; :func:`_symbol_offsets`
+export it. Its symbol table (``.symtab``) still names every function; :func:`_elf_symbols`
 reads their offsets, and the C side adds the library's load address. The result is torch's
 own oneDNN: same version, same OpenMP thread pool, same kernels as ``torch.ops.onednn``.
 
@@ -173,8 +173,8 @@ def load() -> ctypes.CDLL | None:
         else:
             try:
                 _lib = _load()
-            except OSError as e:
-                _reason = str(e)
+            except Exception as e:  # noqa: BLE001 - optional fast path: any failure means torch.ops
+                _reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
     return _lib
 
 
