@@ -263,6 +263,25 @@ def test_dispatch_honours_request_and_rule(monkeypatch):
     assert choose_backend("linear", linear, "auto")[0] == "float"  # M=8 on AVX2: int8 0.56x
 
 
+def test_linear_break_even_depends_on_the_path_and_neighbours(monkeypatch):
+    """Native kept primitives move the Linear break-even down (no per-call rebuild), and a
+    Linear next to int8 data runs int8 there: the float path would add a (de)quantize pass."""
+    from quanta.kernels import dispatch
+    from quanta.kernels.native import ops as native_ops
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # the native-ISA (VNNI) rule on this machine
+    if not has_vnni():
+        pytest.skip("needs a VNNI CPU for the native-ISA rule")
+    monkeypatch.setattr(native_ops, "available", lambda: True)
+    assert not dispatch.linear_prefers_int8(1, 384, 384)  # 147k MACs: int8 0.76x alone
+    assert dispatch.linear_prefers_int8(1, 384, 1536)  # 590k MACs: 1.5x
+    assert dispatch.linear_prefers_int8(1, 384, 384, int8_neighbour=True)
+    monkeypatch.setattr(native_ops, "available", lambda: False)
+    assert not dispatch.linear_prefers_int8(1, 384, 1536)  # torch.ops: ~2M MACs break-even
+    assert not dispatch.linear_prefers_int8(1, 384, 384, int8_neighbour=True)
+    assert dispatch.linear_prefers_int8(8, 512, 1000)
+
+
 _SATURATION_SCRIPT = textwrap.dedent("""
     import json, torch
     from quanta.kernels import reference as R
