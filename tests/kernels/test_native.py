@@ -257,3 +257,14 @@ def test_native_dynamic_quantization_equals_numpy_and_reference(shape, spread):
         y.view(-1)[-1] = bad
         with pytest.raises(kd.NonFiniteInputError):
             kd._quantize_tensor_native(native.load(), y)
+
+
+def test_unwritable_cache_falls_back_with_the_reason():
+    """No place to build the library: quanta says why and runs through torch.ops (same results)."""
+    code = ("import torch; from quanta.kernels import native, onednn;"
+            "w = torch.ones(4, 3, dtype=torch.int8); p = onednn.PackedLinear(w, torch.ones(4), None, 1.0, 0);"
+            "y = p(torch.ones(2, 3, dtype=torch.uint8), 'none', 1.0, 0);"
+            "print(native.unavailable_reason() is not None, p.native, y.tolist())")
+    env = {**os.environ, "QUANTA_CACHE_DIR": "/proc/quanta-cache-cannot-exist"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "True None [[3, 3, 3, 3], [3, 3, 3, 3]]"
