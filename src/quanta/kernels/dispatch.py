@@ -55,15 +55,6 @@ def linear_prefers_int8(rows: int, in_features: int, out_features: int, int8_nei
     return macs >= (300_000 if kept else 2_000_000)
 
 
-def conv_prefers_int8(macs: int) -> bool:
-    """Whether a oneDNN int8 conv call of ``macs`` multiply-accumulates beats fp32 here.
-
-    Through torch.ops (~30-35 us fixed per call) tiny convs lost: 3x3 16->16 at 14x14 (0.45M
-    MACs) int8 37 us vs fp32 23 us (1 thread). Native kept primitives: 12.6 vs 20.9 us (2 threads).
-    Not used in forward (see QuantizedConv2d._int8_wins)."""
-    return macs >= (2_000_000 if _profile() == "avx2" else 300_000)
-
-
 def _linear(info: dict) -> tuple[str, str]:
     k, n = int(info["in_features"]), int(info["out_features"])
     prof = _profile()

@@ -268,29 +268,12 @@ class _QuantizedConvNd(QuantizedModule):
         return onednn.PackedConv(self.weight, self.weight_scale, self.bias, *self._in, self.stride,
                                  self.padding, self.dilation, self.groups)
 
-    def _int8_wins(self, x: torch.Tensor) -> bool:
-        """Whether int8 beats fp32 for this input shape on the conv alone (fixed ~30 us per oneDNN
-        call). Not used in forward: measured end to end, the float path's extra dequantize and
-        quantize around small convs (MobileNetV2 depthwise, MNIST) cost more than it saves."""
-        data = x.int_data if isinstance(x, QTensor) else x
-        shape = tuple(data.shape)
-        table = self.__dict__.setdefault("_int8_rows", {})
-        wins = table.get(shape)
-        if wins is None:
-            out_size = 1
-            for i in range(len(self.kernel_size)):
-                extent = shape[2 + i] if len(shape) > 2 + i else 1
-                out_size *= max(extent // self.stride[i], 1)
-            macs = shape[0] * out_size * self.out_channels * (self.in_channels // self.groups)
-            for k in self.kernel_size:
-                macs *= k
-            wins = table[shape] = dispatch.conv_prefers_int8(macs)
-        return wins
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
-            if backend == "onednn":  # no per-call float fallback: neighbours are int8 (see _int8_wins)
+            # no per-call float fallback: a float conv would need a dequantize before and a quantize
+            # after it, which cost more than they save even for tiny convs (MNIST, depthwise)
+            if backend == "onednn":
                 if type(x) is QTensor and x.scale == self._in[0] and x.zero_point == self._in[1]:
                     y = self._packed_kernel()(x.int_data, self.activation, *self.out_args())  # hot path
                 else:
