@@ -165,8 +165,7 @@ def _max_pool2d_int(
         out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
         lib.qk_max_pool_u8(data.data_ptr(), out.data_ptr(), n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow)
         return out.permute(0, 3, 1, 2)
-    if not (ph or pw) and (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0 \
-            and data.is_contiguous(memory_format=torch.channels_last):
+    if not (ph or pw) and (kh, kw) == (sh, sw) and h % kh == 0 and w % kw == 0 and nhwc:
         return _max_pool_tiles(data, kh, kw)
     if (ph or pw) and 2 * ph < kh and 2 * pw < kw:  # padded: skip the padded copy
         rows = _max_along(data, 3, kw, sw, pw, ow)
@@ -297,8 +296,10 @@ def _adaptive_avg_pool2d_native(data: torch.Tensor, output_size: Any, zero_point
         return None
     n, c, h, w = data.shape
     size = [output_size] * 2 if isinstance(output_size, int) else list(output_size)
-    oh, ow = (h if size[0] is None else int(size[0])), (w if size[-1] is None else int(size[-1]))
-    if len(size) != 2 or oh <= 0 or ow <= 0:
+    if len(size) != 2:
+        return None
+    oh, ow = (h if size[0] is None else int(size[0])), (w if size[1] is None else int(size[1]))
+    if oh <= 0 or ow <= 0:
         return None
     out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
     lib.qk_adaptive_avg_pool_u8(data.data_ptr(), out.data_ptr(), n, c, h, w, oh, ow, zero_point)

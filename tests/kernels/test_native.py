@@ -156,14 +156,20 @@ def test_elf_reader_rejects_non_elf_and_missing_names(tmp_path):
     assert missing == 0 and found > 0
 
 
-def test_disabled_by_environment_falls_back_to_torch_ops():
+def _linear_in_fresh_process(**env: str) -> str:
+    """A tiny PackedLinear run in a new process with ``env``: prints the reason the native kernels
+    are unavailable, the layer's native kernel and its output."""
     code = ("import torch; from quanta.kernels import native, onednn;"
             "w = torch.ones(4, 3, dtype=torch.int8); p = onednn.PackedLinear(w, torch.ones(4), None, 1.0, 0);"
             "y = p(torch.ones(2, 3, dtype=torch.uint8), 'none', 1.0, 0);"
-            "print(native.unavailable_reason(), p.native, y.tolist())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "QUANTA_NATIVE": "0"}).stdout
-    assert out.strip() == "disabled by QUANTA_NATIVE=0 None [[3, 3, 3, 3], [3, 3, 3, 3]]"
+            "print(native.unavailable_reason(), '|', p.native, '|', y.tolist())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}).stdout.strip()
+
+
+def test_disabled_by_environment_falls_back_to_torch_ops():
+    out = _linear_in_fresh_process(QUANTA_NATIVE="0")
+    assert out == "disabled by QUANTA_NATIVE=0 | None | [[3, 3, 3, 3], [3, 3, 3, 3]]"
 
 
 @pytest.mark.parametrize("shape,kernel,stride,padding", [
@@ -261,10 +267,6 @@ def test_native_dynamic_quantization_equals_numpy_and_reference(shape, spread):
 
 def test_unwritable_cache_falls_back_with_the_reason():
     """No place to build the library: quanta says why and runs through torch.ops (same results)."""
-    code = ("import torch; from quanta.kernels import native, onednn;"
-            "w = torch.ones(4, 3, dtype=torch.int8); p = onednn.PackedLinear(w, torch.ones(4), None, 1.0, 0);"
-            "y = p(torch.ones(2, 3, dtype=torch.uint8), 'none', 1.0, 0);"
-            "print(native.unavailable_reason() is not None, p.native, y.tolist())")
-    env = {**os.environ, "QUANTA_CACHE_DIR": "/proc/quanta-cache-cannot-exist"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert out.stdout.strip() == "True None [[3, 3, 3, 3], [3, 3, 3, 3]]"
+    out = _linear_in_fresh_process(QUANTA_CACHE_DIR="/proc/quanta-cache-cannot-exist")
+    reason, kernel, output = out.split(" | ")
+    assert reason != "None" and kernel == "None" and output == "[[3, 3, 3, 3], [3, 3, 3, 3]]"

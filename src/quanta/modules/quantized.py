@@ -274,11 +274,8 @@ class _QuantizedConvNd(QuantizedModule):
             # no per-call float fallback: a float conv would need a dequantize before and a quantize
             # after it, which cost more than they save even for tiny convs (MNIST, depthwise)
             if backend == "onednn":
-                if type(x) is QTensor and x.scale == self._in[0] and x.zero_point == self._in[1]:
-                    y = self._packed_kernel()(x.int_data, self.activation, *self.out_args())  # hot path
-                else:
-                    y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
-                return QTensor(y, *self._out) if self.output_int8 else y
+                y = self._packed_kernel()(self.quantize_input(x), self.activation, *self.out_args())
+                return self.finish(y)
             if backend != "reference":
                 w, b = self._float_params()
                 conv = F.conv1d if w.dim() == 3 else F.conv2d

@@ -36,10 +36,12 @@ class _Handles:
         self.lib = native.load()
         self.items: dict[tuple, tuple[int, object]] = {}
 
-    def put(self, key: tuple, handle: int, extra: object) -> None:
-        self.items[key] = (handle, extra)
+    def put(self, key: tuple, handle: int, extra: object) -> tuple[int, object]:
+        """Keep ``(handle, extra)`` under ``key`` and return it."""
+        entry = self.items[key] = (handle, extra)
         while len(self.items) > _MAX_SHAPES:
             self.lib.qk_destroy(self.items.pop(next(iter(self.items)))[0])
+        return entry
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -130,8 +132,7 @@ class NativeConv2d:
         hit = self.handles.items.get(key)  # hot path: a plain dict lookup (eviction is by age)
         if hit is None:
             handle, out_shape, dst_scale = self._build(tuple(key[0]), activation, out_scale, key[3])
-            self.handles.put(key, handle, (out_shape, dst_scale))
-            hit = (handle, (out_shape, dst_scale))
+            hit = self.handles.put(key, handle, (out_shape, dst_scale))
         handle, (out_shape, dst_scale) = hit
         y = torch.empty(out_shape, dtype=torch.float32 if out_scale is None else torch.uint8)
         if self.handles.lib.qk_run(handle, x_u8.data_ptr(), y.data_ptr(), 1.0, self.x_zero_point,
@@ -182,8 +183,7 @@ class NativeLinear:
         key = (rows, activation, out_scale, out_zero_point != 0)
         hit = self.handles.items.get(key)
         if hit is None:
-            hit = self._build(*key)
-            self.handles.put(key, *hit)
+            hit = self.handles.put(key, *self._build(*key))
         handle, dst_scale = hit
         y = torch.empty((*x_u8.shape[:-1], self.out_features),
                         dtype=torch.float32 if out_scale is None else torch.uint8)

@@ -319,7 +319,6 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
      * runtime qparams and library-managed scratchpad are shared by all its callers (each run
      * already uses every OpenMP thread). */
     pthread_mutex_lock(&run_lock);
-    int status = 0;
     op->src_scale_value = src_scale;
     op->src_zp_value = src_zp;
     op->dst_scale_value = dst_scale;
@@ -355,7 +354,7 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
     CHECK(p_dnnl_primitive_execute(op->primitive, stream, nargs, args));
     CHECK(p_dnnl_stream_wait(stream));
     pthread_mutex_unlock(&run_lock);
-    return status;
+    return 0;
 fail:
     pthread_mutex_unlock(&run_lock);
     return 1;
