@@ -98,6 +98,9 @@ class Override:
         )
 
 
+RUNTIMES = ("graph", "eager")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides how a model is quantized. Frozen; build variants with
@@ -110,6 +113,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     dynamic_per_row: bool = False
+    runtime: str = "graph"  # "graph": replay the traced forward (quanta.modules.graph) | "eager"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class QuantConfig:
         if self.weight.dtype != "int8" or not self.weight.symmetric:
             raise ValueError("QuantConfig.weight must be a symmetric int8 spec")
         check_activation_spec(self.activation, "QuantConfig.activation")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"

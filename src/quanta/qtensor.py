@@ -111,23 +111,28 @@ def _on_data(func: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _max_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Max pooling on the integer data. torch's uint8 max pool is unvectorized (measured ~15x
-    slower than float) and rejects large channels_last inputs, so it runs in bfloat16, which
-    holds every integer 0..256 exactly: the result is bit-identical."""
     x = args[0]
-    if not isinstance(x, QTensor) or kwargs.get("return_indices"):
+    if not isinstance(x, QTensor) or any(isinstance(a, QTensor) for a in args[1:]):
         return NotImplemented
-    if any(isinstance(a, QTensor) for a in args[1:]):
-        return NotImplemented
-    data = x.int_data
+    out = max_pool_data(func, x.int_data, args[1:], kwargs)
+    return NotImplemented if out is None else x.with_data(out)
+
+
+def max_pool_data(func: Callable, data: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Max pooling on the integer data, or None where the float path must answer (indices).
+    torch's uint8 max pool is unvectorized (measured ~15x slower than float) and rejects large
+    channels_last inputs, so uncovered cases run in bfloat16, which holds every integer 0..256
+    exactly: the result is bit-identical."""
+    if kwargs.get("return_indices"):
+        return None
     if func in (F.max_pool2d, torch.max_pool2d) and data.dim() == 4:
-        out = _max_pool2d_int(data, *args[1:], **kwargs)
+        out = _max_pool2d_int(data, *rest, **kwargs)
         if out is not None:
-            return x.with_data(out)
-    out = func(data.to(torch.bfloat16), *args[1:], **kwargs)
+            return out
+    out = func(data.to(torch.bfloat16), *rest, **kwargs)
     if isinstance(out, tuple):  # positional return_indices=True: let the float path answer
-        return NotImplemented
-    return x.with_data(out.to(data.dtype))
+        return None
+    return out.to(data.dtype)
 
 
 def _as_list(v: Any) -> list:
@@ -233,14 +238,15 @@ def _quantize_scalar(v: float, scale: float, zero_point: int, qmin: int, qmax: i
 _CLAMP_BOUNDS: dict[tuple, tuple[int | None, int | None]] = {}
 
 
-def _clamp_bounds(lo: float | None, hi: float | None, x: QTensor) -> tuple[int | None, int | None]:
-    """Integer bounds of a float clamp at ``x``'s qparams; None where the dtype already bounds."""
-    key = (lo, hi, x.scale, x.zero_point, x.int_data.dtype)
+def clamp_bounds(lo: float | None, hi: float | None, scale: float, zero_point: int,
+                 dtype: torch.dtype) -> tuple[int | None, int | None]:
+    """Integer bounds of a float clamp at these qparams; None where the dtype already bounds."""
+    key = (lo, hi, scale, zero_point, dtype)
     bounds = _CLAMP_BOUNDS.get(key)
     if bounds is None:
-        dmin, dmax = (0, 255) if x.int_data.dtype == torch.uint8 else (-128, 127)
-        qmin = None if lo is None else _quantize_scalar(lo, x.scale, x.zero_point, dmin, dmax)
-        qmax = None if hi is None else _quantize_scalar(hi, x.scale, x.zero_point, dmin, dmax)
+        dmin, dmax = (0, 255) if dtype == torch.uint8 else (-128, 127)
+        qmin = None if lo is None else _quantize_scalar(lo, scale, zero_point, dmin, dmax)
+        qmax = None if hi is None else _quantize_scalar(hi, scale, zero_point, dmin, dmax)
         bounds = (None if qmin is None or qmin <= dmin else qmin,
                   None if qmax is None or qmax >= dmax else qmax)
         if len(_CLAMP_BOUNDS) > 4096:
@@ -251,7 +257,7 @@ def _clamp_bounds(lo: float | None, hi: float | None, x: QTensor) -> tuple[int |
 
 def _clamp_op(lo: float | None, hi: float | None) -> Callable:
     def run(x: QTensor, inplace: bool = False) -> QTensor:
-        qmin, qmax = _clamp_bounds(lo, hi, x)
+        qmin, qmax = clamp_bounds(lo, hi, x.scale, x.zero_point, x.int_data.dtype)
         if qmin is None and qmax is None:
             return x  # already inside the range (a ReLU after a fused ReLU): nothing to do
         return x.with_data(torch.clamp(x.int_data, qmin, qmax))
@@ -273,18 +279,22 @@ def _hardtanh(func: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _avg_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Average of integers (zero point removed so padding counts as real 0), rounded half-even."""
     x = args[0]
     if not isinstance(x, QTensor):
         return NotImplemented
-    data = x.int_data
-    if func is F.adaptive_avg_pool2d and data.dim() == 4 and len(args) == 2 and not kwargs:
-        out = _adaptive_avg_pool2d_native(data, args[1], x.zero_point)
+    return x.with_data(avg_pool_data(func, x.int_data, x.zero_point, args[1:], kwargs))
+
+
+def avg_pool_data(
+    func: Callable, data: torch.Tensor, zero_point: int, rest: tuple, kwargs: dict,
+) -> torch.Tensor:
+    """Average of integers (zero point removed so padding counts as real 0), rounded half-even."""
+    if func is F.adaptive_avg_pool2d and data.dim() == 4 and len(rest) == 1 and not kwargs:
+        out = _adaptive_avg_pool2d_native(data, rest[0], zero_point)
         if out is not None:
-            return x.with_data(out)
-    pooled = func(data.float() - x.zero_point, *args[1:], **kwargs)
-    data = torch.clamp(torch.round(pooled) + x.zero_point, 0, 255).to(x.int_data.dtype)
-    return x.with_data(data)
+            return out
+    pooled = func(data.float() - zero_point, *rest, **kwargs)
+    return torch.clamp(torch.round(pooled) + zero_point, 0, 255).to(data.dtype)
 
 
 def _adaptive_avg_pool2d_native(data: torch.Tensor, output_size: Any, zero_point: int) -> torch.Tensor | None:

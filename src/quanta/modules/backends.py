@@ -64,7 +64,7 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
 
     ``config`` (default: the one attached to ``model``) supplies per-layer ``Override(backend=)``.
     """
-    from quanta.modules.quantized import QuantizedModule
+    from quanta.modules.quantized import QuantizedModule, bump_generation
 
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
@@ -87,6 +87,7 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why
     _select_site_backends(model, plan, requested, config)
+    bump_generation()
 
 
 def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: QuantConfig | None) -> None:

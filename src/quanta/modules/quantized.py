@@ -32,6 +32,17 @@ from quanta.numerics.qparams import choose_qparams, quantize
 from quanta.qtensor import QTensor
 
 KERNEL_BACKENDS = ("reference", "onednn", "float")
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """Bumped whenever a quantized module's or call site's qparams or kernels are reset: the
+    graph runtime, which holds them as constants, is rebuilt after any change."""
+    return _GENERATION[0]
+
+
+def bump_generation() -> None:
+    _GENERATION[0] += 1
 _CACHES = ("_packed", "_float", "_int8_rows")
 
 
@@ -116,6 +127,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         """Cache qparams as python numbers (read on every call) and drop kernel caches."""
         self._in = (float(self.input_scale), int(self.input_zero_point))
         self._out = (float(self.output_scale), int(self.output_zero_point))
+        bump_generation()
         for key in _CACHES:
             self.__dict__.pop(key, None)
 
@@ -135,8 +147,8 @@ class QuantizedModule(LeafMarker, nn.Module):
         Raises NotImplementedError/RuntimeError when oneDNN cannot run this layer."""
         if backend not in KERNEL_BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}; expected one of {KERNEL_BACKENDS}")
-        self._sync()
         self.backend, self.forced = backend, forced
+        self._sync()
         if backend == "onednn":
             self._packed_kernel()
 
@@ -232,12 +244,16 @@ class QuantizedLinear(QuantizedModule):
         """Per-call choice on the oneDNN backend: int8 only when the row count is large enough."""
         quantized_input = isinstance(x, QTensor)
         data = x.int_data if quantized_input else x
-        key = (data.numel() // self.in_features, quantized_input)
+        return self.int8_wins_rows(data.numel() // self.in_features, quantized_input)
+
+    def int8_wins_rows(self, rows: int, quantized_input: bool) -> bool:
+        """:meth:`_int8_wins` for ``rows`` input rows, cached per (rows, input kind)."""
+        key = (rows, quantized_input)
         table = self.__dict__.setdefault("_int8_rows", {})
         wins = table.get(key)
         if wins is None:
             wins = table[key] = dispatch.linear_prefers_int8(
-                key[0], self.in_features, self.out_features, quantized_input or self.output_int8)
+                rows, self.in_features, self.out_features, quantized_input or self.output_int8)
         return wins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
+from quanta.modules import graph
 from quanta.modules.mapping import INT8_SITE_OPS
-from quanta.modules.quantized import QuantizedModule
+from quanta.modules.quantized import QuantizedModule, bump_generation
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
@@ -54,6 +55,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.__dict__.pop("_qp", None)
         self.converted = True
         self.observer = None
+        bump_generation()
 
     def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.converted:
@@ -108,6 +110,7 @@ class QuantizedSite(LeafMarker, nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self.__dict__.pop("_qp", None)
+        bump_generation()
 
     def extra_repr(self) -> str:
         return f"{self.key}, op={self.op}, activation={self.activation}"
@@ -142,7 +145,11 @@ class _EagerCall:
 
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return nn.Module._call_impl(self.model, *args, **kwargs)
+        model = self.model
+        state = model.__dict__.get("_quanta")
+        if model.training or state is None or state.config.runtime != "graph":
+            return nn.Module._call_impl(model, *args, **kwargs)
+        return graph.run(state, model, args, kwargs, lambda: nn.Module._call_impl(model, *args, **kwargs))
 
 
 _SITE_OP_OF: dict[Callable, str | None] = {}  # torch function -> its site op name, None if not one
@@ -204,6 +211,8 @@ class QuantaState(LeafMarker, nn.Module):
         self._mode: _SiteMode | None = None
         self._root_handles: list = []
         self._eager: _EagerCall | None = None
+        self._graph: Any = None  # graph.GraphRuntime | graph.Off | None (not built yet)
+        self._graph_builds = 0
 
     @property
     def sites_by_key(self) -> dict[str, QuantizedSite]:
@@ -227,6 +236,7 @@ class QuantaState(LeafMarker, nn.Module):
         ]
         self._eager = _EagerCall(model)
         model.__dict__["_call_impl"] = self._eager
+        self._graph, self._graph_builds = None, 0
 
     def detach(self) -> None:
         if self._eager is not None:
@@ -237,6 +247,10 @@ class QuantaState(LeafMarker, nn.Module):
             h.remove()
         self._root_handles = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the graph runtime holds the model's modules and generated code: rebuilt, never copied
+        return {**self.__dict__, "_graph": None, "_graph_builds": 0}
+
     def _add_state(self, model: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         if prefix == "":
             state_dict.update(self.state_dict(prefix="_quanta."))
@@ -245,6 +259,7 @@ class QuantaState(LeafMarker, nn.Module):
                     strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         if prefix != "":
             return
+        self._graph, self._graph_builds = None, 0
         ours = {k[len("_quanta."):]: state_dict.pop(k) for k in list(state_dict) if k.startswith("_quanta.")}
         result = self.load_state_dict(ours, strict=False)
         missing_keys.extend("_quanta." + k for k in result.missing_keys)

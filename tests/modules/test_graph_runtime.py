@@ -1,0 +1,221 @@
+"""The graph runtime: the same output as eager mode bit for bit, on real models, and eager mode
+wherever the graph would not apply (control flow, hooks, replaced modules, other signatures)."""
+
+import copy
+import dataclasses
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import quanta
+from quanta.errors import QuantizedInputError
+from quanta.modules import graph
+from quanta.zoo import mnist, vision
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The same quantized model, forced onto eager mode."""
+    other = copy.deepcopy(model)
+    other._quanta.config = dataclasses.replace(other._quanta.config, runtime="eager")
+    return other
+
+
+def _quantize(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    return quanta.quantize(model.eval(), batches, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def mnist_int8():
+    images, labels = mnist.load_mnist("test")
+    train, _ = mnist.load_mnist("train")
+    q = _quantize(mnist.load_pretrained_mnist_cnn(), [train[i * 100:(i + 1) * 100] for i in range(4)])
+    return q, images, labels
+
+
+def test_mnist_graph_lowers_every_op_and_equals_eager_on_the_test_set(mnist_int8):
+    q, images, labels = mnist_int8
+    eager = _eager(q)
+    with torch.no_grad():
+        for batch in (images[:1], images[1:9], images[:250]):
+            assert torch.equal(q(batch), eager(batch))
+    status = graph.runtime_status(q)
+    assert status.startswith("graph (27 ops lowered"), status
+    assert "0 run as in eager mode" in status
+    assert graph.runtime_status(eager) == "eager (config runtime='eager')"
+    assert mnist.evaluate(q, images, labels) == mnist.evaluate(eager, images, labels) >= 98.5
+
+
+def test_batch_one_calls_run_the_generated_forward(mnist_int8, monkeypatch):
+    q, images, _ = mnist_int8
+    with torch.no_grad():
+        q(images[:1])
+        assert isinstance(q._quanta._graph, graph.GraphRuntime)
+        calls = []
+        monkeypatch.setattr(nn.Module, "_call_impl", lambda *a, **k: calls.append(a) or 0)
+        y = q(images[:1])  # no module call at all: the eager path would have recorded one
+    assert calls == [] and y.shape == (1, 10)
+
+
+def test_resnet18_graph_equals_eager_with_residual_adds():
+    torch.manual_seed(0)
+    calib = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    q = _quantize(vision.resnet18(num_classes=10), calib)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(q(x), y) and torch.equal(_eager(q)(x), y)
+    assert graph.runtime_status(q).startswith("graph"), graph.runtime_status(q)
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        if y.mean() > 0:  # data-dependent: cannot be one graph
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def test_data_dependent_control_flow_stays_eager_with_the_reason():
+    torch.manual_seed(0)
+    q = _quantize(_Branchy(), [torch.randn(2, 3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(q(x), _eager(q)(x))
+        assert torch.equal(q(x), _eager(q)(x))
+    status = graph.runtime_status(q)
+    assert status.startswith("eager:") and "TraceError" in status, status
+
+
+class _Mixed(nn.Module):
+    """int8 convs around ops the runtime does not lower (sigmoid, a scalar multiply, cat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        y = F.relu(self.a(x))
+        z = torch.sigmoid(self.b(y)) * scale
+        n = y.shape[0]
+        return self.c(torch.cat([y, z], 1)).reshape(n, -1)
+
+
+@pytest.fixture(scope="module")
+def mixed_int8():
+    torch.manual_seed(0)
+    return _quantize(_Mixed(), [torch.randn(2, 3, 8, 8) for _ in range(2)])
+
+
+def test_unlowered_ops_run_as_in_eager_mode(mixed_int8):
+    q = copy.deepcopy(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(q(x), y) and torch.equal(_eager(q)(x), y)
+    rt = q._quanta._graph
+    assert isinstance(rt, graph.GraphRuntime) and rt.generic > 0 and rt.lowered >= 3
+
+
+def test_other_inputs_and_signatures_fall_back_to_eager(mixed_int8):
+    q, eager = copy.deepcopy(mixed_int8), _eager(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        q(x)
+        assert isinstance(q._quanta._graph, graph.GraphRuntime)
+        assert torch.equal(q(x, 3.0), eager(x, 3.0))  # the flag was fixed at 1.0 when traced
+        assert torch.equal(q(x, scale=1.0), eager(x, scale=1.0))
+        assert not torch.equal(q(x, 3.0), q(x))
+    assert isinstance(q._quanta._graph, graph.GraphRuntime)
+
+
+def test_new_batch_and_spatial_sizes_use_the_same_graph(mixed_int8):
+    q, eager = copy.deepcopy(mixed_int8), _eager(mixed_int8)
+    with torch.no_grad():
+        q(torch.randn(2, 3, 8, 8))
+        rt = q._quanta._graph
+        for shape in ((1, 3, 8, 8), (5, 3, 6, 6), (3, 3, 11, 7)):
+            x = torch.randn(*shape)
+            assert torch.equal(q(x), eager(x))
+    assert q._quanta._graph is rt
+
+
+def test_bad_input_gives_the_eager_error(mnist_int8):
+    q, images, _ = mnist_int8
+    with torch.no_grad():
+        q(images[:1])
+        with pytest.raises(QuantizedInputError, match="rank"):
+            q(images[0])
+        with pytest.raises(QuantizedInputError, match="float"):
+            q(images[:1].to(torch.int64))
+        assert isinstance(q._quanta._graph, graph.GraphRuntime)  # still used for good input
+        assert torch.equal(q(images[:2]), _eager(q)(images[:2]))
+
+
+def test_a_hook_added_later_runs_and_the_graph_returns_after_removal(mixed_int8):
+    q = copy.deepcopy(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+    seen = []
+    with torch.no_grad():
+        q(x)
+        handle = q.b.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        y = q(x)
+        assert seen == [(2, 8, 8, 8)]
+        assert "forward hook on b" in graph.runtime_status(q)
+        handle.remove()
+        assert torch.equal(q(x), y)  # rebuilt
+        q(x)
+    assert len(seen) == 1 and isinstance(q._quanta._graph, graph.GraphRuntime)
+
+
+def test_replacing_a_module_after_the_build_is_seen(mixed_int8):
+    q = copy.deepcopy(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = q(x)
+        q.c = nn.Identity()
+        after = q(x)
+    assert after.shape != before.shape and torch.equal(after, _eager(q)(x))
+
+
+def test_load_state_dict_rebuilds_with_the_new_qparams(mnist_int8):
+    q, images, _ = mnist_int8
+    q = copy.deepcopy(q)
+    state = q.state_dict()
+    state["conv1.output_scale"] = state["conv1.output_scale"] * 2
+    with torch.no_grad():
+        q(images[:1])
+        q.load_state_dict(state)
+        assert torch.equal(q(images[:4]), _eager(q)(images[:4]))
+    assert isinstance(q._quanta._graph, graph.GraphRuntime)
+
+
+def test_copies_and_pickles_build_their_own_graph(mnist_int8):
+    q, images, _ = mnist_int8
+    with torch.no_grad():
+        y = q(images[:3])
+        for other in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+            assert other._quanta._graph is None
+            assert torch.equal(other(images[:3]), y)
+            assert other._quanta._graph.model is other
+
+
+def test_train_mode_and_prepared_models_run_eagerly(mnist_int8):
+    q, images, _ = mnist_int8
+    prepared = quanta.prepare(mnist.load_pretrained_mnist_cnn().eval(), images[:2])
+    with torch.no_grad():
+        prepared(images[:2])
+    assert graph.runtime_status(prepared) == "eager: the model is prepared, not converted"
+    q = copy.deepcopy(q).train()
+    with torch.no_grad():
+        q(images[:2])
+    assert q._quanta._graph is None
