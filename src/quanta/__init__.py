@@ -3,7 +3,7 @@
 from quanta.api import calibrate, convert, prepare, quantize
 from quanta.config import Override, QuantConfig, QuantSpec
 from quanta.debug.compare import layer_sqnr
-from quanta.debug.report import Report, report
+from quanta.debug.report import Report, report, runtime_status
 from quanta.dynamic import quantize_dynamic
 from quanta.errors import (
     CalibrationError,
@@ -24,5 +24,5 @@ __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
     "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic",
-    "save", "load", "export_onnx", "Report", "report", "layer_sqnr",
+    "save", "load", "export_onnx", "Report", "report", "layer_sqnr", "runtime_status",
 ]

@@ -53,10 +53,11 @@ class Report:
     mode: str
     rows: list[dict[str, Any]]
     summary: dict[str, int]
+    runtime: str = ""  # graph runtime or eager mode, and why (quanta.modules.graph.runtime_status)
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows]
-        return {"mode": self.mode, "layers": rows, "summary": dict(self.summary)}
+        return {"mode": self.mode, "layers": rows, "summary": dict(self.summary), "runtime": self.runtime}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -86,10 +87,19 @@ class Report:
             f"folded: {s['folded']}  quantize boundaries: {s['quantize']}  "
             f"dequantize boundaries: {s['dequantize']}"
         )
+        if self.runtime:
+            console.print(f"runtime: {self.runtime}")
         return buf.getvalue().rstrip()
 
     def __repr__(self) -> str:
         return str(self)
+
+
+def runtime_status(model: nn.Module) -> str:
+    """Which runtime ``model`` uses in eval mode and why (see :mod:`quanta.modules.graph`)."""
+    from quanta.modules import graph
+
+    return graph.runtime_status(model)
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -116,4 +126,4 @@ def report(model: nn.Module) -> Report:
         "quantize": sum(lp.kind == "module" and not lp.input_from for lp in int8),
         "dequantize": sum(not lp.output_int8 for lp in int8),
     }
-    return Report(plan.mode, rows, summary)
+    return Report(plan.mode, rows, summary, runtime_status(model))

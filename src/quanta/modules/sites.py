@@ -147,7 +147,7 @@ class _EagerCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
         state = model.__dict__.get("_quanta")
-        if model.training or state is None or state.config.runtime != "graph":
+        if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
             return nn.Module._call_impl(model, *args, **kwargs)
         return graph.run(state, model, args, kwargs, lambda: nn.Module._call_impl(model, *args, **kwargs))
 
