@@ -44,7 +44,9 @@ def quanta_static(model: nn.Module, calib: list, example: tuple, case: Any, back
     import quanta
 
     q = quanta.quantize(model, calib, config=quanta.QuantConfig(backend=backend), show_progress=False)
-    return (lambda x: q(*x)), state_bytes(q), f"backend={backend}"
+    with torch.no_grad():
+        q(*example)  # the first call builds the graph runtime (or says why it stays eager)
+    return (lambda x: q(*x)), state_bytes(q), f"backend={backend}; runtime: {quanta.runtime_status(q)}"
 
 
 def quanta_dynamic(model: nn.Module, calib: list, example: tuple, case: Any) -> Runner:

@@ -219,3 +219,17 @@ def test_train_mode_and_prepared_models_run_eagerly(mnist_int8):
     with torch.no_grad():
         q(images[:2])
     assert q._quanta._graph is None
+
+
+def test_linear_layers_keep_their_per_call_int8_or_float_choice():
+    """Small Linear calls between float ops take the float path per call, large ones int8 (the
+    break-even in kernels/dispatch.py): the graph keeps that choice and eager mode's result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8))
+    q = _quantize(model, [torch.randn(64, 64) for _ in range(2)])
+    eager = _eager(q)
+    with torch.no_grad():
+        for rows in (1, 3, 256, 2):
+            x = torch.randn(rows, 64)
+            assert torch.equal(q(x), eager(x))
+    assert graph.runtime_status(q).startswith("graph"), graph.runtime_status(q)
