@@ -233,3 +233,27 @@ def test_linear_layers_keep_their_per_call_int8_or_float_choice():
             x = torch.randn(rows, 64)
             assert torch.equal(q(x), eager(x))
     assert graph.runtime_status(q).startswith("graph"), graph.runtime_status(q)
+
+
+class _Counting(nn.Module):
+    """A forward with a Python side effect: a traced graph would count only once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x)
+
+
+def test_forward_with_python_side_effects_stays_eager():
+    torch.manual_seed(0)
+    q = _quantize(_Counting(), [torch.randn(2, 3, 8, 8)])
+    start = q.calls
+    with torch.no_grad():
+        for _ in range(3):
+            q(torch.randn(1, 3, 8, 8))
+    assert q.calls == start + 3
+    assert "changes Python attributes" in graph.runtime_status(q)

@@ -240,9 +240,34 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
         if rt.hooks is None or rt.hooks == _hook_total(model):
             return eager()
         state._graph = None
+    before = _python_state(model)
     out = eager()
+    if _python_state(model) != before:
+        state._graph = Off("the forward changes Python attributes of its modules (a counter, a cache), "
+                           "which a traced graph would do only once")
+        return out
     state._graph = _try_build(state, model, args, kwargs, out)
     return out
+
+
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+
+
+def _python_state(model: nn.Module) -> list[dict[str, Any]]:
+    """A cheap fingerprint of the plain Python attributes of the traced (non-leaf) modules:
+    values for scalars, lengths and identities for containers and other objects."""
+    from quanta.capture.callsites import is_leaf
+
+    def mark(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, dict, set)):
+            return (id(v), len(v))
+        return id(v)
+
+    traced = [m for m in model.modules() if m is model or not is_leaf(m)]
+    return [{k: mark(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS and "hooks" not in k}
+            for m in traced]
 
 
 def _try_build(state: Any, model: nn.Module, args: tuple, kwargs: dict, out: Any) -> GraphRuntime | Off:
