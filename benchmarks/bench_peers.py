@@ -46,7 +46,22 @@ def quanta_static(model: nn.Module, calib: list, example: tuple, case: Any, back
     q = quanta.quantize(model, calib, config=quanta.QuantConfig(backend=backend), show_progress=False)
     with torch.no_grad():
         q(*example)  # the first call builds the graph runtime (or says why it stays eager)
-    return (lambda x: q(*x)), state_bytes(q), f"backend={backend}; runtime: {quanta.runtime_status(q)}"
+    return (lambda x: q(*x)), state_bytes(q), \
+        f"backend={backend}; {_file_ratio(model, q)}; runtime: {quanta.runtime_status(q)}"
+
+
+def _file_ratio(model: nn.Module, q: nn.Module) -> str:
+    """quanta's own file (``quanta.save``, safetensors) against the fp32 state_dict as safetensors."""
+    import safetensors.torch
+
+    import quanta
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = os.path.join(tmp, "fp32.safetensors"), os.path.join(tmp, "int8.safetensors")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fp32)
+        quanta.save(q, int8)
+        ratio = 100 * os.path.getsize(int8) / os.path.getsize(fp32)
+        return f"quanta.save file {ratio:.1f}% of fp32 safetensors"
 
 
 def quanta_dynamic(model: nn.Module, calib: list, example: tuple, case: Any) -> Runner:
