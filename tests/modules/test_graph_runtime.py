@@ -257,3 +257,23 @@ def test_forward_with_python_side_effects_stays_eager():
             q(torch.randn(1, 3, 8, 8))
     assert q.calls == start + 3
     assert "changes Python attributes" in graph.runtime_status(q)
+
+
+def test_quantizing_another_model_does_not_rebuild_this_one(mnist_int8):
+    q, images, _ = mnist_int8
+    with torch.no_grad():
+        q(images[:1])
+        rt = q._quanta._graph
+        _quantize(_Counting(), [torch.randn(2, 3, 8, 8)])  # new quantized modules elsewhere
+        q(images[:1])
+    assert q._quanta._graph is rt
+
+
+def test_a_call_with_defaults_takes_the_positional_path(mixed_int8):
+    q = copy.deepcopy(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = q(x)
+        rt = q._quanta._graph
+        assert rt.positional and rt.fixed == {"scale": 1.0}
+        assert torch.equal(q(x), y)

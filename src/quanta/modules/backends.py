@@ -64,7 +64,7 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
 
     ``config`` (default: the one attached to ``model``) supplies per-layer ``Override(backend=)``.
     """
-    from quanta.modules.quantized import QuantizedModule, bump_generation
+    from quanta.modules.quantized import QuantizedModule
 
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
@@ -87,11 +87,12 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why
     _select_site_backends(model, plan, requested, config)
-    bump_generation()
 
 
 def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: QuantConfig | None) -> None:
     """int8 add call sites: one fused oneDNN pass unless the reference is asked for."""
+    from quanta.modules.quantized import bump_generation
+
     state = getattr(model, "_quanta", None)
     for site in getattr(state, "sites", {}).values() if state is not None else ():
         asked, source = requested, "config"
@@ -108,6 +109,7 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
         else:
             backend, why = "onednn", "one-pass add + requantize (unit depthwise conv with sum post-op)"
         site.backend = backend
+        bump_generation(site)
         lp = plan.layers.get(site.key)
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why

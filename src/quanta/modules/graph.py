@@ -37,15 +37,18 @@ class GraphRuntime:
     """The generated forward of one model, with the guards that say when it still applies."""
 
     def __init__(self, model: nn.Module, fn: Callable, tensor_names: list[str], inputs: dict[str, Any],
-                 n_args: int, kw_names: tuple[str, ...], lowered: int, generic: int) -> None:
+                 positional: bool, n_args: int, kw_names: tuple[str, ...], lowered: int,
+                 generic: int) -> None:
         self.fn, self.tensor_names, self.lowered, self.generic = fn, tensor_names, lowered, generic
         self.fixed = {k: v for k, v in inputs.items() if k not in tensor_names}
-        self.n_args, self.kw_names = n_args, kw_names
-        # positional call with exactly the traced tensors: model(x) takes no binding step
-        self.positional = not kw_names and not self.fixed and len(tensor_names) == n_args
+        # the building call passed only tensors, positionally (model(x)): a call like it takes
+        # no binding step, its other inputs are the same defaults
+        self.positional, self.n_args, self.kw_names = positional, n_args, kw_names
         self.model = model
-        self.generation = generation()
         modules = list(model.modules())
+        self.generation = generation()
+        self._stamped = [m for m in modules if "_generation" in m.__dict__]  # quantized modules, sites
+        self._stamps = [m.__dict__.get("_generation") for m in self._stamped]
         self._hook_dicts = [d for m in modules for d in (
             m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
         self._hook_dicts += _global_hook_dicts()
@@ -57,15 +60,24 @@ class GraphRuntime:
 
     def still_valid(self) -> bool:
         """No hook added or removed, no module replaced, no qparams/backend reset since the build."""
-        return (generation() == self.generation and sum(map(len, self._hook_dicts)) == self._hook_count
+        return ((generation() == self.generation or self._same_stamps())
+                and sum(map(len, self._hook_dicts)) == self._hook_count
                 and list(map(dict.get, self._parents, self._names)) == self._children)
+
+    def _same_stamps(self) -> bool:
+        """Some quantized module was reset: this model's, or another model's (then still valid)."""
+        if [m.__dict__.get("_generation") for m in self._stamped] != self._stamps:
+            return False
+        self.generation = generation()
+        return True
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         if not self.still_valid():
             return EAGER
-        if self.positional and not kwargs and len(args) == self.n_args \
-                and all(type(a) is torch.Tensor for a in args):
-            return self.fn(*args)
+        if not kwargs and len(args) == self.n_args and self.positional:
+            if all(type(a) is torch.Tensor for a in args):
+                return self.fn(*args)
+            return EAGER
         if tuple(sorted(kwargs)) != self.kw_names or len(args) != self.n_args:
             return EAGER
         bound = tracing.bind_inputs(self.model, args, kwargs)
@@ -137,7 +149,9 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     fn = namespace["forward"]
     got = fn(*[inputs[n] for n in tensor_names])
     _check_same(expected, got)
-    return GraphRuntime(model, fn, tensor_names, inputs, len(args), tuple(sorted(kwargs)), lowered, generic)
+    positional = not kwargs and list(inputs)[:len(args)] == tensor_names
+    return GraphRuntime(model, fn, tensor_names, inputs, positional, len(args), tuple(sorted(kwargs)),
+                        lowered, generic)
 
 
 def _emit_generic(node: fx.Node, value: Any, gen: lowering.Codegen, model: nn.Module, site: Any) -> None:

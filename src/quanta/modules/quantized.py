@@ -36,13 +36,15 @@ _GENERATION = [0]
 
 
 def generation() -> int:
-    """Bumped whenever a quantized module's or call site's qparams or kernels are reset: the
-    graph runtime, which holds them as constants, is rebuilt after any change."""
+    """Bumped whenever a quantized module's or call site's qparams or kernels are reset; the
+    module keeps the value as its stamp. The graph runtime, which holds them as constants,
+    compares the stamps of its modules when this changes and is rebuilt if one of them did."""
     return _GENERATION[0]
 
 
-def bump_generation() -> None:
+def bump_generation(owner: nn.Module) -> None:
     _GENERATION[0] += 1
+    owner.__dict__["_generation"] = _GENERATION[0]
 _CACHES = ("_packed", "_float", "_int8_rows")
 
 
@@ -127,7 +129,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         """Cache qparams as python numbers (read on every call) and drop kernel caches."""
         self._in = (float(self.input_scale), int(self.input_zero_point))
         self._out = (float(self.output_scale), int(self.output_zero_point))
-        bump_generation()
+        bump_generation(self)
         for key in _CACHES:
             self.__dict__.pop(key, None)
 

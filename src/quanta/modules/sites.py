@@ -55,7 +55,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.__dict__.pop("_qp", None)
         self.converted = True
         self.observer = None
-        bump_generation()
+        bump_generation(self)
 
     def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.converted:
@@ -110,7 +110,7 @@ class QuantizedSite(LeafMarker, nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self.__dict__.pop("_qp", None)
-        bump_generation()
+        bump_generation(self)
 
     def extra_repr(self) -> str:
         return f"{self.key}, op={self.op}, activation={self.activation}"
