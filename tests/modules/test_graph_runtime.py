@@ -196,7 +196,12 @@ def test_load_state_dict_rebuilds_with_the_new_qparams(mnist_int8):
         q(images[:1])
         q.load_state_dict(state)
         assert torch.equal(q(images[:4]), _eager(q)(images[:4]))
-    assert isinstance(q._quanta._graph, graph.GraphRuntime)
+        rt = q._quanta._graph
+        fc1_state = dict(q.fc1.state_dict())
+        fc1_state["output_scale"] = fc1_state["output_scale"] * 3  # one layer reloaded on its own
+        q.fc1.load_state_dict(fc1_state)
+        assert torch.equal(q(images[:4]), _eager(q)(images[:4]))
+    assert isinstance(q._quanta._graph, graph.GraphRuntime) and q._quanta._graph is not rt
 
 
 def test_copies_and_pickles_build_their_own_graph(mnist_int8):
