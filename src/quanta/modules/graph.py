@@ -122,8 +122,8 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
         value = values.get(node)
         if node.op == "placeholder":
             if isinstance(inputs.get(node.target), torch.Tensor):
+                gen.lines.append(f"{gen.var(node)} = a{len(tensor_names)}")  # not the user's names
                 tensor_names.append(node.target)
-                gen.lines.append(f"{gen.var(node)} = {node.target}")
             else:
                 gen.lines.append(f"{gen.var(node)} = {gen.const(value)}")
             continue
@@ -143,7 +143,8 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
             generic += 1
         else:
             lowered += rule
-    src = f"def forward({', '.join(tensor_names)}):\n" + "".join(f"    {line}\n" for line in gen.lines)
+    params = ", ".join(f"a{i}" for i in range(len(tensor_names)))
+    src = f"def forward({params}):\n" + "".join(f"    {line}\n" for line in gen.lines)
     namespace = dict(gen.glob)
     exec(compile(src, "<quanta graph runtime>", "exec"), namespace)  # noqa: S102 - our own generated code
     fn = namespace["forward"]
