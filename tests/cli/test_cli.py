@@ -120,6 +120,7 @@ def test_bench_json(saved: Path) -> None:
                  "--time-budget", "1", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["results"]
+    assert json.loads(result.stdout)["runtime"].startswith("graph ("), result.stdout
     assert [r["batch_size"] for r in rows] == [1, 8]
     assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 and r["repeats"] >= 2 for r in rows)
 

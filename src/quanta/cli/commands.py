@@ -206,10 +206,12 @@ def bench(args: argparse.Namespace) -> int:
         ratio = f_s / q_s
         table.add_row(str(bs), f"{f_s * 1e3:.2f} ms", f"{q_s * 1e3:.2f} ms",
                       f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower")
+    runtime = quanta.runtime_status(qmodel)
     if args.json:
-        print(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
+        print(json.dumps({"threads": torch.get_num_threads(), "runtime": runtime, "results": rows}, indent=2))
     else:
         _console().print(table)
+        _console().print(f"runtime: {runtime}")
     return 0
 
 
