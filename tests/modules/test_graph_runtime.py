@@ -282,3 +282,24 @@ def test_a_call_with_defaults_takes_the_positional_path(mixed_int8):
         rt = q._quanta._graph
         assert rt.positional and rt.fixed == {"scale": 1.0}
         assert torch.equal(q(x), y)
+
+
+def test_bert_style_encoder_with_finfo_mask_traces_and_equals_eager():
+    """``torch.finfo(x.dtype).min`` in the attention mask (BERT's pattern) and optional inputs."""
+    from quanta.zoo.minilm import MiniLMConfig, minilm_encoder_random
+
+    cfg = MiniLMConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    model = minilm_encoder_random(cfg)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 100, (2, 12), generator=g) for _ in range(2)]
+    q = _quantize(model, calib)
+    eager = _eager(q)
+    ids = torch.randint(0, 100, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, 9:] = 0
+    with torch.no_grad():
+        assert torch.equal(q(ids), eager(ids))
+        assert torch.equal(q(ids), eager(ids))
+        assert graph.runtime_status(q).startswith("graph"), graph.runtime_status(q)
+        assert torch.equal(q(ids, mask), eager(ids, mask))  # another signature: eager
+        assert not torch.equal(q(ids, mask), q(ids))

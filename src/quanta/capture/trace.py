@@ -9,8 +9,9 @@ control flow; the caller then keeps the eager runtime.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -61,7 +62,8 @@ def trace(model: nn.Module, inputs: dict[str, Any], site_keys: Iterable[str]) ->
     concrete = {n: v for n, v in inputs.items() if not isinstance(v, torch.Tensor)}
     tracer = _LeafTracer(k.split(":")[0] for k in site_keys)
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with _dtype_info_traced():
+            graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - any trace failure means: stay eager
         raise TraceFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     for node in list(graph.nodes):  # FX asserts each fixed input's value; the runtime's guard does
@@ -71,6 +73,29 @@ def trace(model: nn.Module, inputs: dict[str, Any], site_keys: Iterable[str]) ->
             if isinstance(condition, fx.Node) and not condition.users:
                 graph.erase_node(condition)
     return graph
+
+
+@contextlib.contextmanager
+def _dtype_info_traced() -> Iterator[None]:
+    """``torch.finfo(x.dtype)`` / ``torch.iinfo`` of a traced value become graph nodes (FX
+    cannot pass a Proxy to them; attention masks use ``torch.finfo(dtype).min`` everywhere)."""
+    originals = {"finfo": torch.finfo, "iinfo": torch.iinfo}
+
+    def traced(name: str) -> Callable:
+        original = originals[name]
+
+        def info(*args: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in args):
+                proxy = next(a for a in args if isinstance(a, fx.Proxy))
+                return proxy.tracer.create_proxy("call_function", original, args, {})
+            return original(*args)
+        return info
+
+    torch.finfo, torch.iinfo = traced("finfo"), traced("iinfo")
+    try:
+        yield
+    finally:
+        torch.finfo, torch.iinfo = originals["finfo"], originals["iinfo"]
 
 
 def placeholder_value(node: fx.Node, inputs: dict[str, Any]) -> Any:
