@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from quanta.capture import trace as tracing
+from quanta.capture.callsites import LeafMarker
 from quanta.modules import lowering
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import generation
@@ -47,7 +48,7 @@ class GraphRuntime:
         self.model = model
         modules = list(model.modules())
         self.generation = generation()
-        self._stamped = [m for m in modules if "_generation" in m.__dict__]  # quantized modules, sites
+        self._stamped = [m for m in modules if isinstance(m, LeafMarker)]  # quantized modules, sites
         self._stamps = [m.__dict__.get("_generation") for m in self._stamped]
         self._hook_dicts = [d for m in modules for d in (
             m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]

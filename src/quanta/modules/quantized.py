@@ -32,6 +32,7 @@ from quanta.numerics.qparams import choose_qparams, quantize
 from quanta.qtensor import QTensor
 
 KERNEL_BACKENDS = ("reference", "onednn", "float")
+_CACHES = ("_packed", "_float", "_int8_rows")
 _GENERATION = [0]
 
 
@@ -45,7 +46,6 @@ def generation() -> int:
 def bump_generation(owner: nn.Module) -> None:
     _GENERATION[0] += 1
     owner.__dict__["_generation"] = _GENERATION[0]
-_CACHES = ("_packed", "_float", "_int8_rows")
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

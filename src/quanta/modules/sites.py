@@ -251,6 +251,11 @@ class QuantaState(LeafMarker, nn.Module):
         # the graph runtime holds the model's modules and generated code: rebuilt, never copied
         return {**self.__dict__, "_graph": None, "_graph_builds": 0}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_graph", None)  # pickled by a quanta without the graph runtime
+        self.__dict__.setdefault("_graph_builds", 0)
+
     def _add_state(self, model: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         if prefix == "":
             state_dict.update(self.state_dict(prefix="_quanta."))
