@@ -90,6 +90,23 @@ def test_wrong_dtype_and_rank_at_inference():
         qmodel[0](torch.ones(4, 10, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("runtime", ["graph", "eager"])
+def test_input_sizes_that_do_not_fit_the_weights_name_the_layer(runtime):
+    """Wrong channel or feature counts are refused before any kernel reads the weights."""
+    mlp = quanta.quantize(_mlp(), [torch.randn(4, 10)], config=quanta.QuantConfig(runtime=runtime),
+                          show_progress=False)
+    conv = quanta.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), [torch.randn(2, 3, 8, 8)],
+                           config=quanta.QuantConfig(runtime=runtime), show_progress=False)
+    with torch.no_grad():
+        mlp(torch.randn(4, 10)), conv(torch.randn(2, 3, 8, 8))  # builds the graph runtime
+        with pytest.raises(quanta.QuantizedInputError, match=r"^0 \(QuantizedLinear\) expects 10 input "
+                           r"features in the last dimension, got shape \(4, 12\)"):
+            mlp(torch.randn(4, 12))
+        with pytest.raises(quanta.QuantizedInputError, match=r"^0 \(QuantizedConv2d\) expects 3 input "
+                           r"channels, got shape \(2, 1, 8, 8\)"):
+            conv(torch.randn(2, 1, 8, 8))
+
+
 def test_example_inputs_that_do_not_fit_the_model():
     with pytest.raises(quanta.UnsupportedModelError, match="failed on example_inputs"):
         quanta.prepare(_mlp(), torch.randn(2, 7))

@@ -115,6 +115,19 @@ def test_bad_activation_names_the_problem():
         NativeLinear(w, ws, None, 0.1, 0)(torch.zeros(1, 4, dtype=torch.uint8), "swish")
 
 
+def test_input_sizes_that_do_not_fit_the_weights_are_refused():
+    """Wrong channels or features would read the weights out of bounds or mix up rows."""
+    gen = torch.Generator().manual_seed(0)
+    w, ws = _w((8, 4, 3, 3), gen)
+    conv = NativeConv2d(w, ws, None, 0.1, 5, [1, 1], [1, 1], [1, 1], 2)  # 2 groups: 8 channels in
+    with pytest.raises(ValueError, match="expected NCHW with 8 channels"):
+        conv(torch.zeros(1, 4, 6, 6, dtype=torch.uint8))
+    assert conv(torch.zeros(1, 8, 6, 6, dtype=torch.uint8)).shape == (1, 8, 6, 6)
+    lw, lws = _w((8, 4), gen)
+    with pytest.raises(ValueError, match="expected 4 features last"):
+        NativeLinear(lw, lws, None, 0.1, 0)(torch.zeros(4, 1, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_native_add_equals_reference(activation, layout):

@@ -262,11 +262,14 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
             state._check_inputs(args, kwargs)
             try:
                 out = rt(args, kwargs)
-            except Exception:
-                out = eager()  # bad input: eager mode raises its own, clearer error
+            except Exception:  # noqa: BLE001 - answered below by eager mode, outside this block
+                out = EAGER, "raised"
+            if out is EAGER:
+                return eager()
+            if type(out) is tuple and out[0] is EAGER:
+                out = eager()  # bad input: eager mode raises its own error, without the graph's
                 state._graph = Off("the graph raised where eager mode ran")
-                return out
-            return eager() if out is EAGER else out
+            return out
         state._graph = None
     elif type(rt) is Off:
         if rt.hooks is None or rt.hooks == _hook_total(model):

@@ -88,6 +88,7 @@ class QuantizedModule(LeafMarker, nn.Module):
     """Shared state, input handling and backend caches of the static int8 modules."""
 
     rank: tuple[int, ...] = ()
+    size_dim = 1  # the input dimension the weights' second dimension (times groups) must match
     channels_last_input = False  # quantize float inputs straight into the layout the kernel takes
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_spec: QuantSpec,
@@ -190,11 +191,24 @@ class QuantizedModule(LeafMarker, nn.Module):
                 f"{self.layer_name or type(self).__name__} ({type(self).__name__}) expects an input of "
                 f"rank {' or '.join(map(str, self.rank))}, got shape {tuple(x.shape)}"
             )
+        self._check_size(x.shape)
+
+    def _check_size(self, shape: torch.Size) -> None:
+        """The feature (Linear) or channel (conv) size the weights were made for: the kernels
+        would otherwise read the weights out of bounds or mix up rows."""
+        dim, want = self.size_dim, self.weight.shape[1] * getattr(self, "groups", 1)
+        if shape[dim] != want:
+            what = "features in the last dimension" if dim == -1 else "channels"
+            raise QuantizedInputError(
+                f"{self.layer_name or type(self).__name__} ({type(self).__name__}) expects {want} input "
+                f"{what}, got shape {tuple(shape)}"
+            )
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 data at this module's input qparams, from a float tensor or a QTensor."""
         scale, zero_point = self._in
         if isinstance(x, QTensor):
+            self._check_size(x.shape)
             if x.scale == scale and x.zero_point == zero_point:
                 return x.int_data
             return reference.requantize(x.int_data, x.scale, x.zero_point, scale, zero_point)
@@ -234,6 +248,7 @@ class QuantizedModule(LeafMarker, nn.Module):
 
 class QuantizedLinear(QuantizedModule):
     rank = tuple(range(2, 8))
+    size_dim = -1
 
     def __init__(self, float_module: nn.Linear, **kwargs) -> None:  # noqa: ANN003
         super().__init__(float_module.weight, float_module.bias, **kwargs)

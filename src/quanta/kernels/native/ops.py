@@ -107,7 +107,10 @@ class NativeConv2d:
         e, multiplier = _epilogue(activation, out_scale, False, self.x_zero_point != 0, dst_zp)
         scales, bias = _scales_and_bias(self.x_scale, self.w_scale, self.bias_i32, None, out_scale,
                                         multiplier)
-        o, _, kh, kw = self.w_q.shape
+        o, per_group, kh, kw = self.w_q.shape
+        if len(shape) != 4 or shape[1] != per_group * self.groups:
+            want = per_group * self.groups
+            raise ValueError(f"conv input {list(shape)}: expected NCHW with {want} channels")
         shape_t = torch.tensor(shape, dtype=torch.int64)
         lib = self.handles.lib
         handle = lib.qk_conv_create(
@@ -179,6 +182,8 @@ class NativeLinear:
         ``x_zero_point``: the per-call input qparams (dynamic mode only)."""
         if not x_u8.is_contiguous():
             x_u8 = x_u8.contiguous()
+        if x_u8.dim() == 0 or x_u8.shape[-1] != self.in_features:
+            raise ValueError(f"matmul input {list(x_u8.shape)}: expected {self.in_features} features last")
         rows = x_u8.numel() // self.in_features
         key = (rows, activation, out_scale, out_zero_point != 0)
         hit = self.handles.items.get(key)
