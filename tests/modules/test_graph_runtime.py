@@ -359,3 +359,16 @@ def test_intermediates_are_freed_after_their_last_use():
         _REFS.clear()
         q(x)
     assert _REFS[-1] is False  # tanh's output was gone by the time the last op ran
+
+
+def test_a_graph_that_raises_where_eager_runs_is_dropped(mixed_int8):
+    q = copy.deepcopy(mixed_int8)
+    x = torch.randn(2, 3, 8, 8)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("stands for a graph that went wrong")
+    with torch.no_grad():
+        q(x)
+        q._quanta._graph.fn = broken
+        assert torch.equal(q(x), _eager(q)(x))
+    assert graph.runtime_status(q) == "eager: the graph raised where eager mode ran"

@@ -32,6 +32,7 @@ from quanta.modules.quantized import generation
 from quanta.qtensor import QTensor
 
 EAGER = object()  # returned by GraphRuntime.__call__ when this call must run eagerly
+_RAISED = object()
 
 
 class GraphRuntime:
@@ -241,7 +242,6 @@ def _check_same(expected: Any, got: Any) -> None:
             raise tracing.TraceFailed("the graph's output differs from eager mode's on the first call")
 
 
-
 class Off:
     """The graph runtime does not apply to this model (``reason``). ``hooks``: the hook count
     when it was refused for a foreign hook; it is retried once that count changes."""
@@ -263,10 +263,10 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
             try:
                 out = rt(args, kwargs)
             except Exception:  # noqa: BLE001 - answered below by eager mode, outside this block
-                out = EAGER, "raised"
+                out = _RAISED
             if out is EAGER:
                 return eager()
-            if type(out) is tuple and out[0] is EAGER:
+            if out is _RAISED:
                 out = eager()  # bad input: eager mode raises its own error, without the graph's
                 state._graph = Off("the graph raised where eager mode ran")
             return out
