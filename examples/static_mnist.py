@@ -25,6 +25,7 @@ def main() -> None:
 
     print(f"float accuracy {evaluate(model, test_x, test_y):.2f} %, "
           f"int8 accuracy {evaluate(qmodel, test_x, test_y):.2f} %")
+    print(f"runtime: {quanta.runtime_status(qmodel)}")  # built on the first call, checked vs eager
     with tempfile.TemporaryDirectory() as tmp:
         path = quanta.save(qmodel, Path(tmp) / "mnist.quanta.safetensors")
         reloaded = quanta.load(path, load_pretrained_mnist_cnn())

@@ -19,6 +19,7 @@ def _run(name: str) -> str:
 def test_static_mnist_example():
     out = _run("static_mnist.py")
     assert "int8 accuracy 99." in out and "reloaded outputs identical: True" in out
+    assert "runtime: graph (" in out
 
 
 @pytest.mark.slow
