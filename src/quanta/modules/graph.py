@@ -16,7 +16,7 @@ replaced, qparams or backends reset) runs eagerly; ``runtime_status(model)`` say
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -51,9 +51,7 @@ class GraphRuntime:
         self.generation = generation()
         self._stamped = [m for m in modules if isinstance(m, LeafMarker)]  # quantized modules, sites
         self._stamps = [m.__dict__.get("_generation") for m in self._stamped]
-        self._hook_dicts = [d for m in modules for d in (
-            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
-        self._hook_dicts += _global_hook_dicts()
+        self._hook_dicts = _hook_dicts(modules)
         self._hook_count = sum(map(len, self._hook_dicts))
         edges = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
         self._parents = [e[0] for e in edges]
@@ -95,6 +93,15 @@ class GraphRuntime:
 
     def status(self) -> str:
         return f"graph ({self.lowered} ops lowered to int8 kernels, {self.generic} run as in eager mode)"
+
+
+_HOOK_KINDS = (("forward ", "_forward_hooks"), ("forward pre-", "_forward_pre_hooks"),
+               ("backward ", "_backward_hooks"), ("backward pre-", "_backward_pre_hooks"))
+
+
+def _hook_dicts(modules: Iterable[nn.Module]) -> list[dict]:
+    """Every hook dict that eager mode would consult for these modules, the global ones too."""
+    return [getattr(m, attr) for m in modules for _, attr in _HOOK_KINDS] + _global_hook_dicts()
 
 
 def _global_hook_dicts() -> list[dict]:
@@ -326,9 +333,7 @@ def _try_build(state: Any, model: nn.Module, args: tuple, kwargs: dict, out: Any
 
 
 def _hook_total(model: nn.Module) -> int:
-    return sum(len(d) for m in model.modules() for d in (
-        m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)) \
-        + sum(map(len, _global_hook_dicts()))
+    return sum(map(len, _hook_dicts(model.modules())))
 
 
 def _foreign_hook(state: Any, model: nn.Module) -> str | None:
@@ -339,9 +344,8 @@ def _foreign_hook(state: Any, model: nn.Module) -> str | None:
     if any(_global_hook_dicts()):
         return "a global module hook is registered"
     for name, m in model.named_modules():
-        for kind, hooks in (("forward ", m._forward_hooks), ("forward pre-", m._forward_pre_hooks),
-                            ("backward ", m._backward_hooks), ("backward pre-", m._backward_pre_hooks)):
-            for hook in hooks.values():
+        for kind, attr in _HOOK_KINDS:
+            for hook in getattr(m, attr).values():
                 if not isinstance(hook, ours) and getattr(hook, "__self__", None) is not state:
                     return f"a {kind}hook on {name or 'the model'}"
     return None

@@ -79,7 +79,7 @@ class Codegen:
             if a is None or isinstance(a, (bool, int, str)):
                 return repr(a)
             return self.const(a)
-        if isinstance(a, tuple) and type(a) is tuple:
+        if type(a) is tuple:  # a namedtuple holding graph values is refused below
             return "(" + "".join(self.expr(x, dequantize) + ", " for x in a) + ")"
         if isinstance(a, list):
             return "[" + ", ".join(self.expr(x, dequantize) for x in a) + "]"
