@@ -131,7 +131,8 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         q = qtype(float_module, weight_spec=wspec, backend=backend,
                   per_row=config.dynamic_per_row, layer_name=lp.name)
         lp.weight_bits = q.weight_bits
-        lp.backend = q.backend_label() if isinstance(q, DynamicModule) else ""
+        if isinstance(q, DynamicModule):
+            lp.backend, lp.backend_reason = q.backend_label(), q.backend_reason()
         lp.activation = "none"
         granularity = "per row" if config.dynamic_per_row else "per tensor"
         weight_only = isinstance(q, QuantizedEmbedding)

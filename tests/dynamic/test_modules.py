@@ -46,7 +46,8 @@ def test_linear_sqnr_and_reference(per_row: bool, rows: int) -> None:
 def test_linear_onednn_matches_integer_reference_exactly_per_tensor() -> None:
     if not cpu.onednn_available():
         pytest.skip("no oneDNN int8 here")
-    w = torch.randint(-127, 128, (48, 200), dtype=torch.int8)
+    hi = cpu.exact_weight_limit()  # the widest weights this CPU's kernels add exactly
+    w = torch.randint(-hi, hi, (48, 200), dtype=torch.int8)
     ws = torch.rand(48) * 0.01 + 1e-3
     bias = torch.randn(48)
     kernel = DynamicLinearKernel(w, ws, "onednn")
@@ -55,6 +56,30 @@ def test_linear_onednn_matches_integer_reference_exactly_per_tensor() -> None:
     assert kernel.uses_onednn(16)
     spec = kernel.reference(x, bias)
     assert float((fast - spec).abs().max()) <= 1e-5 * float(spec.abs().max())  # float32 rounding only
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_wide_weights_take_the_exact_float_fallback(monkeypatch, per_row: bool) -> None:
+    """8-bit weights on a CPU whose kernels add only |w| <= 64 exactly (AVX2 without VNNI): the
+    layer runs the float fallback, which equals the integer reference up to float32 rounding
+    (the sums are exact for K <= 514), and says so; the oneDNN kernel refuses the weights."""
+    monkeypatch.setattr(cpu, "exact_weight_limit", lambda: cpu.NARROW_LIMIT)
+    f = nn.Linear(200, 48)
+    q = DynamicQuantizedLinear(f, QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=8),
+                               per_row=per_row)
+    assert cpu.weight_magnitude(q.weight) == 127
+    x = torch.randn(16, 200) * 3
+    with torch.no_grad():
+        out, ref = q(x), f(x)
+    kernel = q.kernel("weight")
+    assert kernel.backend == "float"
+    spec = kernel.reference(x, q.bias, per_row)
+    assert float((out - spec).abs().max()) <= 1e-5 * float(spec.abs().max())
+    assert sqnr(ref, out) >= 38.0
+    if q.backend == "onednn":
+        assert q.backend_label() == "float" and "|w| <= 64" in q.backend_reason()
+        with pytest.raises(cpu.WeightRangeError):
+            DynamicLinearKernel(q.weight, q.weight_scale, "onednn")
 
 
 def test_linear_leading_dims_and_reference_backend() -> None:

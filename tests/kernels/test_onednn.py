@@ -230,13 +230,21 @@ def test_quantize_uint8_bit_identical(shape, zp):
         assert torch.equal(q_cl, R.quantize_per_tensor(x, scale, zp))
 
 
-def test_has_vnni_honours_isa_cap(monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not has_vnni()
-    assert weight_bits_for_cpu() == (7 if is_x86() else 8)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx512_core")
-    assert not has_vnni()
+_ISA_SCRIPT = ("from quanta.kernels import cpu; "
+               "print(cpu.has_vnni(), cpu.exact_weight_limit(), cpu.isa_summary())")
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "AVX512_CORE"])
+def test_isa_cap_is_what_the_kernels_use(cap):
+    """The CPU facts come from oneDNN's effective ISA (which reads the cap at start-up), so a
+    capped process reports no VNNI and the 7-bit-exact limit, whatever /proc/cpuinfo says."""
+    if not is_x86():
+        pytest.skip("x86 ISA caps")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split(maxsplit=2)
+    assert out[0] == "False" and out[1] == "64", out
+    assert "exact for |w| <= 64" in out[2]
 
 
 def test_dispatch_honours_request_and_rule(monkeypatch):
@@ -253,7 +261,9 @@ def test_dispatch_honours_request_and_rule(monkeypatch):
     assert choose_backend("linear", small, "auto")[0] == "float"
     if not is_x86():
         return
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    from quanta.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_profile", lambda: "avx2")
     dw = {"kernel": (3, 3), "groups": 96, "in_channels": 96, "out_channels": 96}
     backend, reason = choose_backend("conv2d", dw, "auto")
     # alone int8 loses on AVX2, end to end it wins (no dequantize/quantize around a float op)
@@ -269,9 +279,7 @@ def test_linear_break_even_depends_on_the_path_and_neighbours(monkeypatch):
     from quanta.kernels import dispatch
     from quanta.kernels.native import ops as native_ops
 
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # the native-ISA (VNNI) rule on this machine
-    if not has_vnni():
-        pytest.skip("needs a VNNI CPU for the native-ISA rule")
+    monkeypatch.setattr(dispatch, "_profile", lambda: "vnni")  # the VNNI rule, on any CPU
     monkeypatch.setattr(native_ops, "available", lambda: True)
     assert not dispatch.linear_prefers_int8(1, 384, 384)  # 147k MACs: int8 0.76x alone
     assert dispatch.linear_prefers_int8(1, 384, 1536)  # 590k MACs: 1.5x
@@ -284,8 +292,14 @@ def test_linear_break_even_depends_on_the_path_and_neighbours(monkeypatch):
 
 _SATURATION_SCRIPT = textwrap.dedent("""
     import json, torch
-    from quanta.kernels import reference as R
+    from quanta.kernels import cpu, reference as R
     from quanta.kernels.onednn import PackedConv, PackedLinear
+    try:  # the gate refuses 8-bit weights here: bypass it to show what it protects from
+        PackedLinear(torch.full((4, 4), 100, dtype=torch.int8), torch.ones(4), None, 1.0, 0)
+        gate = "open"
+    except cpu.WeightRangeError:
+        gate = "closed"
+    cpu.require_exact_weights = lambda w, what="": w
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 256), dtype=torch.uint8, generator=g)
     xc = torch.randint(0, 256, (1, 32, 12, 12), dtype=torch.uint8, generator=g)
@@ -303,13 +317,15 @@ _SATURATION_SCRIPT = textwrap.dedent("""
                      "linear_quanta": float((y - ref).abs().max() / (0.02 * 0.01)),
                      "conv_rel": float((yc - refc).abs().max() / refc.abs().max()),
                      "conv_quanta": float((yc - refc).abs().max() / (0.02 * 0.01))}
+    out["gate"] = gate
     print(json.dumps(out))
 """)
 
 
 @pytest.mark.skipif(not is_x86() or not torch.cpu._is_avx2_supported(), reason="needs an x86 AVX2 CPU")
 def test_avx2_without_vnni_saturates_full_range_weights():
-    """Under ONEDNN_MAX_CPU_ISA=AVX2, 8-bit weights overflow vpmaddubsw; 7-bit weights are exact."""
+    """Under ONEDNN_MAX_CPU_ISA=AVX2, 8-bit weights overflow vpmaddubsw (with the gate bypassed;
+    it refuses them); 7-bit weights are exact."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1"}
     proc = subprocess.run([sys.executable, "-c", _SATURATION_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
@@ -318,5 +334,6 @@ def test_avx2_without_vnni_saturates_full_range_weights():
     impls = [ln for ln in lines if ",exec,cpu," in ln and ("matmul" in ln or "convolution" in ln)]
     assert impls and not any("avx512" in ln or "amx" in ln or "vnni" in ln for ln in impls)
     res = json.loads(next(ln for ln in lines if ln.startswith("{")))
+    assert res["gate"] == "closed"
     assert res["8"]["linear_rel"] > 0.02 and res["8"]["conv_rel"] > 0.02  # saturated: wrong
     assert res["7"]["linear_quanta"] <= 1.0 and res["7"]["conv_quanta"] <= 1.0  # exact

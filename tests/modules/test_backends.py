@@ -110,15 +110,31 @@ def test_override_forces_backend_and_round_trips():
     assert {m.backend for m in everything_ref.modules() if isinstance(m, QuantizedModule)} == {"reference"}
 
 
+EIGHT_BIT = QuantConfig(weight=quanta.QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=8))
+
+
 def test_weights_wider_than_the_cpu_tolerates_never_reach_onednn(monkeypatch):
+    """A model with 8-bit weights (what a VNNI CPU makes by default) on a CPU whose int8 kernels
+    are exact only for |w| <= 64: every layer takes the exact float fallback, even where oneDNN
+    is forced, the report says why, and the kernels themselves refuse such weights."""
     model = _resnet_like()
-    qmodel = quanta.quantize(model, [torch.randn(8, 3, 32, 32)], show_progress=False)
-    assert all(m.weight_bits == 8 for m in qmodel.modules() if isinstance(m, QuantizedModule))
-    monkeypatch.setattr(cpu, "weight_bits_for_cpu", lambda: 7)  # e.g. loaded on AVX2 without VNNI
-    backends.select_backends(qmodel, qmodel._quanta.plan, "auto")
+    x = torch.randn(8, 3, 32, 32)
+    qmodel = quanta.quantize(model, [torch.randn(8, 3, 32, 32)], config=EIGHT_BIT, show_progress=False)
+    assert all(m.weight_bits == 8 and cpu.weight_magnitude(m.weight) > 64
+               for m in qmodel.modules() if isinstance(m, QuantizedModule))
+    ref = _reference_twin(qmodel)(x)
+    monkeypatch.setattr(cpu, "exact_weight_limit", lambda: cpu.NARROW_LIMIT)  # AVX2 without VNNI
+    backends.select_backends(qmodel, qmodel._quanta.plan, "onednn")
     chosen = {m.backend for m in qmodel.modules() if isinstance(m, QuantizedModule)}
     assert chosen == {"float"}
-    assert "saturate" in qmodel._quanta.plan.layers["3.conv1"].backend_reason
+    rows = [r for r in report(qmodel).to_dict()["layers"]
+            if r["precision"] == "int8" and r["kind"] == "module"]
+    assert rows and all("exact float fallback" in r["reason"] and "|w| <= 64" in r["reason"] for r in rows)
+    with torch.no_grad():
+        fast = qmodel(x)
+    assert _within_one_quantum(fast, ref, _last_output_scale(qmodel)) >= 0.999
+    with pytest.raises(cpu.WeightRangeError, match=r"\|w\| = 12[78].*\|w\| <= 64"):
+        qmodel.get_submodule("0")._pack()
 
 
 def test_copy_load_state_dict_and_compile_keep_results():

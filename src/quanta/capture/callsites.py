@@ -12,6 +12,7 @@ calls (``x.shape``, ``x.size()``) so control flow on shapes does not shift them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,12 @@ def _plain_container(module: nn.Module) -> bool:
     return type(module).forward is nn.Sequential.forward or isinstance(module, (nn.ModuleList, nn.ModuleDict))
 
 
+class _TrackerLocal(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.leaf_depth = 0
+
+
 class SiteTracker:
     """Tracks the enclosing module and per-op counters during a forward.
 
@@ -96,9 +103,29 @@ class SiteTracker:
     """
 
     def __init__(self) -> None:
-        self.stack: list[tuple[str, dict[str, int]]] = []
-        self.leaf_depth = 0
+        self._local = _TrackerLocal()
         self.handles: list[RemovableHandle] = []
+
+    # the stack and depth belong to the forward running in this thread: a model may run in
+    # several threads at once
+    @property
+    def stack(self) -> list[tuple[str, dict[str, int]]]:
+        return self._local.stack
+
+    @property
+    def leaf_depth(self) -> int:
+        return self._local.leaf_depth
+
+    @leaf_depth.setter
+    def leaf_depth(self, value: int) -> None:
+        self._local.leaf_depth = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = _TrackerLocal()
 
     def install(self, model: nn.Module, on_leaf: Callable | None = None,
                 skip_leaf: Callable[[nn.Module], bool] | None = None) -> None:

@@ -5,7 +5,7 @@ widened to include 0), per tensor or per row, by ``reference.quantize_dynamic_in
 half up through a reciprocal multiply; computed here with numpy, bit-equal). Weights are int8
 symmetric per output channel. The int32 accumulator is scaled to float32, the float bias added.
 
-Two backends compute the same integers:
+Three backends compute the same integers:
 - ``reference``: :func:`quanta.kernels.reference.linear_dynamic` (float64 accumulation, exact);
   for small K the same integers are summed in float32, which is exact while
   ``K * 255 * 128 < 2**24`` (every partial sum is an integer below 2^24).
@@ -15,6 +15,9 @@ Two backends compute the same integers:
   with the weights prepacked once, which has a fixed ~30 us cost per call; measured here (2
   threads, VNNI) the exact float32 reference is faster for M <= 2 rows when K <= 514, so calls
   of that size take the reference path there.
+- ``float``: the exact fallback for weights wider than this CPU's int8 kernels add exactly
+  (:mod:`quanta.kernels.cpu`): the same quantized input, the integer values multiplied in float32
+  (exact sums while ``K <= 514``; beyond, float32 rounding of the accumulator only).
 Per-row input qparams on oneDNN: the kernel runs with x_scale=1, x_zp=0 (raw u8 x s8 sums times
 w_scale) and the row zero points are removed afterwards with the per-channel weight sums.
 """
@@ -171,6 +174,12 @@ def clear_input_cache() -> None:
     _CACHE.source = _CACHE.key = _CACHE.value = None
 
 
+def kernel_backend(backend: str, w_q: torch.Tensor) -> str:
+    """The backend one weight matrix runs on: ``backend``, except that weights wider than this
+    CPU's int8 kernels add exactly take the exact float fallback instead of oneDNN."""
+    return "float" if backend == "onednn" and not cpu.weights_fit(w_q) else backend
+
+
 def resolve_backend(requested: str) -> str:
     """'auto' -> 'onednn' where its int8 kernel works here, else 'reference'."""
     if requested == "reference":
@@ -192,8 +201,9 @@ def _exact_small(x_q: torch.Tensor, x_zp: torch.Tensor | int, w_q: torch.Tensor)
 class DynamicLinearKernel:
     """One int8 weight matrix [N, K] ready to multiply float inputs: ``kernel(x2d, bias)``.
 
-    ``backend`` is "onednn" or "reference" (resolved). With "onednn", calls of at most
-    ``small_m`` rows (``SMALL_M``, or 0 with the native kernels) take the exact reference path.
+    ``backend`` is "onednn", "reference" or "float" (resolved; see :func:`kernel_backend`). With
+    "onednn", calls of at most ``small_m`` rows (``SMALL_M``, or 0 with the native kernels) take
+    the exact reference path.
     """
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, backend: str) -> None:
@@ -202,7 +212,10 @@ class DynamicLinearKernel:
         self.w_q = w_q.contiguous()
         self.w_scale = w_scale.detach().float().contiguous()
         self.backend = backend
+        if backend == "float":
+            self.w_float = self.w_q.float()  # integer values: the products are exact in float32
         if backend == "onednn":
+            cpu.require_exact_weights(self.w_q, "dynamic int8 Linear")
             self._qlinear = torch.ops.onednn.qlinear_pointwise.default
             self.w_zero_point = torch.zeros(w_q.shape[0], dtype=torch.int64)
             wsum = self.w_q.sum(dim=1, dtype=torch.int64).double()
@@ -239,6 +252,11 @@ class DynamicLinearKernel:
         """x float32 [M, K] -> float32 [M, N]."""
         x_q, scale, zero_point = quantize_input(x, per_row)
         rows = x.shape[0]
+        if self.backend == "float":
+            zp = zero_point.float()[:, None] if per_row else float(zero_point)
+            acc = (x_q.float() - zp) @ self.w_float.t()
+            y = acc * (scale[:, None] * self.w_scale[None, :] if per_row else scale * self.w_scale)
+            return y if bias is None else y + bias
         if self.uses_onednn(rows):
             return self._onednn(x_q, scale, zero_point, bias, per_row)
         if rows <= SMALL_M:

@@ -16,8 +16,9 @@ Findings that shape the torch.ops path (torch 2.13, oneDNN 3.12):
   correctness: both are passed again on every call. For conv, packing with *some* concrete
   input shape selects a blocked weight layout that runs ~20% faster than packing with none;
   we pack with the caller's ``x_shape`` or a small synthetic one (any shape gives the speed).
-- On x86 without VNNI, u8 x s8 products saturate unless weights use 7 bits; see
-  :mod:`quanta.kernels.cpu`. These classes do not check it: choose weight bits upstream.
+- On x86 without VNNI, u8 x s8 products saturate unless |w| <= 64; see :mod:`quanta.kernels.cpu`.
+  Both classes pass their weights through ``cpu.require_exact_weights``, which refuses wider
+  ones: backend selection sends those layers to the exact float fallback first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from quanta.kernels import native
+from quanta.kernels import cpu, native
 from quanta.kernels.native import ops as native_ops
 
 _ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
@@ -117,6 +118,7 @@ class PackedLinear:
     ) -> None:
         if w_q.dtype != torch.int8 or w_q.dim() != 2:
             raise ValueError("w_q must be a 2-d int8 tensor [out_features, in_features]")
+        cpu.require_exact_weights(w_q, "int8 Linear")
         self.out_features, self.in_features = w_q.shape
         self.x_scale, self.x_zero_point = float(x_scale), int(x_zero_point)
         self.w_scale = w_scale.detach().float().contiguous()
@@ -176,6 +178,7 @@ class PackedConv:
     ) -> None:
         if w_q.dtype != torch.int8 or w_q.dim() not in (3, 4):
             raise ValueError("w_q must be a 3-d (Conv1d) or 4-d (Conv2d) int8 tensor")
+        cpu.require_exact_weights(w_q, "int8 convolution")
         n = w_q.dim() - 2
         kernel = list(w_q.shape[2:])
         self.stride, self.dilation = _tuple(stride, n), _tuple(dilation, n)

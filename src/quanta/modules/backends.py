@@ -3,8 +3,9 @@
 Order of decisions for each static int8 module:
 1. the requested backend: the last matching ``Override(backend=...)``, else ``config.backend``;
 2. "reference" is always honoured; "float" (dequantized weights) is honoured when asked;
-3. weights with more bits than this CPU's int8 kernels add exactly (8-bit on AVX2 without
-   VNNI saturates int16) never go to oneDNN: such layers run float on dequantized weights;
+3. weights wider than this CPU's int8 kernels add exactly (|w| > 64 on x86 without VNNI, where
+   u8 x s8 pair sums saturate int16; ``kernels.cpu``) never go to oneDNN, even when oneDNN is
+   requested: such layers run the exact float fallback (dequantized int8 values, float32 op);
 4. otherwise ``kernels.dispatch.choose_backend`` applies the measured per-op rule;
 5. a layer oneDNN cannot run (odd "same" padding, non-zero padding modes) takes the reference.
 The choice and its reason go into ``plan.layers[name].backend`` / ``.backend_reason``.
@@ -46,10 +47,8 @@ def choose_module_backend(module: nn.Module, requested: str, source: str) -> tup
         return "reference", f"reference requested ({source})"
     if requested == "float":
         return "float", f"float on dequantized weights requested ({source})"
-    bits, tolerated = module.weight_bits or 8, cpu.weight_bits_for_cpu()
-    if bits > tolerated:
-        return "float", (f"{bits}-bit weights would saturate this CPU's int8 kernels (safe: "
-                         f"{tolerated}-bit, no VNNI): float on dequantized weights")
+    if not cpu.weights_fit(module.weight):
+        return "float", cpu.wide_weights_reason(module.weight)
     kind, info = _shape_info(module)
     backend, why = dispatch.choose_backend(kind, info, "onednn" if requested == "onednn" else "auto")
     if requested == "onednn" and backend == "onednn":
@@ -64,14 +63,17 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
 
     ``config`` (default: the one attached to ``model``) supplies per-layer ``Override(backend=)``.
     """
+    from quanta.modules.dynamic import DynamicModule
     from quanta.modules.quantized import QuantizedModule
 
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
     for name, module in model.named_modules():
+        lp = plan.layers.get(name)
+        if isinstance(module, DynamicModule) and lp is not None:
+            lp.backend, lp.backend_reason = module.backend_label(), module.backend_reason()
         if not isinstance(module, QuantizedModule):
             continue
-        lp = plan.layers.get(name)
         float_type = lp.float_type if lp is not None else type(module).__name__
         asked, source = requested, "config"
         if config is not None:

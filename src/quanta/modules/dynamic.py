@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
 from quanta.errors import QuantizedInputError, UnsupportedModelError
-from quanta.kernels import reference
-from quanta.kernels.dynamic import DynamicLinearKernel, NonFiniteInputError, resolve_backend
+from quanta.kernels import cpu, reference
+from quanta.kernels.dynamic import DynamicLinearKernel, NonFiniteInputError, kernel_backend, resolve_backend
+from quanta.kernels.native import ops as native_ops
 from quanta.modules.quantized import quantize_weight
 from quanta.qtensor import QTensor
 
@@ -53,7 +54,8 @@ class DynamicModule(LeafMarker, nn.Module):
     def kernel(self, name: str) -> DynamicLinearKernel:
         k = self._kernels.get(name)
         if k is None:
-            k = DynamicLinearKernel(getattr(self, name), getattr(self, f"{name}_scale"), self.backend)
+            w = getattr(self, name)
+            k = DynamicLinearKernel(w, getattr(self, f"{name}_scale"), kernel_backend(self.backend, w))
             self._kernels[name] = k
         return k
 
@@ -78,10 +80,21 @@ class DynamicModule(LeafMarker, nn.Module):
         return x if x.dtype == torch.float32 else x.float()
 
     def backend_label(self, rows_small_possible: bool = True) -> str:
-        """What runs: 'onednn' (with the exact reference for calls of <= 2 rows) or 'reference'."""
-        if self.backend == "onednn" and rows_small_possible:
+        """What runs: 'onednn' (with the exact reference for calls of <= 2 rows), 'reference', or
+        'float' (the exact fallback, when the weights are wider than this CPU's kernels add exactly)."""
+        fits = all(cpu.weights_fit(getattr(self, n)) for n in self._weight_names)
+        if self.backend == "onednn" and not fits:
+            return "float"
+        if self.backend == "onednn" and rows_small_possible and not native_ops.available():
             return "onednn (reference for M<=2)"
         return self.backend
+
+    def backend_reason(self) -> str:
+        """Why :meth:`backend_label` runs: empty unless the weights forced the float fallback."""
+        if self.backend_label() != "float" or self.backend != "onednn":
+            return ""
+        widest = max((getattr(self, n) for n in self._weight_names), key=cpu.weight_magnitude)
+        return cpu.wide_weights_reason(widest)
 
     def _drop_kernels(self) -> None:
         self._kernels = {}

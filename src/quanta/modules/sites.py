@@ -9,6 +9,7 @@ the plan, the config and one ``QuantizedSite`` per int8 functional call site (``
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
-from quanta.modules import graph
+from quanta.modules import gate, graph
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedModule, bump_generation
 from quanta.numerics.observers import make_observer
@@ -145,6 +146,9 @@ class _EagerCall:
 
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return gate.forward(lambda: self._forward(args, kwargs))
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         model = self.model
         state = model.__dict__.get("_quanta")
         if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
@@ -208,7 +212,7 @@ class QuantaState(LeafMarker, nn.Module):
         self.config = config
         self.sites = nn.ModuleDict()
         self.tracker = SiteTracker()
-        self._mode: _SiteMode | None = None
+        self._modes = threading.local()  # per thread: the site mode its forward entered
         self._root_handles: list = []
         self._eager: _EagerCall | None = None
         self._graph: Any = None  # graph.GraphRuntime | graph.Off | None (not built yet)
@@ -249,9 +253,11 @@ class QuantaState(LeafMarker, nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # the graph runtime holds the model's modules and generated code: rebuilt, never copied
-        return {**self.__dict__, "_graph": None, "_graph_builds": 0}
+        return {**self.__dict__, "_graph": None, "_graph_builds": 0, "_modes": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = {k: v for k, v in state.items() if k != "_mode"}  # pickled by an older quanta
+        state["_modes"] = threading.local()
         super().__setstate__(state)
         self.__dict__.setdefault("_graph", None)  # pickled by a quanta without the graph runtime
         self.__dict__.setdefault("_graph_builds", 0)
@@ -274,13 +280,14 @@ class QuantaState(LeafMarker, nn.Module):
         self._check_inputs(args, kwargs)
         if self.training != model.training:  # not a child: follow model.train()/eval() here (QAT)
             self.train(model.training)
-        if self._mode is None and self.sites:
-            self._mode = _SiteMode(self)
-            self._mode.__enter__()
+        if self.sites and getattr(self._modes, "mode", None) is None:
+            mode = self._modes.mode = _SiteMode(self)
+            mode.__enter__()
 
     def _exit(self, model: nn.Module, args: tuple, out: Any) -> Any:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
+        mode = getattr(self._modes, "mode", None)
+        if mode is not None:
+            self._modes.mode = None
             mode.__exit__(None, None, None)
         return dequantize_any(out)
 

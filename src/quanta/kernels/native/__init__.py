@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_load_lock = threading.Lock()
 
 
 class Epilogue(ctypes.Structure):
@@ -143,6 +145,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_max_pool_u8.argtypes = [p, p, *[i64] * 12]
     lib.qk_adaptive_avg_pool_u8.argtypes = [p, p, *[i64] * 6, i32]
     lib.qk_min_max_f32.argtypes = [p, i64, p]
+    lib.qk_effective_isa.restype = ctypes.c_int
     lib.qk_quantize_dynamic_u8.argtypes = [p, p, i64, f32, f32]
 
 
@@ -166,15 +169,18 @@ def _load() -> ctypes.CDLL:
 def load() -> ctypes.CDLL | None:
     """The native kernel library, built on first use; None if unavailable (see unavailable_reason)."""
     global _lib, _reason, _loaded
-    if not _loaded:
-        _loaded = True
-        if os.environ.get("QUANTA_NATIVE", "1") == "0":
-            _reason = "disabled by QUANTA_NATIVE=0"
-        else:
-            try:
-                _lib = _load()
-            except Exception as e:  # noqa: BLE001 - optional fast path: any failure means torch.ops
-                _reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+    if _loaded:
+        return _lib
+    with _load_lock:  # a second thread waits for the first load instead of seeing None
+        if not _loaded:
+            if os.environ.get("QUANTA_NATIVE", "1") == "0":
+                _reason = "disabled by QUANTA_NATIVE=0"
+            else:
+                try:
+                    _lib = _load()
+                except Exception as e:  # noqa: BLE001 - optional fast path: any failure means torch.ops
+                    _reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+            _loaded = True
     return _lib
 
 

@@ -15,6 +15,7 @@ The epilogue is chosen so oneDNN computes what :mod:`quanta.kernels.reference` s
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -28,27 +29,42 @@ def available() -> bool:
     return native.load() is not None
 
 
+class _Primitive:
+    """One built oneDNN op, destroyed when the last reference goes: a call in flight holds one,
+    so evicting the op from its layer's cache never frees it under a running kernel."""
+
+    __slots__ = ("lib", "handle")
+
+    def __init__(self, lib: ctypes.CDLL, handle: int) -> None:
+        self.lib, self.handle = lib, handle
+
+    def __del__(self) -> None:
+        self.lib.qk_destroy(self.handle)
+
+
 class _Handles:
-    """Built primitives of one layer by call key, oldest evicted first; freed when evicted or
-    collected."""
+    """Built primitives of one layer by call key, oldest evicted first. Lookups are plain dict
+    reads (safe under the GIL); inserting and evicting take a lock."""
 
     def __init__(self) -> None:
         self.lib = native.load()
-        self.items: dict[tuple, tuple[int, object]] = {}
+        self.items: dict[tuple, tuple[_Primitive, object]] = {}
+        self.lock = threading.Lock()
 
-    def put(self, key: tuple, handle: int, extra: object) -> tuple[int, object]:
-        """Keep ``(handle, extra)`` under ``key`` and return it."""
-        entry = self.items[key] = (handle, extra)
-        while len(self.items) > _MAX_SHAPES:
-            self.lib.qk_destroy(self.items.pop(next(iter(self.items)))[0])
+    def put(self, key: tuple, handle: int, extra: object) -> tuple[_Primitive, object]:
+        """Keep ``(handle, extra)`` under ``key`` and return the kept entry."""
+        entry = (_Primitive(self.lib, handle), extra)
+        with self.lock:
+            entry = self.items.setdefault(key, entry)  # another thread may have built it first
+            while len(self.items) > _MAX_SHAPES:
+                del self.items[next(iter(self.items))]
         return entry
 
-    def __del__(self) -> None:
-        lib = getattr(self, "lib", None)
-        if lib is not None:
-            for handle, _ in self.items.values():
-                lib.qk_destroy(handle)
-            self.items.clear()
+    def __getstate__(self) -> dict:
+        return {}  # a copy starts empty and builds its own primitives (never shares a handle)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def _epilogue(
@@ -136,9 +152,9 @@ class NativeConv2d:
         if hit is None:
             handle, out_shape, dst_scale = self._build(tuple(key[0]), activation, out_scale, key[3])
             hit = self.handles.put(key, handle, (out_shape, dst_scale))
-        handle, (out_shape, dst_scale) = hit
+        op, (out_shape, dst_scale) = hit
         y = torch.empty(out_shape, dtype=torch.float32 if out_scale is None else torch.uint8)
-        if self.handles.lib.qk_run(handle, x_u8.data_ptr(), y.data_ptr(), 1.0, self.x_zero_point,
+        if op.lib.qk_run(op.handle, x_u8.data_ptr(), y.data_ptr(), 1.0, self.x_zero_point,
                                    dst_scale, out_zero_point):
             raise RuntimeError(f"oneDNN conv failed: {native.last_error()}")
         return y.permute(0, 3, 1, 2)
@@ -189,11 +205,11 @@ class NativeLinear:
         hit = self.handles.items.get(key)
         if hit is None:
             hit = self.handles.put(key, *self._build(*key))
-        handle, dst_scale = hit
+        op, dst_scale = hit
         y = torch.empty((*x_u8.shape[:-1], self.out_features),
                         dtype=torch.float32 if out_scale is None else torch.uint8)
         zp = self.x_zero_point if x_zero_point is None else x_zero_point
-        if self.handles.lib.qk_run(handle, x_u8.data_ptr(), y.data_ptr(), x_scale, zp, dst_scale,
+        if op.lib.qk_run(op.handle, x_u8.data_ptr(), y.data_ptr(), x_scale, zp, dst_scale,
                                    out_zero_point):
             raise RuntimeError(f"oneDNN matmul failed: {native.last_error()}")
         return y

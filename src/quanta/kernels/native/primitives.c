@@ -14,6 +14,12 @@
  *   dst = act(acc * wei_scale[c] * src_scale + bias[c]) / dst_scale + dst_zp   (u8 or f32)
  * acc is the int32 sum of (src - src_zp) * wei. The Python side chooses the scales so that
  * this is the reference's single-multiplier requantization (see native/ops.py).
+ *
+ * Threads: any number of Python threads may run ops at once (ctypes drops the GIL). oneDNN
+ * primitives are safe to execute concurrently when each execution brings its own scratchpad;
+ * what differs per call (data handles, runtime qparams) lives in an execution slot that one
+ * call holds at a time, and each calling thread has its own stream and scratchpad. An op is
+ * destroyed only by its Python owner, after the last call that holds it has returned.
  */
 #define _GNU_SOURCE
 #include <link.h>
@@ -37,7 +43,8 @@
     X(dnnl_convolution_forward_primitive_desc_create) X(dnnl_matmul_primitive_desc_create)      \
     X(dnnl_reorder_primitive_desc_create) X(dnnl_primitive_desc_query_md)                       \
     X(dnnl_primitive_desc_destroy) X(dnnl_primitive_create) X(dnnl_primitive_execute)           \
-    X(dnnl_primitive_destroy)
+    X(dnnl_primitive_destroy) X(dnnl_get_effective_cpu_isa)     \
+    X(dnnl_memory_desc_clone) X(dnnl_stream_destroy)
 
 #define QK_POINTER(name) static __typeof__(&name) p_##name;
 QK_FUNCTIONS(QK_POINTER)
@@ -45,8 +52,7 @@ QK_FUNCTIONS(QK_POINTER)
 static const char *qk_names = QK_FUNCTIONS(QK_NAME);
 
 static dnnl_engine_t engine;
-static dnnl_stream_t stream;
-static char last_error[256];
+static __thread char last_error[256]; /* per calling thread: read right after a failure */
 
 #define CHECK(call)                                                                          \
     do {                                                                                     \
@@ -96,22 +102,69 @@ int qk_init(const char *library_suffix, const uint64_t *offsets, int count) {
         return 0;
     }
     CHECK(p_dnnl_engine_create(&engine, dnnl_cpu, 0));
-    CHECK(p_dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
     return v->major * 100 + v->minor;
 fail:
     return 0;
 }
 
-/* One built primitive with everything it needs at run time. */
+/* dnnl_cpu_isa_t oneDNN's kernels use here (the hardware, capped by ONEDNN_MAX_CPU_ISA). */
+int qk_effective_isa(void) { return (int)p_dnnl_get_effective_cpu_isa(); }
+
+/* What one execution of an op owns: memory objects for its data and runtime qparams. */
+typedef struct {
+    dnnl_memory_t src, dst, scratchpad, src_scale, dst_scale, src_zp, dst_zp;
+    float src_scale_value, dst_scale_value;
+    int32_t src_zp_value, dst_zp_value;
+} qk_slot;
+
+#define QK_SLOTS 4 /* concurrent calls of one op beyond this get a temporary slot */
+
+/* One built primitive with its read-only state, and slots for concurrent executions. */
 typedef struct {
     dnnl_primitive_t primitive;
-    dnnl_memory_t src, weights, bias, dst, scratchpad;
+    dnnl_memory_t weights, bias, wei_scale;
+    dnnl_memory_desc_t src_md, dst_md, pad_md;
     size_t scratchpad_size;
-    dnnl_memory_t src_scale, wei_scale, dst_scale, src_zp, dst_zp;
     void *weights_data;
-    float src_scale_value, dst_scale_value, *wei_scale_data, *bias_data;
-    int32_t src_zp_value, dst_zp_value;
+    float *wei_scale_data, *bias_data;
+    int32_t src_zp;
+    qk_slot *slots[QK_SLOTS];
+    int busy[QK_SLOTS];
 } qk_op;
+
+/* Per calling thread: a stream (oneDNN streams are not thread-safe) and a scratchpad. */
+typedef struct {
+    dnnl_stream_t stream;
+    void *scratchpad;
+    size_t scratchpad_size;
+} qk_thread;
+
+static pthread_key_t thread_key;
+static pthread_once_t thread_key_once = PTHREAD_ONCE_INIT;
+
+static void thread_free(void *p) {
+    qk_thread *t = p;
+    if (t->stream) p_dnnl_stream_destroy(t->stream);
+    free(t->scratchpad);
+    free(t);
+}
+
+static void thread_key_create(void) { pthread_key_create(&thread_key, thread_free); }
+
+static qk_thread *this_thread(void) {
+    pthread_once(&thread_key_once, thread_key_create);
+    qk_thread *t = pthread_getspecific(thread_key);
+    if (t) return t;
+    t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    if (p_dnnl_stream_create(&t->stream, engine, dnnl_stream_default_flags) != dnnl_success) {
+        free(t);
+        snprintf(last_error, sizeof last_error, "could not create a oneDNN stream");
+        return NULL;
+    }
+    pthread_setspecific(thread_key, t);
+    return t;
+}
 
 typedef struct {
     int dst_f32;        /* 1: float32 output, 0: uint8 */
@@ -133,12 +186,51 @@ static dnnl_memory_t make_memory(int ndims, const dnnl_dims_t dims, dnnl_data_ty
     return mem;
 }
 
-void qk_destroy(qk_op *op) {
-    if (!op) return;
-    dnnl_memory_t mems[] = {op->src, op->weights, op->bias, op->dst, op->src_scale,
-                            op->wei_scale, op->dst_scale, op->src_zp, op->dst_zp, op->scratchpad};
+static void slot_destroy(qk_slot *slot) {
+    if (!slot) return;
+    dnnl_memory_t mems[] = {slot->src, slot->dst, slot->scratchpad, slot->src_scale,
+                            slot->dst_scale, slot->src_zp, slot->dst_zp};
     for (size_t i = 0; i < sizeof mems / sizeof mems[0]; i++)
         if (mems[i]) p_dnnl_memory_destroy(mems[i]);
+    free(slot);
+}
+
+static qk_slot *slot_create(const qk_op *op) {
+    qk_slot *slot = calloc(1, sizeof *slot);
+    dnnl_dims_t one = {1};
+    if (!slot) return NULL;
+    slot->src_scale_value = slot->dst_scale_value = 1.0f;
+    slot->src_zp_value = op->src_zp;
+    if (p_dnnl_memory_create(&slot->src, op->src_md, engine, DNNL_MEMORY_NONE) != dnnl_success ||
+        p_dnnl_memory_create(&slot->dst, op->dst_md, engine, DNNL_MEMORY_NONE) != dnnl_success ||
+        (op->pad_md &&
+         p_dnnl_memory_create(&slot->scratchpad, op->pad_md, engine, DNNL_MEMORY_NONE) != dnnl_success)) {
+        slot_destroy(slot);
+        snprintf(last_error, sizeof last_error, "could not create the memory of an execution slot");
+        return NULL;
+    }
+    slot->src_scale = make_memory(1, one, dnnl_f32, dnnl_a, &slot->src_scale_value);
+    slot->dst_scale = make_memory(1, one, dnnl_f32, dnnl_a, &slot->dst_scale_value);
+    slot->src_zp = make_memory(1, one, dnnl_s32, dnnl_a, &slot->src_zp_value);
+    slot->dst_zp = make_memory(1, one, dnnl_s32, dnnl_a, &slot->dst_zp_value);
+    if (!slot->src_scale || !slot->dst_scale || !slot->src_zp || !slot->dst_zp) {
+        slot_destroy(slot);
+        snprintf(last_error, sizeof last_error, "could not create the qparams of an execution slot");
+        return NULL;
+    }
+    return slot;
+}
+
+/* Only the op's owner calls this, once no call holds the op (see native/ops.py). */
+void qk_destroy(qk_op *op) {
+    if (!op) return;
+    for (int i = 0; i < QK_SLOTS; i++) slot_destroy(op->slots[i]);
+    dnnl_memory_t mems[] = {op->weights, op->bias, op->wei_scale};
+    for (size_t i = 0; i < sizeof mems / sizeof mems[0]; i++)
+        if (mems[i]) p_dnnl_memory_destroy(mems[i]);
+    dnnl_memory_desc_t mds[] = {op->src_md, op->dst_md, op->pad_md};
+    for (size_t i = 0; i < sizeof mds / sizeof mds[0]; i++)
+        if (mds[i]) p_dnnl_memory_desc_destroy(mds[i]);
     if (op->primitive) p_dnnl_primitive_destroy(op->primitive);
     free(op->weights_data);
     free(op->wei_scale_data);
@@ -180,11 +272,12 @@ static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_
                      dnnl_format_tag_t w_tag, const int8_t *w, int n_out, const float *scales,
                      const float *bias, int32_t src_zp) {
     qk_op *op = calloc(1, sizeof *op);
+    qk_thread *thread = this_thread();
     dnnl_memory_desc_t user_md = NULL;
     dnnl_memory_t user_w = NULL;
     dnnl_primitive_desc_t reorder_pd = NULL;
     dnnl_primitive_t reorder = NULL;
-    if (!op) goto fail;
+    if (!op || !thread) goto fail;
     CHECK(p_dnnl_primitive_create(&op->primitive, pd));
     const_dnnl_memory_desc_t w_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     const_dnnl_memory_desc_t src_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
@@ -196,27 +289,20 @@ static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_
     CHECK(p_dnnl_reorder_primitive_desc_create(&reorder_pd, user_md, engine, w_md, engine, NULL));
     CHECK(p_dnnl_primitive_create(&reorder, reorder_pd));
     dnnl_exec_arg_t reorder_args[] = {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, op->weights}};
-    CHECK(p_dnnl_primitive_execute(reorder, stream, 2, reorder_args));
-    CHECK(p_dnnl_stream_wait(stream));
+    CHECK(p_dnnl_primitive_execute(reorder, thread->stream, 2, reorder_args));
+    CHECK(p_dnnl_stream_wait(thread->stream));
     const_dnnl_memory_desc_t pad_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     op->scratchpad_size = pad_md ? p_dnnl_memory_desc_get_size(pad_md) : 0;
-    if (op->scratchpad_size)
-        CHECK(p_dnnl_memory_create(&op->scratchpad, pad_md, engine, DNNL_MEMORY_NONE));
-    CHECK(p_dnnl_memory_create(&op->src, src_md, engine, DNNL_MEMORY_NONE));
-    CHECK(p_dnnl_memory_create(&op->dst, dst_md, engine, DNNL_MEMORY_NONE));
-    dnnl_dims_t one = {1}, out = {n_out};
+    if (op->scratchpad_size) CHECK(p_dnnl_memory_desc_clone(&op->pad_md, pad_md));
+    CHECK(p_dnnl_memory_desc_clone(&op->src_md, src_md));
+    CHECK(p_dnnl_memory_desc_clone(&op->dst_md, dst_md));
+    dnnl_dims_t out = {n_out};
     op->wei_scale_data = malloc(sizeof(float) * n_out);
     if (!op->wei_scale_data) goto fail;
     memcpy(op->wei_scale_data, scales, sizeof(float) * n_out);
     op->wei_scale = make_memory(1, out, dnnl_f32, dnnl_a, op->wei_scale_data);
-    op->src_scale = make_memory(1, one, dnnl_f32, dnnl_a, &op->src_scale_value);
-    op->dst_scale = make_memory(1, one, dnnl_f32, dnnl_a, &op->dst_scale_value);
-    op->src_zp = make_memory(1, one, dnnl_s32, dnnl_a, &op->src_zp_value);
-    op->dst_zp = make_memory(1, one, dnnl_s32, dnnl_a, &op->dst_zp_value);
-    if (!op->wei_scale || !op->src_scale || !op->dst_scale || !op->src_zp || !op->dst_zp) goto fail;
-    op->src_scale_value = 1.0f;
-    op->dst_scale_value = 1.0f;
-    op->src_zp_value = src_zp;
+    if (!op->wei_scale) goto fail;
+    op->src_zp = src_zp;
     if (bias) {
         op->bias_data = malloc(sizeof(float) * n_out);
         if (!op->bias_data) goto fail;
@@ -307,55 +393,77 @@ fail:
     return op;
 }
 
-/* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
- * to take them (see qk_epilogue). Returns 0 on success. */
-static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *scratchpad;       /* shared by all ops, under run_lock */
-static size_t scratchpad_size;
+/* Takes a free execution slot of op (creating it on first use), or a temporary one when all
+ * are in use; *index is the slot's number, or -1 for a temporary slot. */
+static qk_slot *slot_acquire(qk_op *op, int *index) {
+    for (int i = 0; i < QK_SLOTS; i++) {
+        if (__atomic_exchange_n(&op->busy[i], 1, __ATOMIC_ACQUIRE) == 0) {
+            if (!op->slots[i]) op->slots[i] = slot_create(op);
+            if (op->slots[i]) {
+                *index = i;
+                return op->slots[i];
+            }
+            __atomic_store_n(&op->busy[i], 0, __ATOMIC_RELEASE);
+            return NULL;
+        }
+    }
+    *index = -1;
+    return slot_create(op);
+}
 
+static void slot_release(qk_op *op, qk_slot *slot, int index) {
+    if (index < 0)
+        slot_destroy(slot);
+    else
+        __atomic_store_n(&op->busy[index], 0, __ATOMIC_RELEASE);
+}
+
+/* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
+ * to take them (see qk_epilogue). Returns 0 on success. Safe to call from several threads at
+ * once, on the same op or on different ones. */
 int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, float dst_scale,
            int32_t dst_zp) {
-    /* ctypes drops the GIL around this call: one op at a time, since an op's memory objects,
-     * runtime qparams and library-managed scratchpad are shared by all its callers (each run
-     * already uses every OpenMP thread). */
-    pthread_mutex_lock(&run_lock);
-    op->src_scale_value = src_scale;
-    op->src_zp_value = src_zp;
-    op->dst_scale_value = dst_scale;
-    op->dst_zp_value = dst_zp;
-    CHECK(p_dnnl_memory_set_data_handle(op->src, src));
-    CHECK(p_dnnl_memory_set_data_handle(op->dst, dst));
+    qk_thread *thread = this_thread();
+    int index = -1;
+    qk_slot *slot = thread ? slot_acquire(op, &index) : NULL;
+    if (!slot) return 1;
+    slot->src_scale_value = src_scale;
+    slot->src_zp_value = src_zp;
+    slot->dst_scale_value = dst_scale;
+    slot->dst_zp_value = dst_zp;
+    CHECK(p_dnnl_memory_set_data_handle(slot->src, src));
+    CHECK(p_dnnl_memory_set_data_handle(slot->dst, dst));
     dnnl_exec_arg_t args[11] = {
-        {DNNL_ARG_SRC, op->src},
+        {DNNL_ARG_SRC, slot->src},
         {DNNL_ARG_WEIGHTS, op->weights},
-        {DNNL_ARG_DST, op->dst},
+        {DNNL_ARG_DST, slot->dst},
         {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, op->wei_scale},
-        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, op->src_zp},
-        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, op->dst_zp},
-        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, op->src_scale},
-        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, op->dst_scale},
+        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, slot->src_zp},
+        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, slot->dst_zp},
+        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, slot->src_scale},
+        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST, slot->dst_scale},
     };
     int nargs = 8;
     if (op->bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, op->bias};
-    if (op->scratchpad) {
-        if (op->scratchpad_size > scratchpad_size) {
-            free(scratchpad);
-            scratchpad_size = 0;
-            if (posix_memalign(&scratchpad, 64, op->scratchpad_size)) {
-                scratchpad = NULL;
+    if (slot->scratchpad) {
+        if (op->scratchpad_size > thread->scratchpad_size) {
+            free(thread->scratchpad);
+            thread->scratchpad_size = 0;
+            if (posix_memalign(&thread->scratchpad, 64, op->scratchpad_size)) {
+                thread->scratchpad = NULL;
                 snprintf(last_error, sizeof last_error, "out of memory for the scratchpad");
                 goto fail;
             }
-            scratchpad_size = op->scratchpad_size;
+            thread->scratchpad_size = op->scratchpad_size;
         }
-        CHECK(p_dnnl_memory_set_data_handle(op->scratchpad, scratchpad));
-        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, op->scratchpad};
+        CHECK(p_dnnl_memory_set_data_handle(slot->scratchpad, thread->scratchpad));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, slot->scratchpad};
     }
-    CHECK(p_dnnl_primitive_execute(op->primitive, stream, nargs, args));
-    CHECK(p_dnnl_stream_wait(stream));
-    pthread_mutex_unlock(&run_lock);
+    CHECK(p_dnnl_primitive_execute(op->primitive, thread->stream, nargs, args));
+    CHECK(p_dnnl_stream_wait(thread->stream));
+    slot_release(op, slot, index);
     return 0;
 fail:
-    pthread_mutex_unlock(&run_lock);
+    slot_release(op, slot, index);
     return 1;
 }
