@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,14 +26,32 @@ class TraceFailed(Exception):
     """The forward cannot be captured as one graph (the reason is the message)."""
 
 
+_TRACE_LOCK = threading.Lock()  # one trace at a time: FX patches torch.nn.Module process-wide
+
+
 class _LeafTracer(fx.Tracer):
     """Leaves are quanta's leaves (its own modules, childless modules), plus torch.nn modules
     with children that hold no int8 call site (``nn.MultiheadAttention``: its Python forward
-    branches on flags FX cannot trace)."""
+    branches on flags FX cannot trace).
+
+    Thread-aware: while FX traces, it patches ``nn.Module.__call__`` and ``__getattr__`` for the
+    whole process; module calls and attribute reads from other threads (any model running
+    meanwhile, this one included) pass straight through instead of being recorded."""
 
     def __init__(self, site_prefixes: Iterable[str]) -> None:
         super().__init__()
         self.site_prefixes = tuple(site_prefixes)
+        self.thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_leaf(m):
@@ -62,7 +81,7 @@ def trace(model: nn.Module, inputs: dict[str, Any], site_keys: Iterable[str]) ->
     concrete = {n: v for n, v in inputs.items() if not isinstance(v, torch.Tensor)}
     tracer = _LeafTracer(k.split(":")[0] for k in site_keys)
     try:
-        with _dtype_info_traced():
+        with _TRACE_LOCK, _dtype_info_traced():
             graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - any trace failure means: stay eager
         raise TraceFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
-from quanta.modules import gate, lowering
+from quanta.modules import lowering
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import generation
 from quanta.qtensor import QTensor
@@ -288,14 +288,8 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
         state._graph = Off("the forward changes Python attributes of its modules (a counter, a cache), "
                            "which a traced graph would do only once")
         return out
-    state._graph = gate.build(lambda: _built_elsewhere(state) or _try_build(state, model, args, kwargs, out))
+    state._graph = _try_build(state, model, args, kwargs, out)
     return out
-
-
-def _built_elsewhere(state: Any) -> GraphRuntime | None:
-    """The runtime another thread built while this one waited to build (same model)."""
-    rt = state._graph
-    return rt if type(rt) is GraphRuntime and rt.still_valid() else None
 
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training"})

@@ -23,7 +23,7 @@ from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
-from quanta.modules import gate, graph
+from quanta.modules import graph
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedModule, bump_generation
 from quanta.numerics.observers import make_observer
@@ -146,9 +146,6 @@ class _EagerCall:
 
     @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return gate.forward(lambda: self._forward(args, kwargs))
-
-    def _forward(self, args: tuple, kwargs: dict) -> Any:
         model = self.model
         state = model.__dict__.get("_quanta")
         if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
