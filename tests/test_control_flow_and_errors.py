@@ -143,3 +143,65 @@ def test_branch_never_reached_stays_float_with_reason():
     assert out.shape == (2, 4) and torch.isfinite(out).all()
     h = torch.randn(5, 8)
     assert torch.equal(qmodel.small(h), model.small(h))
+
+
+class _Residual(nn.Module):
+    """Conv -> residual add (an int8 call site) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.conv(x) + x).flatten(1))
+
+
+@pytest.mark.parametrize("runtime", ["graph", "eager"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nan_and_inf_inputs_raise_or_propagate_as_configured(runtime: str, backend: str):
+    """A NaN or Inf input never comes back as a plausible finite answer: by default a clear error
+    names the layer and the batch rows; with nonfinite='propagate' the rows float would make
+    NaN are NaN, the other rows stay close to float."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    x = torch.randn(3, 3, 8, 8)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[1, 0, 2, 2] = bad
+        strict = quanta.quantize(model, calib, config=quanta.QuantConfig(runtime=runtime, backend=backend),
+                                 show_progress=False)
+        strict(x)  # the first call builds the graph runtime
+        with pytest.raises(quanta.QuantizedInputError, match=r"conv .*NaN/Inf.*batch rows \[1\].*propagate"):
+            strict(xb)
+        assert torch.isfinite(strict(x)).all()  # a bad call does not switch the runtime off
+        assert quanta.runtime_status(strict).startswith("graph" if runtime == "graph" else "eager")
+        config = quanta.QuantConfig(runtime=runtime, backend=backend, nonfinite="propagate")
+        loose = quanta.quantize(model, calib, config=config, show_progress=False)
+        loose(x)
+        with torch.no_grad():
+            got, want = loose(xb), model(xb)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+        assert sqnr(want[[0, 2]], got[[0, 2]]) >= 25.0
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "propagate"])
+def test_nan_input_in_dynamic_mode(nonfinite: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    q = quanta.quantize(model, mode="dynamic", config=quanta.QuantConfig(mode="dynamic", nonfinite=nonfinite))
+    x = torch.randn(4, 16)
+    x[2, 3] = float("nan")
+    if nonfinite == "raise":
+        with pytest.raises(quanta.QuantizedInputError, match=r"0 \(DynamicQuantizedLinear\).*NaN"):
+            q(x)
+        return
+    with torch.no_grad():
+        got, want = q(x), model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+def test_config_rejects_unknown_nonfinite_mode():
+    with pytest.raises(ValueError, match="nonfinite"):
+        quanta.QuantConfig(nonfinite="ignore")

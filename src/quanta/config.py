@@ -99,6 +99,7 @@ class Override:
 
 
 RUNTIMES = ("graph", "eager")
+NONFINITE = ("raise", "propagate")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ class QuantConfig:
     overrides: tuple[Override, ...] = ()
     dynamic_per_row: bool = False
     runtime: str = "graph"  # "graph": replay the traced forward (quanta.modules.graph) | "eager"
+    # NaN/Inf reaching a quantized layer at inference: "raise" a QuantizedInputError naming the
+    # layer, or "propagate" them as float does (that call runs the layer in float)
+    nonfinite: str = "raise"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -126,6 +130,8 @@ class QuantConfig:
         check_activation_spec(self.activation, "QuantConfig.activation")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"QuantConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"

@@ -133,6 +133,7 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         lp.weight_bits = q.weight_bits
         if isinstance(q, DynamicModule):
             lp.backend, lp.backend_reason = q.backend_label(), q.backend_reason()
+            q.nonfinite = config.nonfinite
         lp.activation = "none"
         granularity = "per row" if config.dynamic_per_row else "per tensor"
         weight_only = isinstance(q, QuantizedEmbedding)

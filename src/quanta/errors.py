@@ -19,5 +19,11 @@ class QuantizedInputError(QuantaError, TypeError):
     """A quantized model received an input of the wrong dtype or rank."""
 
 
+class NonFiniteInputError(ValueError):
+    """A kernel met NaN or Inf where it quantizes a float tensor. The layer turns it into a
+    ``QuantizedInputError`` naming itself or, with ``QuantConfig(nonfinite="propagate")``, into
+    a float computation that passes the values on as the float model would."""
+
+
 class FormatError(QuantaError, ValueError):
     """A saved quanta file is truncated, corrupted, from a newer format, or does not match."""

@@ -203,3 +203,13 @@ def test_save_rejects_unconverted_models(tmp_path: Path, mnist) -> None:
         quanta.save(prepared, tmp_path / "p.st")
     with pytest.raises(quanta.UnsupportedModelError):
         quanta.save(load_pretrained_mnist_cnn(), tmp_path / "f.st")
+
+
+def test_save_into_a_missing_folder_or_onto_a_folder_names_the_target(tmp_path: Path, static_file) -> None:
+    _, q = static_file
+    target = tmp_path / "no" / "such" / "model.quanta.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*safetensors: the folder .*such"):
+        quanta.save(q, target)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        quanta.save(q, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written, no temporary left

@@ -31,6 +31,7 @@ import threading
 import numpy as np
 import torch
 
+from quanta.errors import NonFiniteInputError
 from quanta.kernels import cpu, native, reference
 from quanta.kernels.native import ops as native_ops
 from quanta.kernels.onednn import CLIP
@@ -38,10 +39,6 @@ from quanta.kernels.onednn import CLIP
 _EPS = float(torch.finfo(torch.float32).eps)
 SMALL_M = 2  # rows at or below which the exact float32 reference beats oneDNN's per-call cost
 _F32_EXACT_K = (2**24) // (255 * 128)  # largest K whose u8 x s8 sums stay exact in float32
-
-
-class NonFiniteInputError(ValueError):
-    """The input of a dynamic op holds NaN or Inf, so no scale can be chosen."""
 
 
 def dynamic_qparams(lo: float, hi: float) -> tuple[float, int]:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from quanta.errors import NonFiniteInputError
 from quanta.kernels import cpu, native
 from quanta.kernels.native import ops as native_ops
 
@@ -38,6 +39,12 @@ _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faste
 
 
 CLIP = (np._core if hasattr(np, "_core") else np.core).umath.clip  # the ufunc, without np.clip's wrapper
+
+
+def _finite(y: np.ndarray) -> np.ndarray:
+    if not np.isfinite(y).all():
+        raise NonFiniteInputError("input holds NaN or Inf")
+    return y
 
 
 def _round_clip_cast(y: np.ndarray, zero_point: int) -> np.ndarray:
@@ -62,6 +69,7 @@ def quantize_uint8(
     bounds are integers) and an int16 staging cast, which measured fastest. Memory format is
     preserved, or with ``channels_last`` a 4-d result comes out channels_last from the same pass
     (a conv stem's NCHW image: 117 + 100 us for quantize then copy, one pass instead).
+    Raises ``NonFiniteInputError`` if ``x`` holds NaN or Inf (found in the same pass natively).
     """
     x = x.detach()
     if x.dtype != torch.float32:
@@ -72,19 +80,23 @@ def quantize_uint8(
                 and not x.is_contiguous(memory_format=torch.channels_last):
             n, c, h, w = x.shape
             y = torch.empty((n, h, w, c), dtype=torch.uint8)
-            lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), n, c, h * w, scale, zero_point, 1)
+            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), n, c, h * w, scale, zero_point, 1):
+                raise NonFiniteInputError("input holds NaN or Inf")
             return y.permute(0, 3, 1, 2)
         if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
             y = torch.empty_like(x, dtype=torch.uint8)
-            lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), 1, 1, x.numel(), scale, zero_point, 0)
+            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), 1, 1, x.numel(), scale, zero_point, 0):
+                raise NonFiniteInputError("input holds NaN or Inf")
             return y
     if x.numel() <= _NUMPY_MAX_NUMEL:
-        a = x.numpy()
+        a = _finite(x.numpy())
         if channels_last and a.ndim == 4 and not x.is_contiguous(memory_format=torch.channels_last):
             y = np.empty((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), dtype=np.float32)
             np.divide(a.transpose(0, 2, 3, 1), np.float32(scale), out=y)
             return torch.from_numpy(_round_clip_cast(y, zero_point)).permute(0, 3, 1, 2)
         return torch.from_numpy(_round_clip_cast(np.divide(a, np.float32(scale)), zero_point))
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteInputError("input holds NaN or Inf")
     y = torch.div(x, scale)
     y.round_().clamp_(float(-zero_point), float(255 - zero_point))
     if zero_point == 0:

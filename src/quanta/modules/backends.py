@@ -68,8 +68,11 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
 
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
+    nonfinite = config.nonfinite if config is not None else "raise"
     for name, module in model.named_modules():
         lp = plan.layers.get(name)
+        if isinstance(module, (DynamicModule, QuantizedModule)):
+            module.nonfinite = nonfinite
         if isinstance(module, DynamicModule) and lp is not None:
             lp.backend, lp.backend_reason = module.backend_label(), module.backend_reason()
         if not isinstance(module, QuantizedModule):
@@ -97,6 +100,7 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
 
     state = getattr(model, "_quanta", None)
     for site in getattr(state, "sites", {}).values() if state is not None else ():
+        site.nonfinite = config.nonfinite if config is not None else "raise"
         asked, source = requested, "config"
         if config is not None:
             override, where = config.backend_for(site.key, site.op)

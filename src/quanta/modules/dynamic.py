@@ -34,6 +34,7 @@ class DynamicModule(LeafMarker, nn.Module):
         super().__init__()
         self.weight_bits = weight_spec.bits
         self.per_row = per_row
+        self.nonfinite = "raise"  # QuantConfig.nonfinite
         self.requested_backend = backend
         self.backend = resolve_backend(backend)
         self.layer_name = ""
@@ -60,13 +61,23 @@ class DynamicModule(LeafMarker, nn.Module):
         return k
 
     def matmul(self, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """float [M, K] @ int8 weight ``name``.T + bias -> float [M, N]; clear error on NaN/Inf."""
+        """float [M, K] @ int8 weight ``name``.T + bias -> float [M, N]; NaN/Inf as ``nonfinite`` says."""
         try:
             return self.kernel(name)(x, bias, self.per_row)
-        except NonFiniteInputError as exc:
+        except NonFiniteInputError:
+            return self.nonfinite_matmul(name, x, bias)
+
+    def nonfinite_matmul(self, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """NaN/Inf in the input: a clear error naming this layer, or (``nonfinite="propagate"``)
+        the float product with the dequantized weights, which carries them as float does."""
+        if getattr(self, "nonfinite", "raise") != "propagate":  # (modules pickled before the field)
             raise QuantizedInputError(
-                f"{self.describe()}: {exc}; dynamic quantization needs a finite input"
+                f"{self.describe()}: its input holds NaN or Inf; dynamic quantization needs a finite "
+                "input. Pass finite inputs, or QuantConfig(nonfinite='propagate') to get them back as "
+                "float does"
             ) from None
+        w = getattr(self, name).float() * getattr(self, f"{name}_scale")[:, None]
+        return F.linear(x, w, bias)
 
     def describe(self) -> str:
         return f"{self.layer_name or type(self).__name__} ({type(self).__name__})"
@@ -133,10 +144,8 @@ class DynamicQuantizedLinear(DynamicModule):
             if kernel.backend == "onednn" and x.dim() > 1 and x.shape[-1] == k and rows_ok:
                 try:
                     return kernel.onednn_per_tensor(x, self._buffers["bias"])
-                except NonFiniteInputError as exc:
-                    raise QuantizedInputError(
-                        f"{self.describe()}: {exc}; dynamic quantization needs a finite input"
-                    ) from None
+                except NonFiniteInputError:
+                    return self.nonfinite_matmul("weight", x, self._buffers["bias"])
         x = self.float_input(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise QuantizedInputError(

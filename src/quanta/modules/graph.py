@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
+from quanta.errors import NonFiniteInputError
 from quanta.modules import lowering
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import generation
@@ -269,6 +270,8 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
             state._check_inputs(args, kwargs)
             try:
                 out = rt(args, kwargs)
+            except NonFiniteInputError:  # NaN/Inf input: each layer's own rule, in eager mode
+                out = EAGER
             except Exception:  # noqa: BLE001 - answered below by eager mode, outside this block
                 out = _RAISED
             if out is EAGER:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
-from quanta.errors import QuantizedInputError
+from quanta.errors import NonFiniteInputError, QuantizedInputError
 from quanta.kernels import dispatch, onednn, reference
 from quanta.numerics.qparams import choose_qparams, quantize
 from quanta.qtensor import QTensor
@@ -110,6 +110,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         self.output_int8 = output_int8
         self.backend = "reference"
         self.forced = False  # True: run oneDNN on every call (config asked for it), no per-call choice
+        self.nonfinite = "raise"  # QuantConfig.nonfinite, set with the backend
         self.layer_name = ""
         self._sync()
 
@@ -179,6 +180,33 @@ class QuantizedModule(LeafMarker, nn.Module):
         return cached
 
     # ---- inputs and outputs ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.run(x)
+        except NonFiniteInputError:
+            return self.nonfinite_forward(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nonfinite_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NaN/Inf in a float input: a clear error naming this layer, or (``nonfinite="propagate"``)
+        this call in float on the dequantized weights, so the values propagate as in float."""
+        with torch._C.DisableTorchFunction():
+            bad = ~torch.isfinite(x.detach())
+            if self.nonfinite != "propagate":
+                rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist() if bad.dim() else []
+                raise QuantizedInputError(
+                    f"{self.layer_name or type(self).__name__} ({type(self).__name__}): its input holds "
+                    f"{int(bad.sum())} NaN/Inf value(s) (in batch rows {rows[:8]}); int8 cannot carry them. "
+                    "Pass finite inputs, or QuantConfig(nonfinite='propagate') to get them back as float does"
+                ) from None
+            w, b = self._float_params()
+            return _activate(self.float_op(x.float(), w, b), self.activation)
+
     def _check_float_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -214,6 +242,8 @@ class QuantizedModule(LeafMarker, nn.Module):
             return reference.requantize(x.int_data, x.scale, x.zero_point, scale, zero_point)
         self._check_float_input(x)
         if self.backend == "reference":
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteInputError("input holds NaN or Inf")
             return reference.quantize_per_tensor(x, scale, zero_point)
         return _quantize_shared(x, scale, zero_point, self.channels_last_input)
 
@@ -223,6 +253,8 @@ class QuantizedModule(LeafMarker, nn.Module):
         if isinstance(x, QTensor):
             return reference.dequantize_per_tensor(x.int_data, x.scale, x.zero_point)
         self._check_float_input(x)
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputError("input holds NaN or Inf")
         return torch.fake_quantize_per_tensor_affine(x.detach().float(), self._in[0], self._in[1], 0, 255)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
@@ -273,7 +305,10 @@ class QuantizedLinear(QuantizedModule):
                 rows, self.in_features, self.out_features, quantized_input or self.output_int8)
         return wins
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
             if backend == "onednn" and (self.forced or self._int8_wins(x)):
@@ -301,7 +336,11 @@ class _QuantizedConvNd(QuantizedModule):
         return onednn.PackedConv(self.weight, self.weight_scale, self.bias, *self._in, self.stride,
                                  self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        conv = F.conv1d if w.dim() == 3 else F.conv2d
+        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
             # no per-call float fallback: a float conv would need a dequantize before and a quantize
@@ -311,10 +350,7 @@ class _QuantizedConvNd(QuantizedModule):
                 return self.finish(y)
             if backend != "reference":
                 w, b = self._float_params()
-                conv = F.conv1d if w.dim() == 3 else F.conv2d
-                x_f = self.dequantized_input(x)
-                y = conv(x_f, w, b, self.stride, self.padding, self.dilation, self.groups)
-                return self.finish_float(y)
+                return self.finish_float(self.float_op(self.dequantized_input(x), w, b))
             x_q = self.quantize_input(x)
             out_scale, out_zp = self.out_args()
             y = reference.conv(x_q, self._in[0], self._in[1], self.weight, self.weight_scale, self.bias,

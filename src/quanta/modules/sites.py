@@ -49,6 +49,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.output_int8 = True
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
         self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
+        self.nonfinite = "raise"  # QuantConfig.nonfinite, set with the backend
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
         self.output_scale.fill_(scale)
@@ -73,6 +74,8 @@ class QuantizedSite(LeafMarker, nn.Module):
         if q is None:
             y = func(*dequantize_any(args), **dequantize_any(kwargs))
             y = reference.apply_activation(y, self.activation)
+            if not bool(torch.isfinite(y).all()):
+                return self._nonfinite(y)
             if self.backend != "reference":
                 # An input arrived in float (its producer runs float): no int8 kernel runs here.
                 # Requantize only for an int8 consumer; a float consumer gets the float result
@@ -83,6 +86,15 @@ class QuantizedSite(LeafMarker, nn.Module):
             q = reference.quantize_per_tensor(y, scale, zp)
         out = QTensor(q, scale, zp)
         return out if self.output_int8 else out.dequantize()
+
+    def _nonfinite(self, y: torch.Tensor) -> torch.Tensor:
+        """NaN/Inf in a float input: a clear error, or (``nonfinite="propagate"``) the float result."""
+        if self.nonfinite == "propagate":
+            return y
+        raise QuantizedInputError(
+            f"call site {self.key} ({self.op}): its float input holds NaN/Inf; int8 cannot carry them. "
+            "Pass finite inputs, or QuantConfig(nonfinite='propagate') to get them back as float does"
+        )
 
     def _int8(self, func: Callable, args: tuple, kwargs: dict, scale: float, zp: int) -> Any:
         if self.op == "add":

@@ -75,44 +75,58 @@ void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float 
 /* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
  * (a float32 division, then rounding half to even). x is [n, c, inner] contiguous; with
  * to_channels_last the result is [n, inner, c] (NCHW -> NHWC in the same pass). */
+/* Also counts non-finite inputs: x - x is 0 for a finite x and NaN for NaN or +-inf. */
 #define QK_QUANTIZE_BODY                                                                     \
+    int bad = 0;                                                                             \
     for (int64_t i = 0; i < len; i++) {                                                      \
         float v = __builtin_rintf(x[i] / scale) + zp;                                        \
+        bad |= (x[i] - x[i]) != 0.0f;                                                        \
         v = v < 0.0f ? 0.0f : v;                                                             \
         v = v > 255.0f ? 255.0f : v;                                                         \
         y[i] = (uint8_t)v;                                                                   \
-    }
+    }                                                                                        \
+    return bad;
 
-__attribute__((optimize("O3", "no-math-errno"))) static void quantize_run(
+__attribute__((optimize("O3", "no-math-errno"))) static int quantize_run(
     const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
     QK_QUANTIZE_BODY
 }
 
-QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static void quantize_run_avx2(
+QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static int quantize_run_avx2(
     const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
     QK_QUANTIZE_BODY
 }
 
-void qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
-                    int32_t zero_point, int to_channels_last) {
+/* Returns 1 if any input is NaN or infinite (the output is then meaningless), else 0. */
+int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
+                   int32_t zero_point, int to_channels_last) {
     float zp = (float)zero_point;
+    int bad = 0;
     if (!to_channels_last || c == 1) {
-        int64_t total = n * c * inner;
-        QK_BLOCKS(total, quantize_run_avx2, quantize_run, (x + start, y + start, len, scale, zp));
-        return;
+        int64_t total = n * c * inner, blocks = (total + QK_BLOCK - 1) / QK_BLOCK;
+        int fast = has_avx2_fma();
+#pragma omp parallel for schedule(static) reduction(| : bad) if (blocks > 1)
+        for (int64_t i = 0; i < blocks; i++) {
+            int64_t start = i * QK_BLOCK, len = total - start < QK_BLOCK ? total - start : QK_BLOCK;
+            bad |= fast ? quantize_run_avx2(x + start, y + start, len, scale, zp)
+                        : quantize_run(x + start, y + start, len, scale, zp);
+        }
+        return bad;
     }
-#pragma omp parallel for schedule(static) collapse(2) if (n * c * inner > QK_BLOCK)
+#pragma omp parallel for schedule(static) collapse(2) reduction(| : bad) if (n * c * inner > QK_BLOCK)
     for (int64_t b = 0; b < n; b++)
         for (int64_t ch = 0; ch < c; ch++) {
             const float *src = x + (b * c + ch) * inner;
             uint8_t *dst = y + b * c * inner + ch;
             for (int64_t i = 0; i < inner; i++) {
                 float v = __builtin_rintf(src[i] / scale) + zp;
+                bad |= (src[i] - src[i]) != 0.0f;
                 v = v < 0.0f ? 0.0f : v;
                 v = v > 255.0f ? 255.0f : v;
                 dst[i * c] = (uint8_t)v;
             }
         }
+    return bad;
 }
 
 /* uint8 max pooling on NHWC data, no dilation; taps outside the input are skipped (they never
