@@ -13,6 +13,8 @@ from quanta.kernels import cpu, reference
 from quanta.kernels import dynamic as kd
 from quanta.modules.dynamic import DynamicQuantizedLinear
 
+pytestmark = pytest.mark.isa  # run natively and under scripts/as-avx2 (.ci/run)
+
 WSPEC = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=cpu.weight_bits_for_cpu())
 needs_onednn = pytest.mark.skipif(not cpu.onednn_available(), reason="no oneDNN int8 here")
 

@@ -20,6 +20,8 @@ from quanta.modules.dynamic_rnn import (
     DynamicQuantizedLSTMCell,
 )
 
+pytestmark = pytest.mark.isa  # run natively and under scripts/as-avx2 (.ci/run)
+
 WSPEC = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=cpu.weight_bits_for_cpu())
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import quanta
-from quanta.config import QuantConfig
+from quanta.config import QuantConfig, QuantSpec
+from quanta.kernels import cpu
 from quanta.zoo import audio, minilm
 
 
@@ -36,6 +37,7 @@ def _accuracy(emb: torch.Tensor, labels: list[int]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.isa  # its weight width is the CPU's (too slow for emulation: .ci/run caps oneDNN instead)
 def test_minilm_dynamic_per_row_embeddings_and_sentiment(minilm_float) -> None:  # noqa: ANN001
     model, tok, sentences, labels, emb_f = minilm_float
     q = quanta.quantize(model, mode="dynamic", config=QuantConfig(dynamic_per_row=True))
@@ -44,10 +46,15 @@ def test_minilm_dynamic_per_row_embeddings_and_sentiment(minilm_float) -> None: 
     emb_q = minilm.embed(q, tok, sentences)
     cos = (emb_f * emb_q).sum(dim=1)
     assert cos.shape == (200,)
-    assert float(cos.min()) >= 0.99  # every sentence (measured min 0.997)
+    # the default weight width is the CPU's: 8-bit where the int8 kernels add any weight exactly
+    # (measured min cos 0.997, accuracy 75.5 against 76.5), 7-bit on x86 without VNNI (min 0.994,
+    # 75.0: 3 of 200 sentences), where 8-bit weights would run the float fallback at fp32 speed
+    bits = q._quanta.plan.layers["layers.0.query"].weight_bits
+    assert bits == cpu.weight_bits_for_cpu()
+    assert float(cos.min()) >= 0.99  # every sentence
     acc_f, acc_q = _accuracy(emb_f, labels), _accuracy(emb_q, labels)
     assert acc_f >= 70.0
-    assert abs(acc_q - acc_f) <= 1.0, (acc_f, acc_q)
+    assert abs(acc_q - acc_f) <= (1.0 if bits == 8 else 2.0), (acc_f, acc_q)
     print(f"minilm per-row: min cos {float(cos.min()):.4f} mean {float(cos.mean()):.4f}; "
           f"accuracy float {acc_f:.2f} int8 {acc_q:.2f}")
 
@@ -66,6 +73,7 @@ def test_minilm_dynamic_per_tensor_default(minilm_float) -> None:  # noqa: ANN00
     assert float(cos.min()) >= 0.97
 
 
+@pytest.mark.isa
 def test_silero_vad_dynamic_speech_probabilities() -> None:
     pytest.importorskip("silero_vad")
     wav = audio.load_speech()
@@ -77,5 +85,12 @@ def test_silero_vad_dynamic_speech_probabilities() -> None:
     assert plan.layers["conv1"].precision == "float"
     ref, out = audio.speech_probs(model, wav), audio.speech_probs(q, wav)
     print(f"silero-vad dynamic: max |p_int8 - p_float| = {float((ref - out).abs().max()):.4f}")
-    assert float((ref - out).abs().max()) <= 0.02
+    # default weights: 8-bit (measured 0.0137) where the CPU adds them exactly, else 7-bit (0.0316)
+    bits = plan.layers["rnn"].weight_bits
+    assert float((ref - out).abs().max()) <= (0.02 if bits == 8 else 0.04)
     assert torch.equal(ref > 0.5, out > 0.5) or float(((ref > 0.5) != (out > 0.5)).float().mean()) < 0.01
+    # 8-bit weights when asked, on every CPU (the exact float fallback where they would saturate)
+    eight = QuantConfig(mode="dynamic",
+                        weight=QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=8))
+    out8 = audio.speech_probs(quanta.quantize(model, mode="dynamic", config=eight), wav)
+    assert float((ref - out8).abs().max()) <= 0.02

@@ -9,6 +9,8 @@ import torch
 from quanta.kernels import cpu, reference
 from quanta.kernels.eltwise import _SMALL_NUMEL, add_lookup, add_uint8
 
+pytestmark = pytest.mark.isa  # run natively and under scripts/as-avx2 (.ci/run)
+
 SHAPES = [((2, 64, 9, 9), True), ((2, 64, 9, 9), False), ((3, 17, 384), False), ((7,), False),
           ((1, 3, 5, 5), True), ((2, 64, 28, 28), True), ((4, 64, 384), False)]
 QPARAMS = [(0.0213, 117, 0.0377, 9, 0.0419, 131), (0.1, 0, 0.1, 0, 0.05, 0), (0.004, 255, 0.5, 0, 0.3, 40)]

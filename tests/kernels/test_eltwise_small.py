@@ -5,6 +5,8 @@ import torch
 
 from quanta.kernels import eltwise, reference
 
+pytestmark = pytest.mark.isa  # run natively and under scripts/as-avx2 (.ci/run)
+
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("shape", [(1, 16, 14, 14), (1, 512, 7, 7), (3, 128, 40)])

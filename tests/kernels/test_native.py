@@ -29,6 +29,8 @@ if native.load() is None:
 
 from quanta.kernels.native.ops import NativeConv2d, NativeLinear  # noqa: E402
 
+pytestmark = pytest.mark.isa  # run natively and under scripts/as-avx2 (.ci/run)
+
 
 def _w(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     hi = 2 ** (weight_bits_for_cpu() - 1)

@@ -46,7 +46,8 @@ from quanta.kernels import reference as R
 from quanta.kernels.cpu import has_vnni, is_x86, onednn_available, weight_bits_for_cpu
 from quanta.kernels.dispatch import choose_backend
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch.ops.onednn int8 kernels unavailable")
+pytestmark = [pytest.mark.skipif(not onednn_available(), reason="torch.ops.onednn int8 kernels unavailable"),
+              pytest.mark.isa]  # run natively and under scripts/as-avx2 (.ci/run)
 
 if onednn_available():
     from quanta.kernels.onednn import PackedConv, PackedLinear, quantize_uint8
