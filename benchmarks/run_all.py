@@ -65,6 +65,18 @@ from bench_peers import ROWS  # noqa: E402
 from readme_table import write_readme  # noqa: E402
 
 DYNAMIC_ONLY = {"quanta dynamic int8", "torch.ao dynamic", "ORT dynamic"}
+# ``--isa avx2`` caps oneDNN, MKL and ATen through their environment variables; these engines
+# ask the CPU themselves and keep its full ISA (VNNI, AVX-512), so under --isa avx2 their rows
+# are not AVX2 measurements and say so (only scripts/as-avx2's emulation caps them, too slow to time)
+NOT_CAPPED = {
+    "torch fp32 compile": "inductor's generated code uses the host ISA",
+    "torch.ao static (x86)": "fbgemm picks the host ISA",
+    "torch.ao dynamic": "fbgemm picks the host ISA",
+    "torchao pt2e + inductor": "oneDNN ops capped, inductor's generated code uses the host ISA",
+    "ORT fp32": "ONNX Runtime's MLAS picks the host ISA",
+    "ORT static U8S8": "ONNX Runtime's MLAS picks the host ISA (VNNI: no saturation)",
+    "ORT dynamic": "ONNX Runtime's MLAS picks the host ISA",
+}
 
 
 def _rows_for(key: str) -> list[str]:
@@ -102,6 +114,8 @@ def bench_case(key: str, batch: int, reps: int) -> list[dict]:
             with torch.no_grad():
                 run, size, note = ROWS[name](model, calib, example, case)
                 out = run(example)
+            if ARGS.isa == "avx2" and name in NOT_CAPPED:
+                note = f"NOT CAPPED at AVX2 ({NOT_CAPPED[name]}); {note}"
             row.update(size_bytes=size, note=note, rel_l2=rel_l2(out, ref))
             runners[name] = run
         except Exception as e:  # noqa: BLE001
