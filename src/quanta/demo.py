@@ -171,7 +171,7 @@ def run_demo(*, calib_batches: int = 10, calib_batch_size: int = 100, threads: i
                       _ms(lat.float_s), _ms(lat.int8_s), _speed(lat.speedup))
     console.print(table)
     seconds = time.perf_counter() - start
-    console.print(f"int8 kernels: {_backends(report)}")
+    console.print(f"int8 kernels: {_backends(report)}; cpu: {report.cpu}")
     console.print(f"runtime: {quanta.runtime_status(int8_model)}   total time: {seconds:.1f} s")
     return DemoResult(float_acc, int8_acc, float_bytes, int8_bytes, size_method, tuple(latencies),
                       report, seconds)

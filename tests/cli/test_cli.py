@@ -131,8 +131,13 @@ def test_export_onnx_runs_in_onnxruntime(saved: Path, tmp_path: Path,
         pytest.skip("quanta.export_onnx not available yet")
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "mnist.onnx"
-    result = run("export", str(saved), "--model", MNIST, "--onnx", str(out))
+    result = run("export", str(saved), "--model", MNIST, "--onnx", str(out), "--weight-format", "uint8")
     assert result.returncode == 0, result.stderr
+    assert "weight format uint8" in result.stdout
+    import onnx
+
+    weights = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith(".weight")]
+    assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     images, labels = test_data
     logits = session.run(None, {session.get_inputs()[0].name: images[:500].numpy()})[0]

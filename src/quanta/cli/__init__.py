@@ -137,6 +137,10 @@ def build_parser() -> Parser:
     e.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx file")
     e.add_argument("--model", required=True, metavar="MODEL", help=f"float model factory: {SPEC_HELP}")
     e.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
+    e.add_argument("--weight-format", choices=("auto", "int8", "uint8"), default="auto",
+                   help="auto (default): exact in ONNX Runtime on every CPU (int8 where weights fit "
+                        "7 bits, else uint8 with zero point 128); int8: fastest, exact only on "
+                        "VNNI/AMX/ARM CPUs for 8-bit weights")
 
     b = _command(sub, "bench", "Time float vs int8 inference on this machine.", BENCH_EPILOG, common)
     b.add_argument("file", metavar="FILE", help="a saved quantized model")

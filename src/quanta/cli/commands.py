@@ -178,8 +178,9 @@ def export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # the ONNX tracer warns about Python scalars it records as constants: quanta's qparams are
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        export_onnx(qmodel, example, out)
-    _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ)")
+        export_onnx(qmodel, example, out, weight_format=args.weight_format)
+    _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ, "
+                     f"weight format {args.weight_format})")
     return 0
 
 

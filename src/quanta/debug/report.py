@@ -54,10 +54,12 @@ class Report:
     rows: list[dict[str, Any]]
     summary: dict[str, int]
     runtime: str = ""  # graph runtime or eager mode, and why (quanta.modules.graph.runtime_status)
+    cpu: str = ""  # what this CPU's int8 kernels use and add exactly (quanta.kernels.cpu.isa_summary)
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows]
-        return {"mode": self.mode, "layers": rows, "summary": dict(self.summary), "runtime": self.runtime}
+        return {"mode": self.mode, "layers": rows, "summary": dict(self.summary), "runtime": self.runtime,
+                "cpu": self.cpu}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -89,6 +91,8 @@ class Report:
         )
         if self.runtime:
             console.print(f"runtime: {self.runtime}")
+        if self.cpu:
+            console.print(f"cpu: {self.cpu}")
         return buf.getvalue().rstrip()
 
     def __repr__(self) -> str:
@@ -126,4 +130,6 @@ def report(model: nn.Module) -> Report:
         "quantize": sum(lp.kind == "module" and not lp.input_from for lp in int8),
         "dequantize": sum(not lp.output_int8 for lp in int8),
     }
-    return Report(plan.mode, rows, summary, runtime_status(model))
+    from quanta.kernels import cpu
+
+    return Report(plan.mode, rows, summary, runtime_status(model), cpu.isa_summary())
