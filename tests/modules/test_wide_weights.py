@@ -42,7 +42,7 @@ def test_static_eight_bit_model_and_its_file(tmp_path: Path) -> None:
     train, _ = load_mnist("train")
     x, _ = load_mnist("test")
     float_model = load_pretrained_mnist_cnn()
-    calib = [train[:200]]
+    calib = [train[:100]]
     q = quanta.quantize(float_model, calib, config=QuantConfig(weight=EIGHT_BIT), show_progress=False)
     ref = quanta.quantize(float_model, calib, config=QuantConfig(weight=EIGHT_BIT, backend="reference"),
                           show_progress=False)
@@ -50,11 +50,11 @@ def test_static_eight_bit_model_and_its_file(tmp_path: Path) -> None:
     assert layers and all(cpu.weight_magnitude(m.weight) > cpu.NARROW_LIMIT for m in layers)
     backends = _backends(q)
     assert set(backends.values()) == ({"float"} if NARROW else {"onednn"}), backends
-    _check(q, ref, float_model, x[:200])
+    _check(q, ref, float_model, x[:100])
     path = quanta.save(q, tmp_path / "mnist8.quanta.safetensors")
     loaded = quanta.load(path, float_model)
     assert _backends(loaded) == backends
-    _check(loaded, ref, float_model, x[:200])
+    _check(loaded, ref, float_model, x[:100])
     with torch.no_grad():
         assert torch.equal(loaded(x[:50]), q(x[:50]))
 
