@@ -15,8 +15,9 @@ from quanta.capture.plan import Plan, plan_static
 from quanta.capture.record import call_with, capture
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import CalibrationError, UnsupportedModelError
+from quanta.modules import opsites
 from quanta.modules.backends import resolve_weight_bits, select_backends
-from quanta.modules.mapping import MAPPING
+from quanta.modules.mapping import MAPPING, mapped_type
 from quanta.modules.observed import ObservedModule, fold_batchnorm
 from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
 from quanta.progress import progress
@@ -74,7 +75,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | None = 
     model = _copy(model, inplace).eval()
     if isinstance(getattr(model, "_quanta", None), QuantaState):
         raise UnsupportedModelError("this model is already prepared or quantized by quanta")
-    record = capture(model, example_inputs)
+    record = capture(model, example_inputs, config.mode)
     plan = plan_static(model, record, config)
     _apply_static(model, plan, config, record)
     return model
@@ -95,16 +96,19 @@ def swap_layers(
     # module whose every call is fused becomes Identity, so no redundant op runs or is exported
     fusers = [lp for lp in plan.layers.values() if lp.precision == "int8" and not lp.weight_only]
     fused_calls = Counter(name for lp in fusers for name in lp.fused)
-    for lp in plan.activation_layers():
-        module = modules[lp.name]
-        _, wspec, aspec, _ = config.for_module(lp.name, module)
+    layers = {}  # every int8 layer with activations: modules and weight op call sites alike
+    for lp in [*plan.activation_layers(), *plan.op_sites()]:
+        module = modules[lp.name] if lp.kind == "module" else opsites.float_layer(model, lp)
+        _, wspec, aspec, _ = config.for_layer(lp.name, lp.float_type)
         batchnorms = (n for n in lp.fused if isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm))
         bn_name = next(batchnorms, None)
         if bn_name is not None:
             _set_module(model, bn_name, nn.Identity())
             plan.layers[bn_name].replaced = True
         bn = modules[bn_name] if bn_name is not None else None
-        _set_module(model, lp.name, make_layer(lp, module, bn, wspec, aspec))
+        layers[lp.name] = make_layer(lp, module, bn, wspec, aspec)
+        if lp.kind == "module":
+            _set_module(model, lp.name, layers[lp.name])
     for name, count in fused_calls.items():
         calls = len(record.module_nodes(name))
         if name in modules and calls == count and not plan.layers[name].replaced:
@@ -112,8 +116,10 @@ def swap_layers(
             plan.layers[name].replaced = True
     state = QuantaState(plan, config)
     for lp in plan.layers.values():
-        if lp.kind == "site" and lp.precision == "int8":
+        if lp.kind == "site" and lp.precision == "int8" and not lp.weight:
             state.sites[site_module_key(lp.name)] = make_site(lp)
+    for lp in plan.op_sites():
+        state.set_op_site(lp.name, layers[lp.name])
     state.attach(model)
     return state
 
@@ -162,6 +168,7 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
     state = get_state(model)
     plan, config = state.plan, config or state.config
     observed = {n: m for n, m in model.named_modules() if isinstance(m, ObservedModule)}
+    observed.update((lp.name, state.sites_by_key[lp.name]) for lp in plan.op_sites())
     for name, m in list(observed.items()):
         lp = plan.layers[name]
         if not m.input_observer.observed and lp.reason.startswith("not in the example forward"):
@@ -189,17 +196,21 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
         lp.input_qparams = source.output_qparams if source else _qparams(m.input_observer, m.activation_spec)
         wspec = resolve_weight_bits(m.weight_spec, config.backend)
         lp.weight_bits = wspec.bits
-        qtype = MAPPING[type(m.module)]["static"]  # QAT converts to the same int8 modules
+        qtype = MAPPING[mapped_type(m.module)]["static"]  # QAT converts to the same int8 modules
         lp.quantized_type = qtype.__name__
         q = qtype(m.module, weight_spec=wspec, input_qparams=lp.input_qparams,
                   output_qparams=lp.output_qparams, activation=lp.activation, output_int8=lp.output_int8)
         q.layer_name = name
-        _set_module(model, name, q)
+        if lp.kind == "module":
+            _set_module(model, name, q)
+        else:
+            state.set_op_site(name, q)
+    opsites.share_parameters(model, plan, {lp.name: state.sites_by_key[lp.name] for lp in plan.op_sites()})
     for lp in plan.int8_layers():
         if lp.weight_only:  # embeddings: int8 rows, nothing to calibrate
             module = model.get_submodule(lp.name)
             wspec = resolve_weight_bits(config.for_module(lp.name, module)[1], config.backend)
-            q = MAPPING[type(module)]["static"](module, weight_spec=wspec, layer_name=lp.name)
+            q = MAPPING[mapped_type(module)]["static"](module, weight_spec=wspec, layer_name=lp.name)
             lp.weight_bits = q.weight_bits
             _set_module(model, lp.name, q)
     select_backends(model, plan, config.backend)

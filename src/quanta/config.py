@@ -89,10 +89,14 @@ class Override:
         return self.matches_name(name, type(module).__name__)
 
     def matches_name(self, name: str, type_name: str) -> bool:
+        """A call site ``"block.conv:conv2d#0"`` is inside module ``block.conv``: patterns that
+        match the module match its call sites too."""
         p = self.pattern
+        module = name.split(":", 1)[0]
         return (
             name == p
-            or name.startswith(p + ".")
+            or module == p
+            or module.startswith(p + ".")
             or fnmatch.fnmatchcase(name, p)
             or type_name == p
         )
@@ -139,12 +143,16 @@ class QuantConfig:
 
     def for_module(self, name: str, module: nn.Module) -> tuple[bool, QuantSpec, QuantSpec, str]:
         """(skipped, weight spec, activation spec, reason) for one module, overrides applied."""
+        return self.for_layer(name, type(module).__name__)
+
+    def for_layer(self, name: str, type_name: str) -> tuple[bool, QuantSpec, QuantSpec, str]:
+        """:meth:`for_module` by name and type name (a call site's type name is its op)."""
         for pattern in self.skip:
-            if Override(pattern).matches(name, module):
+            if Override(pattern).matches_name(name, type_name):
                 return True, self.weight, self.activation, f"excluded by config (skip={pattern!r})"
         weight, activation = self.weight, self.activation
         for o in self.overrides:
-            if o.matches(name, module):
+            if o.matches_name(name, type_name):
                 if o.skip:
                     return True, weight, activation, f"excluded by config (override {o.pattern!r})"
                 weight = o.weight or weight

@@ -126,7 +126,7 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         float_module = modules_by_name[lp.name]
         _, wspec, _, _ = config.for_module(lp.name, float_module)
         wspec = dataclasses.replace(wspec, bits=lp.weight_bits)
-        qtype = mapping.MAPPING[type(float_module)]["dynamic"]
+        qtype = mapping.MAPPING[mapping.mapped_type(float_module)]["dynamic"]
         backend = config.backend_for(lp.name, lp.float_type)[0]
         q = qtype(float_module, weight_spec=wspec, backend=backend,
                   per_row=config.dynamic_per_row, layer_name=lp.name)

@@ -29,7 +29,7 @@ from quanta.capture.record import DataflowRecord, call_with, capture
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import UnsupportedModelError
 from quanta.modules.backends import resolve_weight_bits
-from quanta.modules.mapping import MAPPING
+from quanta.modules.mapping import MAPPING, mapped_type
 from quanta.modules.qat import FakeQuantize, QATModule
 from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
 
@@ -56,7 +56,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QuantConfig | Non
     if isinstance(getattr(model, "_quanta", None), QuantaState):
         raise UnsupportedModelError("this model is already prepared or quantized by quanta")
     model.eval()  # capture without touching BatchNorm running statistics
-    record = capture(model, example_inputs)
+    record = capture(model, example_inputs, config.mode)
     plan = plan_static(model, record, config)
     _apply_qat(model, plan, config, record)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: Datafl
         wspec = resolve_weight_bits(wspec, config.backend)
         lp.weight_bits = wspec.bits
         # Activation qparams use config.activation, the spec convert computes them with.
-        return MAPPING[type(module)]["qat"](
+        return MAPPING[mapped_type(module)]["qat"](
             module, bn=bn, activation=lp.activation, weight_spec=wspec,
             activation_spec=config.activation, name=lp.name, output_int8=lp.output_int8,
         )
@@ -85,6 +85,7 @@ def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: Datafl
 
     state = swap_layers(model, plan, config, record, qat_layer, qat_site)
     qat_modules = {n: m for n, m in model.named_modules() if isinstance(m, QATModule)}
+    qat_modules.update((lp.name, state.sites_by_key[lp.name]) for lp in plan.op_sites())
     for name, q in qat_modules.items():
         source = plan.layers[name].input_from
         if source in qat_modules:

@@ -13,7 +13,7 @@ calls (``x.shape``, ``x.size()``) so control flow on shapes does not shift them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn as nn
@@ -102,9 +102,12 @@ class SiteTracker:
     a model carry them over consistently with the tracker they point to.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, opened: Iterable[str] = ()) -> None:
         self._local = _TrackerLocal()
         self.handles: list[RemovableHandle] = []
+        # childless modules looked inside, so the weight ops in their forward are keyed like any
+        # functional call (``capture.weightops.opened_modules``; kept in the plan)
+        self.opened = frozenset(opened)
 
     # the stack and depth belong to the forward running in this thread: a model may run in
     # several threads at once
@@ -125,6 +128,7 @@ class SiteTracker:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("opened", frozenset())  # pickled by an older quanta
         self._local = _TrackerLocal()
 
     def install(self, model: nn.Module, on_leaf: Callable | None = None,
@@ -132,10 +136,12 @@ class SiteTracker:
         """Register hooks on every module of ``model``. ``on_leaf(phase, name, module, args,
         out)`` is called around each leaf module run at the top level (for the record).
         Leaves for which ``skip_leaf(module)`` is true get no hooks: a module call with hooks
-        costs several microseconds, and leaves that never call a keyed op need none."""
+        costs several microseconds, and leaves that never call a keyed op need none.
+        Modules named in ``self.opened`` are treated as non-leaves."""
+        opened = self.opened
 
         def walk(name: str, module: nn.Module) -> None:
-            if is_leaf(module) and module is not model:
+            if is_leaf(module) and module is not model and name not in opened:
                 if skip_leaf is not None and skip_leaf(module):
                     return
                 self.handles.append(module.register_forward_pre_hook(_LeafPre(self, name, on_leaf)))

@@ -12,11 +12,13 @@ that is plain data (it goes into the saved manifest and the report):
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
+from quanta.capture import weightops
 from quanta.capture.record import DataflowRecord, Node
 from quanta.config import QuantConfig
 from quanta.modules import mapping
@@ -45,6 +47,12 @@ class LayerPlan:
     backend_reason: str = ""  # why this kernel was chosen (dispatch rule, override, CPU limit)
     replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
     weight_only: bool = False  # int8 weights, float activations (embeddings)
+    macs: int = 0  # multiply-accumulates of its weight ops on the example input
+    # weight op call sites (capture.weightops): the weight and bias parameters it reads, and
+    # the call's non-tensor arguments; empty for modules and other call sites
+    weight: str = ""
+    bias: str = ""
+    call: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +60,9 @@ class Plan:
     mode: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     input_meta: list[Any] = field(default_factory=list)
+    opened: list[str] = field(default_factory=list)  # childless modules whose weight ops are sites
+    # the weight/bias parameters of op sites -> every layer reading them (modules.opsites)
+    weight_readers: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +70,8 @@ class Plan:
             "layers": [dataclasses.asdict(p) for p in self.layers.values()],
             "input_meta": [None if m is None else [str(m[0]).replace("torch.", ""), m[1]]
                            for m in self.input_meta],
+            "opened": list(self.opened),
+            "weight_readers": {k: list(v) for k, v in self.weight_readers.items()},
         }
 
     @classmethod
@@ -69,15 +82,25 @@ class Plan:
                 if p.get(key) is not None:
                     p[key] = (float(p[key][0]), int(p[key][1]))
             layers[p["name"]] = LayerPlan(**p)
-        return cls(d["mode"], layers, [None if m is None else tuple(m) for m in d.get("input_meta", [])])
+        readers = {str(k): [str(r) for r in v] for k, v in d.get("weight_readers", {}).items()}
+        return cls(d["mode"], layers, [None if m is None else tuple(m) for m in d.get("input_meta", [])],
+                   [str(n) for n in d.get("opened", [])], readers)
 
     def int8_layers(self) -> list[LayerPlan]:
         return [p for p in self.layers.values() if p.precision == "int8" and p.kind == "module"]
+
+    def op_sites(self) -> list[LayerPlan]:
+        """Int8 weight op call sites (a conv or linear call outside a quantized module)."""
+        return [p for p in self.layers.values() if p.precision == "int8" and p.kind == "site" and p.weight]
 
     def activation_layers(self) -> list[LayerPlan]:
         """Int8 modules with activation qparams (observed while calibrating, fake-quantized in
         QAT); weight-only layers (embeddings) are converted directly."""
         return [p for p in self.int8_layers() if not p.weight_only]
+
+    def weight_layers(self) -> list[LayerPlan]:
+        """Every module or call site that runs a weight op (MACs > 0), int8 or float."""
+        return [p for p in self.layers.values() if p.macs > 0 and p.precision != "folded"]
 
 
 def _relu_kind(node: Node, modules: dict[str, nn.Module]) -> str:
@@ -102,8 +125,8 @@ def _gelu_kind(record: DataflowRecord, node: Node, modules: dict[str, nn.Module]
     then replaced by Identity. Unlike ReLU, GELU is not idempotent, so a functional call or a
     shared module (which still runs on the int8 result) must stay a separate float op."""
     m = modules.get(node.name) if node.kind == "module" else None
-    if lp.kind != "module" or not isinstance(m, nn.GELU) or len(record.module_nodes(node.name)) != 1 \
-            or lp.float_type != "Linear":  # oneDNN's int8 conv has no GELU post-op
+    linear = lp.quantized_type in ("QuantizedLinear", "QATLinear")  # oneDNN's int8 conv has no GELU post-op
+    if not linear or not isinstance(m, nn.GELU) or len(record.module_nodes(node.name)) != 1:
         return ""
     return "gelu_tanh" if m.approximate == "tanh" else "gelu"
 
@@ -118,7 +141,7 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
     """Decide, for every leaf module and call site, its precision, fusion and int8 flow."""
     mode = config.mode
     modules = dict(model.named_modules())
-    plan = Plan(mode, input_meta=list(record.input_meta))
+    plan = Plan(mode, input_meta=list(record.input_meta), opened=list(record.opened))
     calls: dict[str, list[Node]] = {}
     for n in record.nodes:
         if n.kind == "module":
@@ -128,7 +151,7 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
     for name, m in modules.items():
         if name == "" or next(m.children(), None) is not None or name.endswith("_quanta"):
             continue
-        if name.startswith("_quanta."):
+        if name.startswith("_quanta.") or name in record.opened:  # opened: its calls are sites
             continue
         target = mapping.quantized_type(m, mode)
         lp = LayerPlan(name, "module", type(m).__name__, "float")
@@ -150,11 +173,16 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
                 lp.reason = "not in the example forward: no fusion, float output"
         if name not in calls and lp.precision != "int8":
             lp.reason = "not called in the example forward"
+        lp.macs = sum(n.macs for n in calls.get(name, ()))
         plan.layers[name] = lp
 
-    # 2. Call sites: int8 add/cat, int8-native ops, float ops.
+    # 2. Call sites: weight ops (conv/linear on a parameter), int8 add/cat, int8-native ops, float ops.
+    params = weightops.parameter_names(model)
     for n in record.nodes:
         if n.kind != "function":
+            continue
+        if n.weight:
+            _plan_weight_op(plan, model, n, config, mode, params)
             continue
         lp = LayerPlan(n.name, "site", n.op, "float", reason="no int8 kernel")
         if n.func in _NATIVE:
@@ -164,24 +192,33 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         plan.layers[n.name] = lp
 
     # 3. Fusion: BatchNorm folding, then ReLU/ReLU6 folding into the producer's output range.
+    #    BatchNorm folds only into a layer that is the sole reader of its weight (a shared weight
+    #    would change under its other readers).
+    readers = _parameter_readers(record, modules, params)
     for name, nodes in calls.items():
         lp = plan.layers.get(name)
         if lp is None or lp.precision != "int8" or len(nodes) != 1 or lp.weight_only:
             continue
-        tail = nodes[0]
-        bn = _sole_consumer(record, tail)
-        foldable = mapping.FOLDABLE_BATCHNORM.get(type(modules[name]), ())
-        if bn is not None and bn.kind == "module" and isinstance(modules.get(bn.name), foldable) \
-                and len(calls.get(bn.name, [])) == 1:
-            lp.fused.append(bn.name)
-            plan.layers[bn.name].folded_into = name
-            plan.layers[bn.name].precision, plan.layers[bn.name].reason = "folded", f"folded into {name}"
-            tail = bn
-        _fuse_activation(record, plan, modules, lp, tail)
+        foldable = mapping.FOLDABLE_BATCHNORM.get(mapping.mapped_type(modules[name]), ())
+        own = {params[id(p)] for p in modules[name].parameters(recurse=False)}
+        _fuse(record, plan, modules, lp, nodes[0], foldable, all(readers[p] == {name} for p in own), calls)
+    sites = [lp for lp in plan.layers.values() if lp.kind == "site" and lp.weight]
+    order: dict[str, int] = {}
+    for i, node in enumerate(record.nodes):
+        order.setdefault(node.name, i)
+    plan.weight_readers = {p: sorted(readers[p], key=lambda r: order.get(r, len(order)))
+                           for p in sorted({p for lp in sites for p in (lp.weight, lp.bias) if p})}
+    site_calls = Counter(n.name for n in record.nodes if n.kind == "function")
     for n in record.nodes:
         lp = plan.layers.get(n.name)
         if n.kind == "function" and lp is not None and lp.precision == "int8":
-            _fuse_activation(record, plan, modules, lp, n)
+            # QAT keeps a BatchNorm after an op site (training would need its parameters, which
+            # live in the model, inside the site, which is not part of the model's parameters)
+            foldable = mapping.FOLDABLE_BATCHNORM.get(weightops.WEIGHT_OPS.get(n.op), ()) \
+                if n.weight and mode != "qat" else ()
+            sole = site_calls[n.name] == 1 and all(
+                readers[p] == {n.name} for p in (n.weight, n.bias) if p)
+            _fuse(record, plan, modules, lp, n, foldable, sole, calls)
 
     # 4. int8 flow: which int8 producers emit int8, and where modules read int8 from. An
     #    int8 call site whose result is read in float gains nothing (and an additive attention
@@ -196,13 +233,13 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             nodes = calls.get(lp.name) or [n for n in record.nodes if n.name == lp.name]
             lp.output_int8 = bool(nodes) and not lp.weight_only and all(
                 _reads_int8(record, plan, n, set()) for n in nodes)
-            if lp.kind == "site" and not lp.output_int8:
+            if lp.kind == "site" and not lp.output_int8 and not lp.weight:
                 lp.precision, lp.quantized_type = "float", ""
                 lp.reason = "its result is read in float: no int8 gain"
                 changed = True
     for lp in plan.layers.values():
-        if lp.precision == "int8" and lp.kind == "module" and lp.name in calls:
-            nodes = calls[lp.name]
+        nodes = calls.get(lp.name) or ([n for n in record.nodes if n.name == lp.name] if lp.weight else [])
+        if lp.precision == "int8" and (lp.kind == "module" or lp.weight) and nodes:
             origins = {_int8_origin(record, plan, i) for n in nodes for i in n.inputs}
             if len(origins) == 1:
                 lp.input_from = origins.pop() or ""
@@ -213,6 +250,57 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
     order = sorted(plan.layers, key=lambda k: first.get(k, len(record.nodes)))
     plan.layers = {k: plan.layers[k] for k in order}
     return plan
+
+
+def _plan_weight_op(plan: Plan, model: nn.Module, n: Node, config: QuantConfig, mode: str,
+                    params: dict[int, str]) -> None:
+    """The plan of one weight op call site: int8 through the mapped module class of the op, or
+    float with the reason (no int8 kernel for this op, excluded by the config)."""
+    lp = plan.layers.get(n.name)
+    if lp is not None:  # the same site in another call of its module
+        lp.macs += n.macs
+        return
+    lp = LayerPlan(n.name, "site", n.op, "float", weight=n.weight, bias=n.bias, call=dict(n.call),
+                   macs=n.macs)
+    plan.layers[n.name] = lp
+    weight = model.get_parameter(n.weight)
+    skipped, wspec, _, why = config.for_layer(n.name, n.op)
+    reason = weightops.int8_reason(n.op, weight, n.call)
+    target = mapping.MAPPING.get(weightops.WEIGHT_OPS.get(n.op), {}).get(mode)
+    if reason or target is None:
+        lp.reason = reason or f"no {mode} int8 kernel ({n.op})"
+    elif skipped:
+        lp.reason = why
+    else:
+        lp.precision, lp.quantized_type, lp.weight_bits = "int8", target.__name__, wspec.bits
+
+
+def _parameter_readers(record: DataflowRecord, modules: dict[str, nn.Module],
+                       params: dict[int, str]) -> defaultdict[str, set[str]]:
+    """Parameter name -> the layers (module calls, call sites) that read it in the forward."""
+    readers: defaultdict[str, set[str]] = defaultdict(set)
+    for n in record.nodes:
+        if n.kind == "module":
+            for p in modules[n.name].parameters():
+                readers[params[id(p)]].add(n.name)
+        elif n.kind == "function":
+            for p in n.params:
+                readers[p].add(n.name)
+    return readers
+
+
+def _fuse(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Module], lp: LayerPlan, tail: Node,
+          foldable: tuple[type[nn.Module], ...], sole_reader: bool, calls: dict[str, list[Node]]) -> None:
+    """Fold a BatchNorm that is the only reader of ``tail`` (when ``lp`` alone reads its weights),
+    then the activation after it."""
+    bn = _sole_consumer(record, tail)
+    if foldable and sole_reader and bn is not None and bn.kind == "module" \
+            and isinstance(modules.get(bn.name), foldable) and len(calls.get(bn.name, [])) == 1:
+        lp.fused.append(bn.name)
+        plan.layers[bn.name].folded_into = lp.name
+        plan.layers[bn.name].precision, plan.layers[bn.name].reason = "folded", f"folded into {lp.name}"
+        tail = bn
+    _fuse_activation(record, plan, modules, lp, tail)
 
 
 def _fuse_activation(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Module],

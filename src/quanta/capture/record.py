@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from quanta.capture import weightops
 from quanta.capture.callsites import SiteTracker, canonical_op_name, is_metadata
 from quanta.errors import UnsupportedModelError
 
@@ -32,12 +33,20 @@ class Node:
     is_output: bool = False
     func: Callable | None = None
     args: tuple = ()  # non-tensor arguments of function nodes (e.g. hardtanh bounds)
+    params: list[str] = field(default_factory=list)  # model parameters read (function nodes)
+    # weight ops (capture.weightops): the weight parameter, the bias parameter ("" if none),
+    # the call's non-tensor arguments; and multiply-accumulates of weight ops (modules: inside)
+    weight: str = ""
+    bias: str = ""
+    call: dict = field(default_factory=dict)
+    macs: int = 0
 
 
 @dataclass
 class DataflowRecord:
     nodes: list[Node] = field(default_factory=list)
     input_meta: list[tuple[torch.dtype, int] | None] = field(default_factory=list)
+    opened: list[str] = field(default_factory=list)  # childless modules looked inside
 
     def module_nodes(self, name: str) -> list[Node]:
         return [n for n in self.nodes if n.kind == "module" and n.name == name]
@@ -67,12 +76,14 @@ def batch_tensors(batch: Any) -> list[torch.Tensor]:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, tracker: SiteTracker, record: DataflowRecord) -> None:
+    def __init__(self, tracker: SiteTracker, record: DataflowRecord, params: dict[int, str]) -> None:
         super().__init__()
         self.tracker = tracker
         self.record = record
+        self.params = params
         self.producer: dict[int, int] = {}
         self.keepalive: list[Any] = []
+        self._leaf_macs = 0
 
     def producers(self, obj: Any) -> list[int]:
         ids: list[int] = []
@@ -90,29 +101,47 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.tracker.active and not is_metadata(func):
-            op = canonical_op_name(func)
+        if is_metadata(func):
+            return out
+        op = canonical_op_name(func)
+        if self.tracker.active:
             consts = tuple(a for a in args if not isinstance(a, torch.Tensor))
+            read = [self.params[id(t)] for t in batch_tensors((args, kwargs)) if id(t) in self.params]
             node = self.record.add(
                 "function", self.tracker.next_key(op), op, self.producers((args, kwargs)),
-                func=func, args=consts,
+                func=func, args=consts, params=read, **self._weight_op(op, args, kwargs, out),
             )
             self.produced(node, out)
+        elif self.tracker.leaf_depth and op in weightops.WEIGHT_OPS:  # inside a module: its MACs
+            self._leaf_macs += self._weight_op(op, args, kwargs, out).get("macs", 0)
         return out
+
+    def _weight_op(self, op: str, args: tuple, kwargs: dict, out: Any) -> dict[str, Any]:
+        """The weight-op fields of a call whose weight operand is a parameter of the model."""
+        if op not in weightops.WEIGHT_OPS:
+            return {}
+        x, w, b = weightops.operands(op, args, kwargs)
+        name = self.params.get(id(w)) if isinstance(w, torch.Tensor) else None
+        if name is None:
+            return {}
+        bias = self.params.get(id(b), "") if isinstance(b, torch.Tensor) else ""
+        return {"weight": name, "bias": bias, "call": weightops.call_args(op, args, kwargs),
+                "macs": weightops.macs(op, x, w, out)}
 
     def on_leaf(self, phase: str, name: str, module: nn.Module, args: Any, out: Any) -> None:
         if phase == "pre":
             self._pending = self.producers(args)
+            self._leaf_macs = 0
             return
-        node = self.record.add("module", name, type(module).__name__, self._pending)
+        node = self.record.add("module", name, type(module).__name__, self._pending, macs=self._leaf_macs)
         self.produced(node, out)
 
 
-def capture(model: nn.Module, example_inputs: Any) -> DataflowRecord:
+def capture(model: nn.Module, example_inputs: Any, mode: str = "static") -> DataflowRecord:
     """Run ``model`` once on ``example_inputs`` and return its dataflow record."""
-    record = DataflowRecord()
-    tracker = SiteTracker()
-    recorder = _Recorder(tracker, record)
+    record = DataflowRecord(opened=weightops.opened_modules(model, mode))
+    tracker = SiteTracker(record.opened)
+    recorder = _Recorder(tracker, record, weightops.parameter_names(model))
     for i, t in enumerate(batch_tensors(example_inputs)):
         record.input_meta.append((t.dtype, t.dim()))
         node = record.add("input", f"input:{i}", "input", [])

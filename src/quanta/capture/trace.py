@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from quanta.capture.callsites import canonical_op_name, is_leaf
+from quanta.capture.callsites import LeafMarker, canonical_op_name, is_leaf
 
 
 class TraceFailed(Exception):
@@ -54,6 +54,8 @@ class _LeafTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.site_prefixes and not isinstance(m, LeafMarker):
+            return False  # a childless module whose weight op call is a site: traced through
         if is_leaf(m):
             return True
         if not super().is_leaf_module(m, module_qualified_name):

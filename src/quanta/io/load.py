@@ -26,8 +26,9 @@ from quanta.errors import FormatError, UnsupportedModelError
 from quanta.io import format as fmt
 from quanta.io.save import quantized_classes
 from quanta.kernels.reference import ACTIVATIONS
+from quanta.modules import opsites
 from quanta.modules.backends import select_backends
-from quanta.modules.mapping import INT8_SITE_OPS, MAPPING
+from quanta.modules.mapping import INT8_SITE_OPS, MAPPING, mapped_type
 from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
 
 _PARSE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError)
@@ -102,6 +103,15 @@ def _check_layer(lp: LayerPlan) -> None:
         raise FormatError(f"layer {lp.name}: invalid weight_bits {lp.weight_bits!r}")
     _check_qparams(lp, "input_qparams")
     _check_qparams(lp, "output_qparams")
+    if not (isinstance(lp.weight, str) and isinstance(lp.bias, str) and type(lp.macs) is int
+            and isinstance(lp.call, dict)):
+        raise FormatError(f"layer {lp.name}: invalid weight, bias, call or macs in the manifest")
+    for key, value in lp.call.items():
+        ok = key in ("stride", "padding", "dilation", "groups") and (
+            type(value) is int or value in ("same", "valid")
+            or (isinstance(value, list) and all(type(v) is int for v in value)))
+        if not ok:
+            raise FormatError(f"call site {lp.name}: invalid call argument {key}={value!r} in the manifest")
 
 
 def parse_manifest(manifest: dict[str, Any]) -> tuple[QuantConfig, Plan]:
@@ -128,9 +138,16 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_architecture(model: nn.Module, plan: Plan) -> None:
-    """The float model has exactly the leaf modules of the plan, of the same types."""
+    """The float model has exactly the leaf modules of the plan, of the same types (modules the
+    plan looked inside are checked through their op sites' parameters)."""
     planned = {n: lp for n, lp in plan.layers.items() if lp.kind == "module"}
-    leaves = _leaves(model)
+    opened = set(plan.opened)
+    leaves = [(n, m) for n, m in _leaves(model) if n not in opened]
+    for lp in plan.layers.values():
+        for param in (lp.weight, lp.bias) if lp.kind == "site" else ():
+            if param and not isinstance(_get_parameter(model, param), nn.Parameter):
+                raise FormatError(f"the model does not match the file: call site {lp.name} reads "
+                                  f"parameter {param!r}, which the model does not have")
     for name, m in leaves:
         lp = planned.get(name)
         if lp is None:
@@ -144,6 +161,28 @@ def check_architecture(model: nn.Module, plan: Plan) -> None:
         if name not in names:
             raise FormatError(f"the model does not match the file: module {name!r} ({lp.float_type}) "
                               "from the file is missing from the model")
+
+
+def _get_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _build_op_sites(model: nn.Module, plan: Plan, state: QuantaState, table: dict[str, Any]) -> None:
+    """The int8 layer of every weight op call site, shaped by the float model's parameters,
+    and the aliases that replace the parameters only op sites read (before the tensors load)."""
+    classes = quantized_classes()
+    layers = {}
+    for lp in plan.op_sites():
+        cls = classes.get(lp.quantized_type)
+        if cls is None or not hasattr(cls, "empty_like"):
+            raise FormatError(f"call site {lp.name}: unknown quantized class {lp.quantized_type!r}")
+        has_bias = f"_quanta.op_sites.{site_module_key(lp.name)}.bias" in table
+        layers[lp.name] = cls.empty_like(opsites.float_layer(model, lp), lp, has_bias)
+        state.set_op_site(lp.name, layers[lp.name])
+    opsites.share_parameters(model, plan, layers)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -163,7 +202,7 @@ def _build_quantized(model: nn.Module, plan: Plan, config: QuantConfig, modules:
     for name, class_name in modules.items():
         cls = classes.get(class_name) if isinstance(class_name, str) else None
         float_module = model.get_submodule(name)
-        if cls is None or cls not in MAPPING.get(type(float_module), {}).values():
+        if cls is None or cls not in MAPPING.get(mapped_type(float_module), {}).values():
             raise FormatError(f"module {name!r}: {type(float_module).__name__} cannot become "
                               f"{class_name!r} (unknown or mismatched quantized class in the file)")
         lp = plan.layers[name]
@@ -179,7 +218,7 @@ def _build_quantized(model: nn.Module, plan: Plan, config: QuantConfig, modules:
 
 def _build_sites(plan: Plan, state: QuantaState) -> None:
     for lp in plan.layers.values():
-        if lp.kind == "site" and lp.precision == "int8":
+        if lp.kind == "site" and lp.precision == "int8" and not lp.weight:
             if lp.float_type not in INT8_SITE_OPS:
                 raise FormatError(f"call site {lp.name}: op {lp.float_type!r} has no int8 kernel")
             site = QuantizedSite(lp.name, lp.float_type, lp.activation, None)
@@ -231,6 +270,7 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
         _build_quantized(model, plan, config, manifest.get("modules"), table)
         state = QuantaState(plan, config)
         _build_sites(plan, state)
+        _build_op_sites(model, plan, state, table)
         state.attach(model)  # sets model._quanta (unregistered) and its state-dict hooks
         check_tensors(model, table)
         model.load_state_dict(fmt.unpack(table, blobs), strict=True)

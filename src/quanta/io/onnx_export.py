@@ -50,12 +50,14 @@ from torch.overrides import TorchFunctionMode
 
 from quanta.capture.callsites import canonical_op_name
 from quanta.capture.record import batch_tensors
+from quanta.capture.weightops import WEIGHT_OPS
 from quanta.errors import UnsupportedModelError
 from quanta.io.atomic import atomic_write_bytes
 from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
 from quanta.modules.mapping import INT8_SITE_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
+from quanta.modules.sites import site_module_key
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
 
 OPSET = 17
@@ -237,11 +239,13 @@ class _ExportSiteMode(TorchFunctionMode):
         if tracker.leaf_depth or not tracker.stack:
             return func(*args, **kwargs)
         op = canonical_op_name(func)
-        if op not in INT8_SITE_OPS:
+        if op not in INT8_SITE_OPS and op not in WEIGHT_OPS:
             return func(*args, **kwargs)
         site = self.sites.get(tracker.next_key(op))
         if site is None:
             return func(*args, **kwargs)
+        if isinstance(site, _ExportQuantized):  # a weight op call site
+            return site(args[0] if args else kwargs["input"])
         if op == "add" and len(args) == 2 and not kwargs:
             args = tuple(self._requantized(a) for a in args)
         elif op == "cat" and args and isinstance(args[0], (list, tuple)):
@@ -302,9 +306,16 @@ def export_twin(model: nn.Module, weight_format: str = "auto") -> tuple[nn.Modul
             setattr(owner, attr, _ExportQuantized(m, qparams, weight_format))
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             setattr(owner, attr, _ExportAdaptiveAvgPool2d(m.output_size, qparams))
+    sites = dict(twin_state.sites_by_key)
+    op_sites = nn.ModuleDict()  # weight op call sites: the same float stand-in as modules
+    for lp in twin_state.plan.op_sites():
+        op_sites[site_module_key(lp.name)] = sites[lp.name] = _ExportQuantized(sites[lp.name], qparams,
+                                                                                  weight_format)
     tracker = twin_state.tracker
     tracker.install(twin)
-    return _ExportWrapper(twin.eval(), tracker, dict(twin_state.sites_by_key), qparams), tracker
+    wrapper = _ExportWrapper(twin.eval(), tracker, sites, qparams)
+    wrapper.op_sites = op_sites
+    return wrapper, tracker
 
 
 def _as_args(example_inputs: Any) -> tuple[tuple, dict]:

@@ -69,7 +69,9 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
     nonfinite = config.nonfinite if config is not None else "raise"
-    for name, module in model.named_modules():
+    state = getattr(model, "_quanta", None)
+    op_sites = [(lp.name, state.sites_by_key[lp.name]) for lp in plan.op_sites()] if state is not None else []
+    for name, module in [*model.named_modules(), *op_sites]:
         lp = plan.layers.get(name)
         if isinstance(module, (DynamicModule, QuantizedModule)):
             module.nonfinite = nonfinite

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
+from quanta.capture.weightops import WEIGHT_OPS
 from quanta.errors import NonFiniteInputError
 from quanta.modules import lowering
 from quanta.modules.mapping import INT8_SITE_OPS
@@ -204,7 +205,7 @@ def _interpret(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any],
     """Run the graph once as eager mode would (QTensors between int8 ops), keying call sites."""
     values: dict[fx.Node, Any] = {}
     keys: dict[fx.Node, str] = {}
-    keyer = tracing.SiteKeys(INT8_SITE_OPS)
+    keyer = tracing.SiteKeys((*INT8_SITE_OPS, *WEIGHT_OPS))
 
     def load(a: Any) -> Any:
         return fx.node.map_arg(a, values.__getitem__)
@@ -322,7 +323,7 @@ def _try_build(state: Any, model: nn.Module, args: tuple, kwargs: dict, out: Any
     if state._graph_builds > MAX_BUILDS:
         return Off(f"rebuilt {MAX_BUILDS} times: the model keeps changing (hooks, modules, qparams)")
     if any(not site.converted for site in state.sites.values()) \
-            or any(isinstance(m, ObservedModule) for m in model.modules()):
+            or any(isinstance(m, ObservedModule) for m in [*model.modules(), *state.op_sites.values()]):
         return Off("the model is prepared, not converted")
     foreign = _foreign_hook(state, model)
     if foreign:

@@ -142,6 +142,9 @@ def lower(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, model: nn.Mod
     """Emit ``node`` as a direct kernel call into ``gen`` and return 1, or None (generic)."""
     if node.op == "call_module":
         return _module(node, values, gen, model.get_submodule(node.target))
+    if isinstance(site, QuantizedModule):  # a weight op call site: its input is the first argument
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        return _layer(node, x, values, gen, site) if isinstance(x, fx.Node) else None
     if site is not None:
         return _site(node, values[node], gen, site)
     if node.op in ("call_function", "call_method"):
@@ -156,22 +159,29 @@ def _emit(gen: Codegen, node: fx.Node, source: str, qparams: tuple[float, int] |
     return 1
 
 
+def _layer(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], gen: Codegen,
+           mod: QuantizedModule) -> int | None:
+    """An int8 conv/linear on ``x``: a module call, or a weight op call site routed to it."""
+    value, qx, xv = values[node], gen.q.get(x), gen.var(x)
+    if mod.backend != "onednn":
+        return None
+    out_q = mod._out if mod.output_int8 else None
+    if not (_passes_qparams(value, out_q) if out_q else type(value) is torch.Tensor):
+        return None
+    if qx is not None:
+        kernel = _int8_kernel(mod) if qx == mod._in else None
+    else:
+        kernel = _float_input_kernel(mod) if type(values[x]) is torch.Tensor else None
+    return None if kernel is None else _emit(gen, node, f"{gen.const(kernel, 'k')}({xv})", out_q)
+
+
 def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Module) -> int | None:
     if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
         return None
     x, value = node.args[0], values[node]
     qx, xv = gen.q.get(x), gen.var(x)
     if isinstance(mod, QuantizedModule):
-        if mod.backend != "onednn":
-            return None
-        out_q = mod._out if mod.output_int8 else None
-        if not (_passes_qparams(value, out_q) if out_q else type(value) is torch.Tensor):
-            return None
-        if qx is not None:
-            kernel = _int8_kernel(mod) if qx == mod._in else None
-        else:
-            kernel = _float_input_kernel(mod) if type(values[x]) is torch.Tensor else None
-        return None if kernel is None else _emit(gen, node, f"{gen.const(kernel, 'k')}({xv})", out_q)
+        return _layer(node, x, values, gen, mod)
     if qx is None or not _passes_qparams(value, qx):
         return None
     kind = type(mod)

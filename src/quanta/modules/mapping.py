@@ -53,6 +53,19 @@ def is_weight_only(cls: type[nn.Module] | None) -> bool:
     return bool(getattr(cls, "weight_only", False))
 
 
+def mapped_type(module: nn.Module) -> type[nn.Module] | None:
+    """The MAPPING key ``module`` is quantized as: its own class, or a base class whose
+    ``forward`` it inherits unchanged (a subclass that only adds attributes). A subclass with its
+    own forward is not a mapped module: its weight op calls are quantized as call sites."""
+    cls = type(module)
+    if cls in MAPPING:
+        return cls
+    for base in cls.__mro__[1:]:
+        if base in MAPPING:
+            return base if cls.forward is base.forward else None
+    return None
+
+
 def quantized_type(module: nn.Module, mode: str) -> type[nn.Module] | None:
     """The quantized class for ``module`` in ``mode``, or None if it stays float."""
-    return MAPPING.get(type(module), {}).get(mode)
+    return MAPPING.get(mapped_type(module), {}).get(mode)

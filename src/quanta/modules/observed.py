@@ -56,5 +56,9 @@ class ObservedModule(LeafMarker, nn.Module):
         y = apply_activation(self.module(x), self.activation)
         return self.output_observer(y)
 
+    def run(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+        """This layer as a weight op call site (see ``QuantizedModule.run``)."""
+        return self(args[0] if args else kwargs["input"])
+
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

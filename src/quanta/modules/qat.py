@@ -92,7 +92,8 @@ class QATModule(ObservedModule):
                  activation: str = "none", weight_spec: QuantSpec, activation_spec: QuantSpec,
                  name: str = "", output_int8: bool = True) -> None:
         nn.Module.__init__(self)
-        if type(float_module) is not self.float_type:
+        own_forward = type(float_module).forward is not self.float_type.forward
+        if not isinstance(float_module, self.float_type) or own_forward:
             raise UnsupportedModelError(
                 f"{name or type(self).__name__}: {type(self).__name__} wraps {self.float_type.__name__}, "
                 f"got {type(float_module).__name__}"

@@ -182,12 +182,17 @@ class QuantizedModule(LeafMarker, nn.Module):
     # ---- inputs and outputs ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.run(x)
+            return self.compute(x)
         except NonFiniteInputError:
             return self.nonfinite_forward(x)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def run(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """This layer as a weight op call site: ``func(x, weight, ...)`` routed here by the
+        call-site mode computes ``self(x)`` (the call's weight is this layer's int8 weight)."""
+        return self(args[0] if args else kwargs["input"])
 
     def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -308,7 +313,7 @@ class QuantizedLinear(QuantizedModule):
     def float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
             if backend == "onednn" and (self.forced or self._int8_wins(x)):
@@ -340,7 +345,7 @@ class _QuantizedConvNd(QuantizedModule):
         conv = F.conv1d if w.dim() == 3 else F.conv2d
         return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         with torch._C.DisableTorchFunction():
             # no per-call float fallback: a float conv would need a dequantize before and a quantize

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from quanta.capture.callsites import LeafMarker, SiteTracker, canonical_op_name
 from quanta.capture.plan import Plan
 from quanta.capture.record import batch_tensors
+from quanta.capture.weightops import WEIGHT_OPS
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
@@ -31,7 +32,7 @@ from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
 
 def site_module_key(key: str) -> str:
-    """ModuleDict keys cannot contain dots."""
+    """ModuleDict keys cannot contain dots (``site_key`` reverses it)."""
     return key.replace(".", "/")
 
 
@@ -182,7 +183,7 @@ class _SiteMode(TorchFunctionMode):
             op = _SITE_OP_OF[func]
         except (KeyError, TypeError):  # TypeError: an unhashable callable
             op = canonical_op_name(func)
-            op = op if op in INT8_SITE_OPS else None
+            op = op if op in INT8_SITE_OPS or op in WEIGHT_OPS else None
             try:
                 _SITE_OP_OF[func] = op
             except TypeError:
@@ -219,8 +220,11 @@ class QuantaState(LeafMarker, nn.Module):
         super().__init__()
         self.plan = plan
         self.config = config
-        self.sites = nn.ModuleDict()
-        self.tracker = SiteTracker()
+        self.sites = nn.ModuleDict()  # int8 add/cat call sites (QuantizedSite) by site_module_key
+        # weight op call sites (a conv/linear call outside a quantized module): the same layer
+        # classes as modules (ObservedModule, QAT*, Quantized*), by site_module_key
+        self.op_sites = nn.ModuleDict()
+        self.tracker = SiteTracker(plan.opened)
         self._modes = threading.local()  # per thread: the site mode its forward entered
         self._root_handles: list = []
         self._eager: _EagerCall | None = None
@@ -228,18 +232,25 @@ class QuantaState(LeafMarker, nn.Module):
         self._graph_builds = 0
 
     @property
-    def sites_by_key(self) -> dict[str, QuantizedSite]:
+    def sites_by_key(self) -> dict[str, nn.Module]:
+        """Every call site by key: int8 add/cat sites and weight op sites (both have ``run``)."""
         cache = self.__dict__.get("_site_cache")
-        if cache is None or len(cache) != len(self.sites):
+        if cache is None or len(cache) != len(self.sites) + len(self.op_sites):
             cache = {s.key: s for s in self.sites.values()}
+            cache.update((k.replace("/", "."), m) for k, m in self.op_sites.items())
             self.__dict__["_site_cache"] = cache
         return cache
+
+    def set_op_site(self, key: str, layer: nn.Module) -> None:
+        """Put ``layer`` (observed, QAT or int8) at weight op call site ``key``."""
+        self.op_sites[site_module_key(key)] = layer
+        self.__dict__.pop("_site_cache", None)
 
     def attach(self, model: nn.Module) -> None:
         """(Re)install the hooks on ``model``; called after prepare, convert and load."""
         self.detach()
         object.__setattr__(model, "_quanta", self)
-        if self.sites:  # call-site keys are only read when there are sites to run
+        if self.sites or self.op_sites:  # call-site keys are only read when there are sites to run
             self.tracker.install(model, skip_leaf=_never_calls_site_ops)
         self._root_handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
@@ -289,7 +300,7 @@ class QuantaState(LeafMarker, nn.Module):
         self._check_inputs(args, kwargs)
         if self.training != model.training:  # not a child: follow model.train()/eval() here (QAT)
             self.train(model.training)
-        if self.sites and getattr(self._modes, "mode", None) is None:
+        if (self.sites or self.op_sites) and getattr(self._modes, "mode", None) is None:
             mode = self._modes.mode = _SiteMode(self)
             mode.__enter__()
 
