@@ -9,6 +9,7 @@ from quanta.errors import (
     CalibrationError,
     FormatError,
     QuantaError,
+    QuantaWarning,
     QuantizedInputError,
     UnsupportedModelError,
 )
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
-    "QuantaError", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
+    "QuantaError", "QuantaWarning", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
     "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic",
     "save", "load", "export_onnx", "Report", "report", "layer_sqnr", "runtime_status",
 ]

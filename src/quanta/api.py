@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,7 +15,8 @@ import torch.nn as nn
 from quanta.capture.plan import Plan, plan_static
 from quanta.capture.record import call_with, capture
 from quanta.config import QuantConfig, QuantSpec
-from quanta.errors import CalibrationError, UnsupportedModelError
+from quanta.debug.coverage import warning_text as coverage_warning
+from quanta.errors import CalibrationError, QuantaWarning, UnsupportedModelError
 from quanta.modules import opsites
 from quanta.modules.backends import resolve_weight_bits, select_backends
 from quanta.modules.mapping import MAPPING, mapped_type
@@ -216,7 +218,27 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
     select_backends(model, plan, config.backend)
     state.attach(model)
     model.eval()
+    warn_low_coverage(plan)
     return model
+
+
+def warn_low_coverage(plan: Plan) -> None:
+    """Warn when less than half of the conv/linear MACs run int8, naming the largest float ones."""
+    text = coverage_warning(plan)
+    if text is not None:
+        warnings.warn(text, QuantaWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first caller outside the quanta package (where a warning points)."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _qparams(observer: Any, spec: QuantSpec) -> tuple[float, int]:

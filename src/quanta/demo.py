@@ -9,6 +9,7 @@ float vs int8 at batch 1 and batch 100 (medians of interleaved repetitions). Run
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
@@ -164,6 +165,9 @@ def run_demo(*, calib_batches: int = 10, calib_batch_size: int = 100, threads: i
         table.add_column(col, justify="right" if col else "left")
     table.add_row(f"top-1 accuracy, {test_x.shape[0]:,} held-out images", f"{float_acc:.2f} %",
                   f"{int8_acc:.2f} %", f"{int8_acc - float_acc:+.2f} pp")
+    share = report.coverage.share if report.coverage is not None else None
+    if share is not None:
+        table.add_row("conv/linear MACs that run int8", "0 %", f"{math.floor(1000 * share) / 10:.1f} %", "")
     table.add_row("model size", _kib(float_bytes), _kib(int8_bytes),
                   f"{100.0 * int8_bytes / float_bytes:.1f} % of float")
     for lat in latencies:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module
+from quanta.api import _copy, _resolve_config, _set_module, warn_low_coverage
 from quanta.capture.callsites import LeafMarker
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig
@@ -72,6 +72,8 @@ def plan_dynamic(model: nn.Module, config: QuantConfig, selected: tuple[type[nn.
     for name, m in _leaves(model):
         target = mapping.quantized_type(m, "dynamic")
         lp = LayerPlan(name, "module", type(m).__name__, "float")
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):  # lookups multiply nothing
+            lp.macs = sum(p.numel() for p in m.parameters(recurse=False) if p.dim() >= 2)
         skipped, wspec, _, why = config.for_module(name, m)
         if target is None:
             has_weights = next(m.parameters(recurse=False), None) is not None
@@ -133,6 +135,7 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
         lp.weight_bits = q.weight_bits
         if isinstance(q, DynamicModule):
             lp.backend, lp.backend_reason = q.backend_label(), q.backend_reason()
+            lp.float_macs = lp.macs if lp.backend == "float" else 0
             q.nonfinite = config.nonfinite
         lp.activation = "none"
         granularity = "per row" if config.dynamic_per_row else "per tensor"
@@ -143,4 +146,5 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
     model.eval()
     state = QuantaState(plan, config)
     state.attach(model)  # sets model._quanta without registering it as a child module
+    warn_low_coverage(plan)
     return model

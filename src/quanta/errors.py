@@ -7,6 +7,10 @@ class QuantaError(Exception):
     """Base class for every error quanta raises on purpose."""
 
 
+class QuantaWarning(UserWarning):
+    """Something the user should know about the quantized model (e.g. little of it runs int8)."""
+
+
 class CalibrationError(QuantaError, ValueError):
     """Calibration data is unusable (empty, NaN/Inf) or a layer was never calibrated."""
 

@@ -48,6 +48,7 @@ class LayerPlan:
     replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
     weight_only: bool = False  # int8 weights, float activations (embeddings)
     macs: int = 0  # multiply-accumulates of its weight ops on the example input
+    float_macs: int = 0  # of those, the ones an int8 layer still runs in float (set with the backend)
     # weight op call sites (capture.weightops): the weight and bias parameters it reads, and
     # the call's non-tensor arguments; empty for modules and other call sites
     weight: str = ""

@@ -95,11 +95,14 @@ def _quantize_qat(args: argparse.Namespace, factory: Factory, calib: Any, config
 
 
 def _print_summary(float_model: nn.Module, qmodel: nn.Module, out: Path, mode: str, seconds: float) -> None:
-    summary = quanta.report(qmodel).summary
+    rep = quanta.report(qmodel)
+    summary = rep.summary
     float_bytes = float_safetensors_bytes(float_model)
     int8_bytes = out.stat().st_size
     console = _console()
     console.print(f"[bold green]saved[/] {out} ({mode}, {seconds:.1f} s)")
+    if rep.coverage is not None:
+        console.print("  " + rep.coverage.headline(top=3).replace("\n", "\n  "), markup=False)
     console.print(f"  layers: {summary['int8']} int8, {summary['float']} float "
                   f"({summary['native']} int8-native ops, {summary['folded']} folded)")
     console.print(f"  size:   {_kib(int8_bytes)} vs {_kib(float_bytes)} float safetensors "

@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from quanta.capture.plan import LayerPlan, Plan
+from quanta.debug.coverage import Coverage, coverage
 from quanta.errors import UnsupportedModelError
 
 _COLUMNS = ("name", "op", "quantized as", "precision", "act", "input qparams", "output", "w bits",
@@ -55,11 +56,12 @@ class Report:
     summary: dict[str, int]
     runtime: str = ""  # graph runtime or eager mode, and why (quanta.modules.graph.runtime_status)
     cpu: str = ""  # what this CPU's int8 kernels use and add exactly (quanta.kernels.cpu.isa_summary)
+    coverage: Coverage | None = None  # share of conv/linear MACs that run int8 (debug.coverage)
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows]
-        return {"mode": self.mode, "layers": rows, "summary": dict(self.summary), "runtime": self.runtime,
-                "cpu": self.cpu}
+        return {"mode": self.mode, "coverage": self.coverage.to_dict() if self.coverage else None,
+                "layers": rows, "summary": dict(self.summary), "runtime": self.runtime, "cpu": self.cpu}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -82,6 +84,8 @@ class Report:
             )
         buf = io.StringIO()
         console = Console(file=buf, width=200, force_terminal=False, color_system=None)
+        if self.coverage is not None:
+            console.print(self.coverage.headline(), markup=False)
         console.print(table)
         s = self.summary
         console.print(
@@ -132,4 +136,4 @@ def report(model: nn.Module) -> Report:
     }
     from quanta.kernels import cpu
 
-    return Report(plan.mode, rows, summary, runtime_status(model), cpu.isa_summary())
+    return Report(plan.mode, rows, summary, runtime_status(model), cpu.isa_summary(), coverage(plan))

@@ -77,6 +77,7 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
             module.nonfinite = nonfinite
         if isinstance(module, DynamicModule) and lp is not None:
             lp.backend, lp.backend_reason = module.backend_label(), module.backend_reason()
+            lp.float_macs = lp.macs if lp.backend == "float" else 0
         if not isinstance(module, QuantizedModule):
             continue
         float_type = lp.float_type if lp is not None else type(module).__name__
@@ -93,7 +94,21 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
             module.set_backend(backend)
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why
+            lp.float_macs = _float_macs(module, lp)
     _select_site_backends(model, plan, requested, config)
+
+
+def _float_macs(module: nn.Module, lp: object) -> int:
+    """The MACs this int8 layer runs in float on the example input: all of them on the float
+    backend; a Linear's when its calls there are too small for int8 to win (per-call rule)."""
+    from quanta.modules.quantized import QuantizedLinear
+
+    if module.backend == "float":
+        return lp.macs
+    if isinstance(module, QuantizedLinear) and module.backend == "onednn" and not module.forced:
+        rows = lp.macs // max(1, module.in_features * module.out_features)
+        return 0 if module.int8_wins_rows(rows, bool(lp.input_from)) else lp.macs
+    return 0
 
 
 def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: QuantConfig | None) -> None:
