@@ -148,6 +148,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         if n.kind == "module":
             calls.setdefault(n.name, []).append(n)
 
+    params = weightops.parameter_names(model)
+    readers = _parameter_readers(record, modules, params)
     # 1. Modules: candidates for int8, or float with a reason.
     for name, m in modules.items():
         if name == "" or next(m.children(), None) is not None or name.endswith("_quanta"):
@@ -171,14 +173,18 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
                 lp.weight_only = True
                 lp.reason = "weight-only int8 (one scale per row), float output"
             elif name not in calls:
-                lp.reason = "not in the example forward: no fusion, float output"
+                read_by = sorted({r for p in m.parameters(recurse=False) for r in readers[params[id(p)]]})
+                if read_by:  # its weights are used functionally: they are quantized at those call sites
+                    lp.precision, lp.quantized_type = "float", ""
+                    lp.reason = f"not called; its parameters are read by {', '.join(read_by[:3])}"
+                else:
+                    lp.reason = "not in the example forward: no fusion, float output"
         if name not in calls and lp.precision != "int8":
             lp.reason = "not called in the example forward"
         lp.macs = sum(n.macs for n in calls.get(name, ()))
         plan.layers[name] = lp
 
     # 2. Call sites: weight ops (conv/linear on a parameter), int8 add/cat, int8-native ops, float ops.
-    params = weightops.parameter_names(model)
     for n in record.nodes:
         if n.kind != "function":
             continue
@@ -195,7 +201,6 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
     # 3. Fusion: BatchNorm folding, then ReLU/ReLU6 folding into the producer's output range.
     #    BatchNorm folds only into a layer that is the sole reader of its weight (a shared weight
     #    would change under its other readers).
-    readers = _parameter_readers(record, modules, params)
     for name, nodes in calls.items():
         lp = plan.layers.get(name)
         if lp is None or lp.precision != "int8" or len(nodes) != 1 or lp.weight_only:
