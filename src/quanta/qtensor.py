@@ -129,6 +129,17 @@ def _view(func: Callable, args: tuple, kwargs: dict) -> Any:
     return x.with_data(view_data(x.int_data, *args[1:]))
 
 
+def _pad(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Constant zero padding: the zero point is the integer that means 0.0 (exact)."""
+    x = args[0]
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value", None)
+    if not isinstance(x, QTensor) or mode != "constant" or value not in (None, 0, 0.0):
+        return NotImplemented
+    pad = args[1] if len(args) > 1 else kwargs["pad"]
+    return x.with_data(F.pad(x.int_data, pad, value=x.zero_point))
+
+
 def _max_pool(func: Callable, args: tuple, kwargs: dict) -> Any:
     x = args[0]
     if not isinstance(x, QTensor) or any(isinstance(a, QTensor) for a in args[1:]):
@@ -349,6 +360,7 @@ def _native_table() -> dict[Callable, Callable]:
                 F.adaptive_max_pool1d, F.adaptive_max_pool2d]
     table: dict[Callable, Callable] = {op: _on_data for op in layout_ops}
     table[torch.Tensor.view] = _view
+    table[F.pad] = _pad
     table.update({op: _max_pool for op in pool_ops})
     for op in (F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_):
         table[op] = _relu

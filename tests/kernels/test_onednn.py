@@ -56,8 +56,9 @@ def _seed(key: object) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-ACTS = ["none", "relu", "relu6"]
-LINEAR_ACTS = [*ACTS, "gelu", "gelu_tanh"]  # oneDNN qconv has no GELU post-op
+SMOOTH = ["silu", "hardswish", "sigmoid", "hardsigmoid"]  # fused post-ops (SiLU/Swish nets, MobileNetV3)
+ACTS = ["none", "relu", "relu6", *SMOOTH]
+LINEAR_ACTS = [*ACTS, "gelu", "gelu_tanh"]  # GELU folds only into Linear (transformer MLPs)
 U8_LIMIT = {"linear": 2e-5, "conv2d": 2e-5, "conv2d_depthwise": 2e-5, "conv1d": 2e-5}
 
 

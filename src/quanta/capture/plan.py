@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from quanta.capture import weightops
+from quanta.capture import activations, weightops
 from quanta.capture.record import DataflowRecord, Node
 from quanta.config import QuantConfig
 from quanta.modules import mapping
@@ -104,32 +104,33 @@ class Plan:
         return [p for p in self.layers.values() if p.macs > 0 and p.precision != "folded"]
 
 
-def _relu_kind(node: Node, modules: dict[str, nn.Module]) -> str:
+def _activation_kind(node: Node, modules: dict[str, nn.Module]) -> str:
+    """The activation ``node`` computes, if it can fold into the int8 op before it
+    (``capture.activations``; a functional call folds only when it is a clamp, since it still runs)."""
     if node.kind == "module":
-        m = modules.get(node.name)
-        if isinstance(m, nn.ReLU6):
-            return "relu6"
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
-            return "relu6"
-        return ""
-    if node.op == "relu":
-        return "relu"
-    if node.op == "relu6" or (node.op == "hardtanh" and tuple(node.args[:2]) == (0.0, 6.0)):
-        return "relu6"
-    return ""
+        return activations.module_kind(modules[node.name]) if node.name in modules else ""
+    kind = activations.function_kind(node.op, node.args)
+    return kind if kind in activations.IDEMPOTENT else ""
 
 
-def _gelu_kind(record: DataflowRecord, node: Node, modules: dict[str, nn.Module], lp: LayerPlan) -> str:
-    """GELU folds into a Linear only as an ``nn.GELU`` module called once: the module is
-    then replaced by Identity. Unlike ReLU, GELU is not idempotent, so a functional call or a
-    shared module (which still runs on the int8 result) must stay a separate float op."""
-    m = modules.get(node.name) if node.kind == "module" else None
-    linear = lp.quantized_type in ("QuantizedLinear", "QATLinear")  # oneDNN's int8 conv has no GELU post-op
-    if not linear or not isinstance(m, nn.GELU) or len(record.module_nodes(node.name)) != 1:
-        return ""
-    return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+def _unfuse_partial(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Module]) -> None:
+    """An activation module that is not a clamp folds only where every call of it is fused (it is
+    then replaced by Identity): a call left outside would run it twice on a fused result."""
+    fused = Counter(name for lp in plan.layers.values() for name in lp.fused)
+    for name, count in fused.items():
+        m = modules.get(name)
+        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        kind = activations.module_kind(m) if m is not None and not is_bn else ""
+        calls = len(record.module_nodes(name))
+        if not kind or kind in activations.IDEMPOTENT or count == calls:
+            continue
+        for lp in plan.layers.values():
+            if name in lp.fused:
+                lp.fused.remove(name)
+                lp.activation = "none"
+        ap = plan.layers[name]
+        ap.precision, ap.folded_into = "float", ""
+        ap.reason = f"no int8 kernel ({kind} module called {calls} times, not all after an int8 op)"
 
 
 def _sole_consumer(record: DataflowRecord, node: Node) -> Node | None:
@@ -226,6 +227,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
                 readers[p] == {n.name} for p in (n.weight, n.bias) if p)
             _fuse(record, plan, modules, lp, n, foldable, sole, calls)
 
+    _unfuse_partial(record, plan, modules)
+
     # 4. int8 flow: which int8 producers emit int8, and where modules read int8 from. An
     #    int8 call site whose result is read in float gains nothing (and an additive attention
     #    mask of -inf-like values would wreck its range): it runs in float. Repeat until no
@@ -314,7 +317,7 @@ def _fuse_activation(record: DataflowRecord, plan: Plan, modules: dict[str, nn.M
     act = _sole_consumer(record, tail)
     if act is None:
         return
-    kind = _relu_kind(act, modules) or _gelu_kind(record, act, modules, lp)
+    kind = _activation_kind(act, modules)
     if kind:
         lp.activation = kind
         lp.fused.append(act.name)

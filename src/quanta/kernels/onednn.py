@@ -30,11 +30,15 @@ import numpy as np
 import torch
 
 from quanta.errors import NonFiniteInputError
-from quanta.kernels import cpu, native
+from quanta.kernels import cpu, native, reference
 from quanta.kernels.native import ops as native_ops
 
 _ACT = {"none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
-        "gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh")}
+        "gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh"), "silu": ("swish", [], ""),
+        "hardswish": ("hardswish", [], "")}
+# activations torch.ops.onednn does not fuse into this op: it runs to float, the activation follows
+_UNFUSED = {"linear": frozenset({"silu", "hardswish", "sigmoid", "hardsigmoid"}),
+            "conv": frozenset({"gelu", "gelu_tanh", "sigmoid", "hardsigmoid"})}
 _NUMPY_MAX_NUMEL = 262144  # numpy (one pass per op, no dispatch) measured faster up to ~200k elements
 
 
@@ -110,6 +114,13 @@ def _float_bias(bias_i32: torch.Tensor | None, x_scale: float, w_scale: torch.Te
     return (bias_i32.double() * x_scale * w_scale.double()).float()
 
 
+def _activated(y: torch.Tensor, activation: str, out_scale: float | None,
+               out_zero_point: int) -> torch.Tensor:
+    """The float kernel output ``y`` activated, then quantized when an output scale is given."""
+    y = reference.apply_activation(y, activation)
+    return y if out_scale is None else quantize_uint8(y, out_scale, out_zero_point)
+
+
 def _post_op(activation: str) -> tuple[str, list[float], str]:
     try:
         return _ACT[activation]
@@ -154,6 +165,8 @@ class PackedLinear:
         """x_u8 uint8 [..., K] -> float32 [..., N], or uint8 if ``out_scale`` is given."""
         if self.native is not None and not torch.compiler.is_compiling():
             return self.native(x_u8, activation, out_scale, out_zero_point)
+        if activation in _UNFUSED["linear"]:
+            return _activated(self(x_u8), activation, out_scale, out_zero_point)
         name, args, algorithm = _post_op(activation)
         if not x_u8.is_contiguous():
             x_u8 = x_u8.contiguous()
@@ -247,6 +260,9 @@ class PackedConv:
         if self.native is not None and not torch.compiler.is_compiling():
             y = self.native(x_u8, activation, out_scale, out_zero_point)
             return y.squeeze(2) if self.is_1d else y
+        if activation in _UNFUSED["conv"]:
+            y = self(x_u8.squeeze(2) if self.is_1d else x_u8)
+            return _activated(y, activation, out_scale, out_zero_point)
         name, args, algorithm = _post_op(activation)
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
         if out_scale is None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh")
+ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh", "silu", "hardswish", "sigmoid", "hardsigmoid")
 CLAMP_ACTIVATIONS = ("none", "relu", "relu6")  # exact as integer clamps; GELU is not
 
 
@@ -55,6 +55,14 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y)
     if activation == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "hardswish":
+        return F.hardswish(y)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "hardsigmoid":
+        return F.hardsigmoid(y)
     return y
 
 

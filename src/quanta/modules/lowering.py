@@ -26,6 +26,7 @@ from quanta.qtensor import (
     _avg_pool,
     _max_pool,
     _on_data,
+    _pad,
     _view,
     avg_pool_data,
     clamp_bounds,
@@ -200,6 +201,8 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
         src = f"{gen.const(avg_pool_data)}({gen.const(F.adaptive_avg_pool2d)}, {xv}, {qx[1]!r}, " \
               f"{gen.const((mod.output_size,))}, {{}})"
         return _emit(gen, node, src, qx)
+    if kind is nn.ZeroPad2d:
+        return _emit(gen, node, f"{gen.const(F.pad)}({xv}, {gen.const(mod.padding)}, value={qx[1]!r})", qx)
     if kind is nn.Flatten:
         return _emit(gen, node, f"{xv}.flatten({mod.start_dim!r}, {mod.end_dim!r})", qx)
     return None
@@ -260,6 +263,10 @@ def _function(node: fx.Node, value: Any, gen: Codegen) -> int | None:
     if handler is _avg_pool:
         src = f"{gen.const(avg_pool_data)}({gen.const(func)}, {xv}, {qx[1]!r}, {rest}, {kwargs})"
         return _emit(gen, node, src, qx)
+    if handler is _pad and value.zero_point == qx[1]:  # zero padding: the zero point is 0.0
+        pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
+        if not _has_node(pad):
+            return _emit(gen, node, f"{gen.const(F.pad)}({xv}, {gen.const(pad)}, value={qx[1]!r})", qx)
     if handler is _view and not node.kwargs:
         return _emit(gen, node, gen.call(gen.const(view_data), (Raw(xv),) + tuple(args[1:]), {}), qx)
     if handler is _on_data:

@@ -21,7 +21,10 @@ import torch
 
 from quanta.kernels import native
 
-_ACTIVATION = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3, "gelu_tanh": 4}
+_ACTIVATION = {"none": 0, "relu": 1, "relu6": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "hardswish": 6,
+               "sigmoid": 7, "hardsigmoid": 8}
+# oneDNN eltwise (alpha, beta) of the activations that take them (swish: x * sigmoid(alpha * x))
+_ALPHA_BETA = {"silu": (1.0, 0.0), "hardswish": (1.0 / 6.0, 0.5), "hardsigmoid": (1.0 / 6.0, 0.5)}
 _MAX_SHAPES = 8  # primitives kept per layer; each holds its own reordered weights
 
 
@@ -78,6 +81,8 @@ def _epilogue(
                         src_scale=int(runtime_src_scale),
                         dst_scale=int(out_scale is not None and not multiplier),
                         src_zp=int(src_zp), dst_zp=int(dst_zp))
+    if activation in _ALPHA_BETA:
+        e.alpha, e.beta = _ALPHA_BETA[activation]
     if activation == "relu6":
         e.alpha, e.beta = 0.0, 6.0
         if multiplier:  # clamp in output units: the reference's quantized 6 is round(f32(6) / s_y)

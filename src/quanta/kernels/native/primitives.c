@@ -168,7 +168,8 @@ static qk_thread *this_thread(void) {
 
 typedef struct {
     int dst_f32;        /* 1: float32 output, 0: uint8 */
-    int activation;     /* 0 none, 1 relu, 2 clip(alpha, beta), 3 gelu erf, 4 gelu tanh */
+    int activation;     /* 0 none, 1 relu, 2 clip(alpha, beta), 3 gelu erf, 4 gelu tanh,
+                           5 swish(alpha), 6 hardswish(alpha, beta), 7 logistic, 8 hardsigmoid */
     float alpha, beta;
     int src_scale;      /* 1: src scale is a runtime argument (dynamic quantization) */
     int dst_scale;      /* 1: dst scale is a runtime argument */
@@ -254,7 +255,9 @@ static dnnl_primitive_attr_t make_attr(const qk_epilogue *e, int wei_scale_mask)
     if (e->activation) {
         static const dnnl_alg_kind_t algs[] = {dnnl_alg_kind_undef, dnnl_eltwise_relu,
                                                dnnl_eltwise_clip, dnnl_eltwise_gelu_erf,
-                                               dnnl_eltwise_gelu_tanh};
+                                               dnnl_eltwise_gelu_tanh, dnnl_eltwise_swish,
+                                               dnnl_eltwise_hardswish, dnnl_eltwise_logistic,
+                                               dnnl_eltwise_hardsigmoid};
         CHECK(p_dnnl_post_ops_create(&ops));
         CHECK(p_dnnl_post_ops_append_eltwise(ops, algs[e->activation], e->alpha, e->beta));
         CHECK(p_dnnl_primitive_attr_set_post_ops(attr, ops));
