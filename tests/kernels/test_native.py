@@ -286,3 +286,20 @@ def test_unwritable_cache_falls_back_with_the_reason():
     out = _linear_in_fresh_process(QUANTA_CACHE_DIR="/proc/quanta-cache-cannot-exist")
     reason, kernel, output = out.split(" | ")
     assert reason != "None" and kernel == "None" and output == "[[3, 3, 3, 3], [3, 3, 3, 3]]"
+
+
+@pytest.mark.parametrize("batch_gate", [True, False], ids=["gate_per_sample", "gate_shared"])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_native_channel_gate_mul_equals_reference(batch_gate, activation):
+    """The squeeze-excite multiply (uint8 NHWC activation times a float channel gate, requantized)
+    in one native pass, bit for bit the reference, on every uint8 value and random gates."""
+    gen = torch.Generator().manual_seed(int(batch_gate) * 2 + len(activation))
+    a = torch.arange(256, dtype=torch.uint8).repeat(2 * 3).reshape(2, 3, 16, 16)
+    a = a.contiguous(memory_format=torch.channels_last)
+    gate = torch.rand(2 if batch_gate else 1, 3, 1, 1, generator=gen) * 2 - 0.5
+    for qparams in [(0.05, 128, 0.04, 100), (0.013, 7, 0.02, 0), (0.5, 250, 0.11, 200)]:
+        sa, za, sy, zy = qparams
+        ref = R.mul(a, sa, za, gate, sy, zy, activation)
+        got = eltwise.mul_uint8(a, sa, za, gate, sy, zy, activation)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, ref), qparams

@@ -246,7 +246,7 @@ class _ExportSiteMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if isinstance(site, _ExportQuantized):  # a weight op call site
             return site(args[0] if args else kwargs["input"])
-        if op == "add" and len(args) == 2 and not kwargs:
+        if op in ("add", "mul") and len(args) == 2 and not kwargs:
             args = tuple(self._requantized(a) for a in args)
         elif op == "cat" and args and isinstance(args[0], (list, tuple)):
             args = ([self._requantized(t) for t in args[0]], *args[1:])

@@ -151,3 +151,24 @@ def add_uint8(
             )
             return y if a.dim() == 4 and y.shape == a.shape else y.permute(0, 2, 3, 1).reshape(a.shape)
     return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation)
+
+
+def mul_uint8(
+    a: torch.Tensor, a_scale: float, a_zp: int, b: torch.Tensor, out_scale: float, out_zp: int,
+    activation: str = "none",
+) -> torch.Tensor:
+    """uint8 ``a`` times float ``b`` -> uint8 at (out_scale, out_zp), equal to ``reference.mul``:
+    one native pass for a channels_last [N, C, H, W] ``a`` and a channel gate ``b`` of shape
+    [N or 1, C, 1, 1] (squeeze-excite), the reference elsewhere."""
+    lib = native.load()
+    if lib is None or a.dtype != torch.uint8 or a.dim() != 4 or b.dim() != 4 \
+            or not a.is_contiguous(memory_format=torch.channels_last) \
+            or b.shape[1] != a.shape[1] or b.shape[2:] != (1, 1) or b.shape[0] not in (1, a.shape[0]):
+        return reference.mul(a, a_scale, a_zp, b, out_scale, out_zp, activation)
+    n, c, h, w = a.shape
+    g = b.detach().float().reshape(b.shape[0], c).contiguous()
+    lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
+    y = torch.empty_like(a)
+    lib.qk_mul_channel_u8(a.data_ptr(), g.data_ptr(), y.data_ptr(), n, h * w, c, c if b.shape[0] > 1 else 0,
+                          float(a_scale), int(a_zp), float(out_scale), int(out_zp), float(lo), float(hi))
+    return y

@@ -202,6 +202,18 @@ def add(
     return torch.clamp(torch.round(y), lo, hi).to(torch.uint8)
 
 
+def mul(
+    a_q: torch.Tensor, a_scale: float, a_zero_point: int, b: torch.Tensor,
+    out_scale: float, out_zero_point: int, activation: str = "none",
+) -> torch.Tensor:
+    """Quantized activation times a float tensor (broadcast like ``a * b``: a squeeze-excite
+    block's channel gate), requantized: ``clamp(round_half_even(f32(f32(f32((a - zp_a) * s_a) * b)
+    / s_y)) + zp_y)``, each float32 operation rounded once (the native kernel's order)."""
+    y = dequantize_per_tensor(a_q, a_scale, a_zero_point) * b.float()
+    lo, hi = activation_bounds(activation, out_scale, out_zero_point)
+    return torch.clamp(torch.round(y / out_scale) + out_zero_point, lo, hi).to(torch.uint8)
+
+
 def requantize(
     q: torch.Tensor, scale: float, zero_point: int, out_scale: float, out_zero_point: int
 ) -> torch.Tensor:

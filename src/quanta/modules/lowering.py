@@ -217,18 +217,28 @@ def _clamp(gen: Codegen, node: fx.Node, xv: str, qx: tuple[float, int], value: Q
 
 
 def _site(node: fx.Node, value: Any, gen: Codegen, site: Any) -> int | None:
-    """An int8 call-site add of two int8 values: the uint8 add kernel with constant qparams."""
-    if site.op != "add" or node.kwargs or len(node.args) != 2:
+    """An int8 call-site add of two int8 values (the uint8 add kernel), or an int8 mul of an int8
+    value by another (the native channel-gate kernel), with constant qparams."""
+    if site.op not in ("add", "mul") or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
     qa = gen.q.get(a) if isinstance(a, fx.Node) else None
     qb = gen.q.get(b) if isinstance(b, fx.Node) else None
-    if qa is None or qb is None:
-        return None
     scale, zp = site.qparams()
-    add = eltwise.add_uint8 if site.backend == "onednn" else reference.add
-    src = f"{gen.const(add)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.var(b)}, {qb[0]!r}, {qb[1]!r}, " \
-          f"{scale!r}, {zp!r}, {site.activation!r})"
+    if site.op == "mul":
+        if qa is None:
+            a, b, qa, qb = b, a, qb, qa
+        if qa is None or not isinstance(b, fx.Node):
+            return None
+        mul = eltwise.mul_uint8 if site.backend == "onednn" else reference.mul
+        src = f"{gen.const(mul)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.expr(b, dequantize=True)}, " \
+              f"{scale!r}, {zp!r}, {site.activation!r})"
+    elif qa is None or qb is None:
+        return None
+    else:
+        add = eltwise.add_uint8 if site.backend == "onednn" else reference.add
+        src = f"{gen.const(add)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.var(b)}, {qb[0]!r}, {qb[1]!r}, " \
+              f"{scale!r}, {zp!r}, {site.activation!r})"
     if site.output_int8:
         return _emit(gen, node, src, (scale, zp)) if _passes_qparams(value, (scale, zp)) else None
     if type(value) is not torch.Tensor:

@@ -45,7 +45,7 @@ INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 # functional ops with their own observed output qparams (keyed by call site)
-INT8_SITE_OPS: tuple[str, ...] = ("add", "cat")
+INT8_SITE_OPS: tuple[str, ...] = ("add", "cat", "mul")
 
 
 def is_weight_only(cls: type[nn.Module] | None) -> bool:

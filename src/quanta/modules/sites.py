@@ -105,6 +105,15 @@ class QuantizedSite(LeafMarker, nn.Module):
             add = eltwise.add_uint8 if self.backend == "onednn" else reference.add
             return add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
                                  scale, zp, self.activation)
+        if self.op == "mul":  # an int8 activation times a float (or int8) one: a channel gate
+            if kwargs or len(args) != 2:
+                return None
+            a, b = args if isinstance(args[0], QTensor) else args[::-1]
+            if not isinstance(a, QTensor) or not isinstance(b, torch.Tensor):
+                return None
+            b = b.dequantize() if isinstance(b, QTensor) else b
+            mul = eltwise.mul_uint8 if self.backend == "onednn" else reference.mul
+            return mul(a.int_data, a.scale, a.zero_point, b, scale, zp, self.activation)
         if self.op == "cat":
             tensors = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)

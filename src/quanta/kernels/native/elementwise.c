@@ -185,6 +185,46 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
         }
 }
 
+/* uint8 NHWC a [n, hw, c] times a float gate g[n * g_batch_stride + c] (a squeeze-excite block's
+ * channel scale), requantized like reference.mul: each float32 operation rounded once, in this
+ * order (no FMA contraction), then rounding half to even and the activation's clamp. */
+QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void
+mul_row_avx2(const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c,
+             float sa, float za, float sy, float zy, float lo, float hi) {
+    for (int64_t i = 0; i < c; i++) {
+        float v = ((float)a[i] - za) * sa;
+        v = __builtin_rintf((v * g[i]) / sy) + zy;
+        v = v < lo ? lo : v;
+        y[i] = (uint8_t)(v > hi ? hi : v);
+    }
+}
+
+__attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void mul_row(
+    const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c, float sa,
+    float za, float sy, float zy, float lo, float hi) {
+    for (int64_t i = 0; i < c; i++) {
+        float v = ((float)a[i] - za) * sa;
+        v = __builtin_rintf((v * g[i]) / sy) + zy;
+        v = v < lo ? lo : v;
+        y[i] = (uint8_t)(v > hi ? hi : v);
+    }
+}
+
+void qk_mul_channel_u8(const uint8_t *a, const float *g, uint8_t *y, int64_t n, int64_t hw, int64_t c,
+                       int64_t g_batch_stride, float sa, int32_t za, float sy, int32_t zy, float lo,
+                       float hi) {
+    int fast = has_avx2_fma();
+#pragma omp parallel for schedule(static) collapse(2) if (n * hw * c > QK_BLOCK)
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t p = 0; p < hw; p++) {
+            const int64_t at = (b * hw + p) * c;
+            if (fast)
+                mul_row_avx2(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
+            else
+                mul_row(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
+        }
+}
+
 /* Dynamic quantization of a float32 input, in two threaded passes with numpy's arithmetic
  * (quanta.kernels.dynamic): qk_min_max finds the range (returns 1 if any value is NaN or
  * infinite), qk_quantize_dynamic_u8 computes y = trunc(clamp(f32(x * inv) + offset, 0, 255))
