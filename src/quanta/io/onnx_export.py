@@ -50,12 +50,11 @@ from torch.overrides import TorchFunctionMode
 
 from quanta.capture.callsites import canonical_op_name
 from quanta.capture.record import batch_tensors
-from quanta.capture.weightops import WEIGHT_OPS
 from quanta.errors import UnsupportedModelError
 from quanta.io.atomic import atomic_write_bytes
 from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
-from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
 from quanta.modules.sites import site_module_key
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
@@ -239,7 +238,7 @@ class _ExportSiteMode(TorchFunctionMode):
         if tracker.leaf_depth or not tracker.stack:
             return func(*args, **kwargs)
         op = canonical_op_name(func)
-        if op not in INT8_SITE_OPS and op not in WEIGHT_OPS:
+        if op not in KEYED_OPS:
             return func(*args, **kwargs)
         site = self.sites.get(tracker.next_key(op))
         if site is None:

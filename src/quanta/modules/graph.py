@@ -26,10 +26,9 @@ from torch.utils._pytree import tree_flatten
 
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
-from quanta.capture.weightops import WEIGHT_OPS
 from quanta.errors import NonFiniteInputError
 from quanta.modules import lowering
-from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import generation
 from quanta.qtensor import QTensor
 
@@ -205,7 +204,7 @@ def _interpret(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any],
     """Run the graph once as eager mode would (QTensors between int8 ops), keying call sites."""
     values: dict[fx.Node, Any] = {}
     keys: dict[fx.Node, str] = {}
-    keyer = tracing.SiteKeys((*INT8_SITE_OPS, *WEIGHT_OPS))
+    keyer = tracing.SiteKeys(KEYED_OPS)
 
     def load(a: Any) -> Any:
         return fx.node.map_arg(a, values.__getitem__)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from quanta.capture.weightops import WEIGHT_OPS
 from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding, QuantizedEmbeddingBag
 from quanta.modules.dynamic_rnn import (
     DynamicQuantizedGRU,
@@ -46,6 +47,11 @@ INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
 
 # functional ops with their own observed output qparams (keyed by call site)
 INT8_SITE_OPS: tuple[str, ...] = ("add", "cat", "mul")
+# every functional op the call-site mode keys at run time (the recorder keys all of them while
+# capturing; counters are per op name, so keying more ops never shifts these keys): the int8
+# sites above and the weight ops (capture.weightops). The eager site mode, the graph runtime's
+# keyer and the ONNX export all read this one tuple.
+KEYED_OPS: frozenset[str] = frozenset((*INT8_SITE_OPS, *WEIGHT_OPS))
 
 
 def is_weight_only(cls: type[nn.Module] | None) -> bool:

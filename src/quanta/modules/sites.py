@@ -20,12 +20,11 @@ from torch.overrides import TorchFunctionMode
 from quanta.capture.callsites import LeafMarker, SiteTracker, canonical_op_name
 from quanta.capture.plan import Plan
 from quanta.capture.record import batch_tensors
-from quanta.capture.weightops import WEIGHT_OPS
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
 from quanta.modules import graph
-from quanta.modules.mapping import INT8_SITE_OPS
+from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedModule, bump_generation
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
@@ -192,7 +191,7 @@ class _SiteMode(TorchFunctionMode):
             op = _SITE_OP_OF[func]
         except (KeyError, TypeError):  # TypeError: an unhashable callable
             op = canonical_op_name(func)
-            op = op if op in INT8_SITE_OPS or op in WEIGHT_OPS else None
+            op = op if op in KEYED_OPS else None
             try:
                 _SITE_OP_OF[func] = op
             except TypeError:
