@@ -17,8 +17,9 @@ from quanta.modules import backends
 from quanta.zoo import architectures as arches
 from quanta.zoo.vision import calibrate_batchnorm
 
-pytestmark = pytest.mark.skipif(not arches.available(),
-                                reason="pytorchcv / efficientnet-pytorch not installed")
+# .ci/run repeats it with oneDNN capped at AVX2 (isa; too slow for emulation)
+pytestmark = [pytest.mark.skipif(not arches.available(), reason="pytorchcv / efficientnet-pytorch missing"),
+              pytest.mark.isa, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("arch", arches.SWEEP, ids=[a.name for a in arches.SWEEP])

@@ -17,6 +17,10 @@ import quanta
 from quanta.debug.compare import sqnr
 from quanta.modules import backends
 
+# ISA-sensitive (oneDNN kernels against the reference); .ci/run repeats them with oneDNN capped at
+# AVX2, not under emulation (too slow there)
+pytestmark = [pytest.mark.isa, pytest.mark.slow]
+
 
 class SamePadConv(nn.Conv2d):
     """efficientnet-pytorch's Conv2dStaticSamePadding: the 'same' padding computed for an image

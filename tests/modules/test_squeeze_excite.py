@@ -18,6 +18,10 @@ from quanta.debug.compare import sqnr
 from quanta.modules import backends
 from quanta.zoo.vision import calibrate_batchnorm
 
+# ISA-sensitive (oneDNN kernels against the reference); .ci/run repeats them with oneDNN capped at
+# AVX2, not under emulation (too slow there)
+pytestmark = [pytest.mark.isa, pytest.mark.slow]
+
 
 class Swish(nn.Module):
     """efficientnet-pytorch's Swish: a class quanta does not know, fused by what it computes."""
