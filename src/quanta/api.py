@@ -192,6 +192,9 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
         site.output_int8 = lp.output_int8
     for name, m in observed.items():
         plan.layers[name].output_qparams = _qparams(m.output_observer, m.activation_spec)
+    for lp in plan.layers.values():  # producers that only feed a cat write at its qparams
+        if lp.output_from and lp.name in observed:
+            lp.output_qparams = plan.layers[lp.output_from].output_qparams
     for name, m in observed.items():
         lp = plan.layers[name]
         source = plan.layers.get(lp.input_from)

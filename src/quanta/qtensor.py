@@ -183,18 +183,20 @@ def _max_pool2d_int(
     separable 1-d passes (:func:`_max_along`), the rest as the running maximum of kh*kw strided
     views (of the input padded with the dtype's minimum, which never wins). All measured
     faster than the bfloat16 round trip (ResNet-18 stem pool: 123 vs 400 us at batch 1).
-    None for cases it does not cover (ceil_mode, dilation, indices)."""
-    if ceil_mode or return_indices or _pair(dilation) != (1, 1):
+    None for cases it does not cover (dilation, indices; ceil_mode without the native kernels)."""
+    if return_indices or _pair(dilation) != (1, 1):
         return None
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride) if stride is not None and len(_as_list(stride)) else (kh, kw)
     ph, pw = _pair(padding)
     n, c, h, w = data.shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    oh, ow = _pool_size(h, kh, sh, ph, ceil_mode), _pool_size(w, kw, sw, pw, ceil_mode)
     if oh <= 0 or ow <= 0 or 2 * ph > kh or 2 * pw > kw:
         return None
     lib = native.load()
     nhwc = data.is_contiguous(memory_format=torch.channels_last)
+    if ceil_mode and (lib is None or data.dtype != torch.uint8 or not nhwc):
+        return None
     if lib is not None and data.dtype == torch.uint8 and nhwc and not torch.compiler.is_compiling():
         # one threaded C pass over NHWC
         out = torch.empty((n, oh, ow, c), dtype=torch.uint8)
@@ -216,6 +218,15 @@ def _max_pool2d_int(
             else:
                 torch.maximum(out, view, out=out)
     return out
+
+
+def _pool_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """torch's pooling output size; with ``ceil_mode`` the last window may hang over the edge
+    (its taps outside are skipped) but must start inside the input or its left padding."""
+    if not ceil_mode:
+        return (size + 2 * p - k) // s + 1
+    out = -(-(size + 2 * p - k) // s) + 1
+    return out - 1 if (out - 1) * s >= size + p else out
 
 
 def _max_pool_tiles(data: torch.Tensor, kh: int, kw: int) -> torch.Tensor:

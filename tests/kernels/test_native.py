@@ -303,3 +303,17 @@ def test_native_channel_gate_mul_equals_reference(batch_gate, activation):
         got = eltwise.mul_uint8(a, sa, za, gate, sy, zy, activation)
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got, ref), qparams
+
+
+@pytest.mark.parametrize("cfg", [(13, 3, 2, 0), (14, 3, 2, 1), (55, 3, 2, 0), (7, 2, 2, 0), (8, 3, 3, 1)])
+def test_native_max_pool_ceil_mode_equals_torch(cfg):
+    """SqueezeNet/Inception pool with ceil_mode: windows hanging over the edge skip the taps outside."""
+    from quanta.qtensor import max_pool_data
+
+    h, k, s, p = cfg
+    gen = torch.Generator().manual_seed(h * 10 + k)
+    x = torch.randint(0, 256, (2, 5, h, h + 1), dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    got = max_pool_data(torch.nn.functional.max_pool2d, x, (k, s, p), {"ceil_mode": True})
+    want = torch.nn.functional.max_pool2d(x.float(), k, s, p, ceil_mode=True).to(torch.uint8)
+    assert torch.equal(got, want)

@@ -101,3 +101,39 @@ def test_gated_block_exports_to_onnx_like_the_reference(tmp_path: Path) -> None:
         ref = q(x)
     # ORT computes hard-swish and the float gate with its own float kernels: rounding ties differ
     assert sqnr(ref, torch.from_numpy(got)) >= 30.0
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: two expand convs joined by a cat."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(channels, 8, 1)
+        self.e1 = nn.Conv2d(8, 16, 1)
+        self.e3 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.relu(self.squeeze(x))
+        return torch.cat([self.relu(self.e1(s)), self.relu(self.e3(s))], 1)
+
+
+def test_concatenated_producers_write_at_the_cat_qparams() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+                          Fire(16), Fire(32), nn.Conv2d(32, 10, 1)).eval()
+    calib = [torch.randn(4, 3, 24, 24) for _ in range(3)]
+    q = quanta.quantize(model, calib, show_progress=False)
+    layers = q._quanta.plan.layers
+    cat = layers["3:cat#0"]
+    assert layers["3.e1"].output_from == layers["3.e3"].output_from == "3:cat#0"
+    assert layers["3.e1"].output_qparams == layers["3.e3"].output_qparams == cat.output_qparams
+    assert not layers["4.squeeze"].output_from  # read by two convs
+    x = torch.randn(4, 3, 24, 24)
+    reference = copy.deepcopy(q)
+    backends.select_backends(reference, reference._quanta.plan, "reference")
+    with torch.no_grad():
+        want, exact = model(x), reference(x)
+        q(x)
+        fast = q(x)
+    assert sqnr(want, fast) >= 25.0 and sqnr(exact, fast) >= 35.0

@@ -47,6 +47,7 @@ class LayerPlan:
     backend_reason: str = ""  # why this kernel was chosen (dispatch rule, override, CPU limit)
     replaced: bool = False  # module swapped for nn.Identity (folded BN, fully fused ReLU)
     weight_only: bool = False  # int8 weights, float activations (embeddings)
+    output_from: str = ""  # the cat call site whose output qparams this layer writes at
     macs: int = 0  # multiply-accumulates of its weight ops on the example input
     float_macs: int = 0  # of those, the ones an int8 layer still runs in float (set with the backend)
     # weight op call sites (capture.weightops): the weight and bias parameters it reads, and
@@ -252,6 +253,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             origins = {_int8_origin(record, plan, i) for n in nodes for i in n.inputs}
             if len(origins) == 1:
                 lp.input_from = origins.pop() or ""
+    if mode == "static":
+        _concat_in_place(record, plan)
     # Rows in execution order; modules never called go last.
     first = {}
     for n in record.nodes:
@@ -346,6 +349,37 @@ def _reads_int8(record: DataflowRecord, plan: Plan, node: Node, seen: set[int]) 
             continue
         lp = plan.layers.get(cn.name)
         if lp is None or lp.precision != "int8":
+            return False
+    return True
+
+
+def _concat_in_place(record: DataflowRecord, plan: Plan) -> None:
+    """An int8 producer whose output only an int8 ``cat`` reads (through ops that keep qparams)
+    writes at the cat's output qparams (``output_from``), so the cat joins the uint8 data as is
+    instead of requantizing each input (SqueezeNet's fire modules, DenseNet, ShuffleNet)."""
+    names = Counter(n.name for n in record.nodes)
+    for n in record.nodes:
+        lp = plan.layers.get(n.name)
+        if n.kind != "function" or lp is None or lp.float_type != "cat" or lp.precision != "int8" \
+                or names[n.name] != 1:
+            continue
+        for i in n.inputs:
+            node = record.nodes[i]
+            while _passes_int8(plan, node) and len(node.inputs) == 1:
+                node = record.nodes[node.inputs[0]]
+            source = plan.layers.get(node.name)
+            if source is not None and source.precision == "int8" and source.output_int8 \
+                    and names[node.name] == 1 and _only_reader(record, plan, node, n.id):
+                source.output_from = n.name
+
+
+def _only_reader(record: DataflowRecord, plan: Plan, node: Node, target: int) -> bool:
+    """True if ``node``'s output reaches nothing but node ``target`` (through int8-native ops)."""
+    if node.is_output:
+        return False
+    for c in node.consumers:
+        cn = record.nodes[c]
+        if c != target and not (_passes_int8(plan, cn) and _only_reader(record, plan, cn, target)):
             return False
     return True
 

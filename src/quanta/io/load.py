@@ -89,7 +89,8 @@ def _check_qparams(lp: LayerPlan, key: str) -> None:
 
 
 def _check_layer(lp: LayerPlan) -> None:
-    str_fields = ("name", "kind", "float_type", "precision", "quantized_type", "activation", "backend")
+    str_fields = ("name", "kind", "float_type", "precision", "quantized_type", "activation", "backend",
+                  "output_from")
     for key in str_fields:
         if not isinstance(getattr(lp, key), str):
             raise FormatError(f"layer {lp.name!r}: field {key!r} must be a string in the manifest")

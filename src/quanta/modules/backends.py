@@ -123,12 +123,14 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
             override, where = config.backend_for(site.key, site.op)
             if where != "config":
                 asked, source = override, where
-        if site.op not in ("add", "mul"):
+        if site.op not in ("add", "mul", "cat"):
             backend, why = "reference", f"{site.op}: requantize + torch op"
         elif asked == "reference":
             backend, why = "reference", f"reference requested ({source})"
         elif not cpu.onednn_available():
             backend, why = "reference", "oneDNN int8 kernels unavailable in this torch build"
+        elif site.op == "cat":
+            backend, why = "onednn", "uint8 join; an input at other qparams requantized by table lookup"
         elif site.op == "mul":
             backend, why = "onednn", "one native pass: multiply + requantize (channel gates)"
         else:

@@ -118,7 +118,8 @@ class QuantizedSite(LeafMarker, nn.Module):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if not all(isinstance(t, QTensor) for t in tensors) or self.activation != "none":
                 return None
-            parts = [reference.requantize(t.int_data, t.scale, t.zero_point, scale, zp) for t in tensors]
+            requantize = eltwise.requantize_uint8 if self.backend == "onednn" else reference.requantize
+            parts = [requantize(t.int_data, t.scale, t.zero_point, scale, zp) for t in tensors]
             return torch.cat(parts, dim)
         return None
 
