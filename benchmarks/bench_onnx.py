@@ -9,6 +9,7 @@ Writes benchmarks/results/onnx.json and prints a markdown table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -85,7 +86,8 @@ def bench_model(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x:
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     pre_path = workdir / f"{name}-pre.onnx"
-    quant_pre_process(str(fp32_path), str(pre_path))  # ORT's recommended step (folds BatchNorm)
+    with contextlib.chdir(workdir):  # ORT writes its shape-inference temp files into the cwd
+        quant_pre_process(str(fp32_path), str(pre_path))  # ORT's recommended step (folds BatchNorm)
     quantize_static(str(pre_path), str(ort_path), _Reader(calib), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     qmodel = quanta.quantize(model, calib, show_progress=False)

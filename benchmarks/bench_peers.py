@@ -6,6 +6,7 @@ library never uses torch.ao / quantized dtypes). A builder that raises becomes a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -189,7 +190,8 @@ def ort_static(model: nn.Module, calib: list, example: tuple, case: Any, reduce_
     path = _onnx_path(model, example, case, tmp)
     pre = os.path.join(tmp, "pre.onnx")
     try:
-        quant_pre_process(path, pre)
+        with contextlib.chdir(tmp):  # ORT writes its shape-inference temp files into the cwd
+            quant_pre_process(path, pre)
     except Exception:  # noqa: BLE001
         pre = path
     out = os.path.join(tmp, "int8.onnx")
