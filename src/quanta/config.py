@@ -117,7 +117,9 @@ class QuantConfig:
     backend: str = "auto"
     skip: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
-    dynamic_per_row: bool = False
+    # dynamic mode: one input scale/zero point per row (token) rather than per tensor; never less
+    # accurate, and as fast since the quantize pass and the epilogue are native
+    dynamic_per_row: bool = True
     runtime: str = "graph"  # "graph": replay the traced forward (quanta.modules.graph) | "eager"
     # NaN/Inf reaching a quantized layer at inference: "raise" a QuantizedInputError naming the
     # layer, or "propagate" them as float does (that call runs the layer in float)

@@ -130,3 +130,41 @@ def test_reused_quantization_keyed_by_view_shape() -> None:
     qa, _, _ = kd.quantize_input(a, False)
     qb, _, _ = kd.quantize_input(b, False)
     assert qa.shape == (4, 32) and qb.shape == (16, 16)
+
+
+def _row_inputs() -> list[torch.Tensor]:
+    halves = torch.randn(5, 40) * 3
+    halves[0, :4] = torch.tensor([0.5, -0.5, 1.5, -2.5])
+    return [halves, torch.zeros(3, 16), torch.full((2, 8), 3.0), -torch.rand(4, 33) - 1,
+            torch.rand(4, 16) * 1e-30, torch.randn(700, 384) * torch.rand(700, 1) * 10]  # > one block
+
+
+@pytest.mark.skipif(kd.native.load() is None, reason="native kernels unavailable")
+def test_native_per_row_quantization_bit_equal_to_numpy() -> None:
+    """One C pass over the rows gives numpy's data, scales and zero points bit for bit."""
+    lib = kd.native.load()
+    for x in _row_inputs():
+        q, s, z = kd._quantize_rows_native(lib, x.contiguous())
+        qn, sn, zn = kd._quantize_rows(x.numpy())
+        assert torch.equal(q, torch.from_numpy(qn))
+        assert torch.equal(s, torch.from_numpy(sn)) and torch.equal(z, torch.from_numpy(zn))
+        assert torch.equal(q, reference.quantize_dynamic_input(x, s, z))
+    x = torch.randn(9, 20)
+    x[7, 3] = float("nan")
+    with pytest.raises(kd.NonFiniteInputError):
+        kd._quantize_rows_native(lib, x)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_row_fast_path_matches_reference(bias: bool) -> None:
+    """Per-row input qparams through the kept matmul and the C epilogue: the reference's output up
+    to float32 epilogue rounding, on rows of very different ranges."""
+    q = DynamicQuantizedLinear(nn.Linear(96, 40, bias=bias), WSPEC, per_row=True)
+    x = torch.randn(3, 11, 96) * torch.logspace(-2, 2, 33).reshape(3, 11, 1)
+    with torch.no_grad():
+        out = q(x)
+    kd.clear_input_cache()
+    spec = q.kernel("weight").reference(x.reshape(-1, 96), q.bias, per_row=True).reshape(3, 11, 40)
+    per_row_max = spec.abs().amax(dim=-1, keepdim=True)
+    assert float(((out - spec).abs() / per_row_max).max()) <= 1e-5

@@ -40,7 +40,8 @@ def _accuracy(emb: torch.Tensor, labels: list[int]) -> float:
 @pytest.mark.isa  # its weight width is the CPU's (too slow for emulation: .ci/run caps oneDNN instead)
 def test_minilm_dynamic_per_row_embeddings_and_sentiment(minilm_float) -> None:  # noqa: ANN001
     model, tok, sentences, labels, emb_f = minilm_float
-    q = quanta.quantize(model, mode="dynamic", config=QuantConfig(dynamic_per_row=True))
+    q = quanta.quantize(model, mode="dynamic")  # per row is the default
+    assert q.layers[0].query.per_row
     assert q._quanta.plan.layers["layers.0.query"].quantized_type == "DynamicQuantizedLinear"
     assert q._quanta.plan.layers["embeddings.word_embeddings"].quantized_type == "QuantizedEmbedding"
     emb_q = minilm.embed(q, tok, sentences)
@@ -51,7 +52,7 @@ def test_minilm_dynamic_per_row_embeddings_and_sentiment(minilm_float) -> None: 
     # 75.0: 3 of 200 sentences), where 8-bit weights would run the float fallback at fp32 speed
     bits = q._quanta.plan.layers["layers.0.query"].weight_bits
     assert bits == cpu.weight_bits_for_cpu()
-    assert float(cos.min()) >= 0.99  # every sentence
+    assert float(cos.min()) >= (0.995 if bits == 8 else 0.99)  # every sentence
     acc_f, acc_q = _accuracy(emb_f, labels), _accuracy(emb_q, labels)
     assert acc_f >= 70.0
     assert abs(acc_q - acc_f) <= (1.0 if bits == 8 else 2.0), (acc_f, acc_q)
@@ -60,9 +61,9 @@ def test_minilm_dynamic_per_row_embeddings_and_sentiment(minilm_float) -> None: 
 
 
 @pytest.mark.slow
-def test_minilm_dynamic_per_tensor_default(minilm_float) -> None:  # noqa: ANN001
+def test_minilm_dynamic_per_tensor(minilm_float) -> None:  # noqa: ANN001
     model, tok, sentences, labels, emb_f = minilm_float
-    q = quanta.quantize(model, mode="dynamic")
+    q = quanta.quantize(model, mode="dynamic", config=QuantConfig(dynamic_per_row=False))
     emb_q = minilm.embed(q, tok, sentences)
     cos = (emb_f * emb_q).sum(dim=1)
     # per-tensor activation ranges are stretched by BERT's outlier channels: per row is the

@@ -127,6 +127,17 @@ def _quantize_tensor_native(lib: object, x: torch.Tensor) -> tuple[torch.Tensor,
     return q, scale, zero_point
 
 
+def _quantize_rows_native(lib: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_quantize_rows` in one threaded C pass over the rows of a [M, K] float32 tensor."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.uint8)
+    scale, zero_point = torch.empty(m), torch.empty(m, dtype=torch.int32)
+    if m and lib.qk_quantize_rows_u8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), zero_point.data_ptr(),
+                                     m, k, _EPS):
+        raise NonFiniteInputError("input holds NaN or Inf")
+    return q, scale, zero_point
+
+
 class _InputCache(threading.local):
     """The last quantized input, so q/k/v projections of one tensor quantize it once.
 
@@ -150,8 +161,9 @@ def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object
     if _CACHE.key == key:
         return _CACHE.value
     lib = native.load()
-    if lib is not None and not per_row:  # two threaded C passes, bit-equal to numpy's (tested)
-        x_q, scale, zero_point = _quantize_tensor_native(lib, x.detach().float().contiguous())
+    if lib is not None:  # threaded C passes, bit-equal to numpy's (tested)
+        quantize = _quantize_rows_native if per_row else _quantize_tensor_native
+        x_q, scale, zero_point = quantize(lib, x.detach().float().contiguous())
         _CACHE.source, _CACHE.key, _CACHE.value = x, key, (x_q, scale, zero_point)
         return x_q, scale, zero_point
     # numpy: single-threaded but with far less per-op overhead than eager torch here; bit-equal
@@ -275,20 +287,30 @@ class DynamicLinearKernel:
         return self._qlinear(x_q, scale, zero_point, self.packed, self.w_scale, self.w_zero_point,
                              bias, 1.0, 0, torch.float32, "none", [], "")
 
+    def onednn_per_row(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The per-row hot path: float32 [M, K] -> float32 [M, N] (oneDNN kernel built)."""
+        x_q, scale, zero_point = quantize_input(x, True)
+        return self._onednn(x_q, scale, zero_point, bias, True)
+
     def _onednn(self, x_q: torch.Tensor, scale: object, zero_point: object,
                 bias: torch.Tensor | None, per_row: bool) -> torch.Tensor:
         op = torch.ops.onednn.qlinear_pointwise
-        native = self._native(bias if not per_row else None)
+        kept = self._native(bias if not per_row else None)
         if not per_row:
-            if native is not None:
-                return native(x_q, x_scale=float(scale), x_zero_point=int(zero_point))
+            if kept is not None:
+                return kept(x_q, x_scale=float(scale), x_zero_point=int(zero_point))
             return op(x_q, float(scale), int(zero_point), self.packed, self.w_scale, self.w_zero_point,
                       bias, 1.0, 0, torch.float32, "none", [], "")
-        if native is not None:  # sum_k x_q * w * w_scale
-            raw = native(x_q, x_scale=1.0, x_zero_point=0)
-        else:
-            raw = op(x_q, 1.0, 0, self.packed, self.w_scale, self.w_zero_point,
-                     None, 1.0, 0, torch.float32, "none", [], "")
+        if kept is not None:  # sum_k x_q * w * w_scale, then the per-row epilogue in C, in place
+            raw = kept(x_q, x_scale=1.0, x_zero_point=0)
+            s, z = scale.float().contiguous(), zero_point.to(torch.int32).contiguous()
+            b = None if bias is None else bias.detach().float().contiguous()
+            native.load().qk_rows_epilogue(raw.data_ptr(), raw.shape[0], raw.shape[1], s.data_ptr(),
+                                           z.data_ptr(), self.wsum_scaled.data_ptr(),
+                                           None if b is None else b.data_ptr())
+            return raw
+        raw = op(x_q, 1.0, 0, self.packed, self.w_scale, self.w_zero_point,
+                 None, 1.0, 0, torch.float32, "none", [], "")
         # y = s_row * (raw - zp_row * wsum * w_scale) + bias: one rank-1 update, one scaled add
         base = bias if bias is not None else torch.zeros(raw.shape[1])
         y = torch.addr(base.expand_as(raw), zero_point.float() * scale, self.wsum_scaled, alpha=-1.0)

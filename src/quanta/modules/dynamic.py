@@ -136,13 +136,16 @@ class DynamicQuantizedLinear(DynamicModule):
         self.add_float("bias", float_module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and x.dtype == torch.float32 and not self.per_row:
-            # hot path (per-tensor oneDNN): the same computation with the least Python per call
+        if type(x) is torch.Tensor and x.dtype == torch.float32:
+            # hot path (oneDNN): the same computation with the least Python per call
             kernel = self._kernels.get("weight") or self.kernel("weight")
             k = self.in_features
             rows_ok = x.numel() > kernel.small_m * k
             if kernel.backend == "onednn" and x.dim() > 1 and x.shape[-1] == k and rows_ok:
                 try:
+                    if self.per_row:
+                        y = kernel.onednn_per_row(x.reshape(-1, k), self._buffers["bias"])
+                        return y.reshape(*x.shape[:-1], self.out_features)
                     return kernel.onednn_per_tensor(x, self._buffers["bias"])
                 except NonFiniteInputError:
                     return self.nonfinite_matmul("weight", x, self._buffers["bias"])

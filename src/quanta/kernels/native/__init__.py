@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("primitives.c", "elementwise.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("primitives.c", "elementwise.c", "dynamic.c")]
+_HEADERS = [Path(__file__).with_name("common.h")]  # in the build key, not on the command line
 _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -87,7 +88,7 @@ def _cache_dir() -> Path:
 
 
 def _compile(include: Path) -> Path:
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
     key = hashlib.sha256(source + torch.__version__.encode() + str(include).encode()).hexdigest()[:16]
     target = _cache_dir() / f"qkernels-{key}.so"
     if target.exists():
@@ -149,6 +150,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_mul_channel_u8.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, f32, i32, f32, f32]
     lib.qk_effective_isa.restype = ctypes.c_int
     lib.qk_quantize_dynamic_u8.argtypes = [p, p, i64, f32, f32]
+    lib.qk_quantize_rows_u8.argtypes = [p, p, p, p, i64, i64, ctypes.c_double]
+    lib.qk_quantize_rows_u8.restype = ctypes.c_int
+    lib.qk_rows_epilogue.argtypes = [p, i64, i64, p, p, p, p]
 
 
 def _load() -> ctypes.CDLL:

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
+
 /* uint8 add, the reference's formula: y = clamp(rne(fma(a, ra, fma(b, rb, k))), lo, hi).
  * Same-layout dense inputs of n elements. kernels/eltwise.py checks it against reference.add on
  * all 65536 input pairs of each qparams before using it, so it is exact or not used. */
@@ -18,14 +20,6 @@
         v = v > hi ? hi : v;                                                                 \
         y[i] = (uint8_t)v;                                                                   \
     }
-
-#if defined(__x86_64__) || defined(__i386__)
-#define QK_X86 1
-#define QK_TARGET(isa) __attribute__((target(isa)))
-#else
-#define QK_X86 0
-#define QK_TARGET(isa)
-#endif
 
 QK_TARGET("avx2,fma") __attribute__((optimize("O3", "no-math-errno"))) static void add_avx2(
     const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, float ra,
@@ -38,34 +32,6 @@ __attribute__((optimize("O3", "no-math-errno"))) static void add_scalar(
     float rb, float k, float lo, float hi) {
     QK_ADD_BODY
 }
-
-static int has_avx2_fma(void) {
-#if QK_X86
-    static int fast = -1;
-    if (fast < 0) fast = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return fast;
-#else
-    return 0;
-#endif
-}
-
-#define QK_BLOCK 32768 /* elements per block handed to one OpenMP thread */
-
-/* Runs fast(...) or plain(...) on [start, start + len) blocks of [0, n) across OpenMP threads;
- * the two kernels take (offset pointers..., len, extra args...) as built by ARGS. */
-#define QK_BLOCKS(n, fast, plain, ARGS)                                                      \
-    do {                                                                                     \
-        int use_fast = has_avx2_fma();                                                       \
-        int64_t blocks = ((n) + QK_BLOCK - 1) / QK_BLOCK;                                    \
-        _Pragma("omp parallel for schedule(static) if (blocks > 1)")                         \
-        for (int64_t i = 0; i < blocks; i++) {                                               \
-            int64_t start = i * QK_BLOCK, len = (n) - start < QK_BLOCK ? (n) - start : QK_BLOCK; \
-            if (use_fast)                                                                    \
-                fast ARGS;                                                                   \
-            else                                                                             \
-                plain ARGS;                                                                  \
-        }                                                                                    \
-    } while (0)
 
 void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float ra, float rb,
                float k, float lo, float hi) {
@@ -223,55 +189,4 @@ void qk_mul_channel_u8(const uint8_t *a, const float *g, uint8_t *y, int64_t n, 
             else
                 mul_row(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
         }
-}
-
-/* Dynamic quantization of a float32 input, in two threaded passes with numpy's arithmetic
- * (quanta.kernels.dynamic): qk_min_max finds the range (returns 1 if any value is NaN or
- * infinite), qk_quantize_dynamic_u8 computes y = trunc(clamp(f32(x * inv) + offset, 0, 255))
- * with offset = zp + 0.5: multiply and add rounded separately (no FMA contraction). */
-__attribute__((optimize("O3"))) int qk_min_max_f32(const float *x, int64_t n, float *out) {
-    int64_t blocks = (n + QK_BLOCK - 1) / QK_BLOCK;
-    float lo = x[0], hi = x[0];
-    int bad = 0;
-#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) \
-    reduction(| : bad) if (blocks > 1)
-    for (int64_t i = 0; i < blocks; i++) {
-        int64_t start = i * QK_BLOCK, stop = n - start < QK_BLOCK ? n : start + QK_BLOCK;
-        float l = x[start], h = x[start];
-        float finite = 0.0f;
-        for (int64_t j = start; j < stop; j++) {
-            l = x[j] < l ? x[j] : l;
-            h = x[j] > h ? x[j] : h;
-            finite += x[j] * 0.0f; /* NaN for NaN or +-inf */
-        }
-        lo = l < lo ? l : lo;
-        hi = h > hi ? h : hi;
-        bad |= finite != finite;
-    }
-    out[0] = lo;
-    out[1] = hi;
-    return bad;
-}
-
-#define QK_DYN_BODY                                                                          \
-    for (int64_t i = 0; i < len; i++) {                                                      \
-        float v = x[i] * inv;                                                                \
-        v = v + offset;                                                                      \
-        v = v < 0.0f ? 0.0f : v;                                                             \
-        v = v > 255.0f ? 255.0f : v;                                                         \
-        y[i] = (uint8_t)v;                                                                   \
-    }
-
-QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off"))) static void dyn_avx2(
-    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
-    QK_DYN_BODY
-}
-
-__attribute__((optimize("O3", "fp-contract=off"))) static void dyn_plain(
-    const float *restrict x, uint8_t *restrict y, int64_t len, float inv, float offset) {
-    QK_DYN_BODY
-}
-
-void qk_quantize_dynamic_u8(const float *x, uint8_t *y, int64_t n, float inv, float offset) {
-    QK_BLOCKS(n, dyn_avx2, dyn_plain, (x + start, y + start, len, inv, offset));
 }
