@@ -224,3 +224,7 @@ ROWS: dict[str, Callable[..., Runner]] = {
     "ORT static U8S8": ort_static,
     "ORT dynamic": ort_dynamic,
 }
+
+from bench_openvino import ROWS as OPENVINO_ROWS  # noqa: E402
+
+ROWS.update(OPENVINO_ROWS)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_openvino import openvino_fp32, openvino_nncf_int8  # noqa: E402
 from bench_peers import ort_fp32, ort_static  # noqa: E402
 
 import quanta  # noqa: E402
@@ -48,6 +48,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
+    p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows")
     return p.parse_args()
 
 
@@ -60,28 +61,27 @@ def _time(run, x: tuple, budget: float = 0.15) -> float:  # noqa: ANN001
             return (time.perf_counter() - start) / calls
 
 
-def _rows(model: torch.nn.Module, calib: list, example: tuple, use_ort: bool) -> tuple[dict, dict, object]:
+def _rows(model: torch.nn.Module, calib: list, example: tuple, peers: dict) -> tuple[dict, dict, object]:
     q = quanta.quantize(model, calib, show_progress=False)
     with torch.no_grad():
         q(*example)  # builds the graph runtime
     runners = {"torch fp32 eager": lambda x: model(*x), "quanta static int8": lambda x: q(*x)}
     errors = {}
-    if use_ort:
-        for name, build in (("ORT fp32", ort_fp32), ("ORT static int8", ort_static)):
-            try:
-                runners[name] = build(model, calib, example, CASE)[0]
-            except Exception as exc:  # noqa: BLE001 - the row says why
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    for name, build in peers.items():
+        try:
+            runners[name] = build(model, calib, example, CASE)[0]
+        except Exception as exc:  # noqa: BLE001 - the row says why
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return runners, errors, q
 
 
-def bench(arch: arches.Architecture, batches: list[int], reps: int, use_ort: bool) -> dict:
+def bench(arch: arches.Architecture, batches: list[int], reps: int, peers: dict) -> dict:
     model = arches.build(arch)
     calib = [(arches.images(arch, 4, seed=s),) for s in range(4)]
     calibrate_batchnorm(model, [c[0] for c in calib])
     row: dict = {"model": arch.name, "family": arch.family, "size": arch.size}
     test = arches.images(arch, 8, seed=99)
-    runners, errors, q = _rows(model, calib, (test[:1],), use_ort)
+    runners, errors, q = _rows(model, calib, (test[:1],), peers)
     with torch.no_grad():
         row["sqnr_db"] = round(sqnr(model(test), q(test)), 2)
     cov = quanta.report(q).coverage
@@ -108,21 +108,23 @@ def _cell(row: dict, batch: str, name: str) -> str:
     return f"{got['x_fp32']}x" if got else ("failed" if name in row["errors"] else "-")
 
 
+_SHORT = {"quanta": "quanta static int8", "ORT fp32": "ORT fp32", "ORT int8": "ORT static int8",
+          "OV fp32": "OpenVINO fp32", "OV int8": "OpenVINO int8 (NNCF)"}
+
+
 def _table(rows: list[dict], meta: dict) -> str:
     lines = [f"CPU: {meta['cpu']} ({meta['isa']}); torch {meta['torch']}, 2 threads, median of "
              f"{meta['reps']} interleaved chunks; run took {meta['minutes']} min. Ratios: x fp32 eager.", "",
-             "| model | coverage | SQNR dB | b1 fp32 ms | b1 quanta | b1 ORT fp32 | b1 ORT int8 | "
-             "b8 quanta | b8 ORT fp32 | b8 ORT int8 | runtime |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | coverage | SQNR dB | b1 fp32 ms | "
+             + " | ".join(f"b{b} {n}" for b in (1, 8) for n in _SHORT) + " | runtime |",
+             "|---|---|---|---|" + "---|" * (2 * len(_SHORT)) + "---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * (3 + 2 * len(_SHORT)))
             continue
         runtime = r["runtime"].split(" (")[0] if r["runtime"].startswith("graph") else r["runtime"][:40]
         fp32 = r.get("b1", {}).get("torch fp32 eager", {}).get("ms", "-")
-        cells = [_cell(r, b, n) for b, n in (("b1", "quanta static int8"), ("b1", "ORT fp32"),
-                                              ("b1", "ORT static int8"), ("b8", "quanta static int8"),
-                                              ("b8", "ORT fp32"), ("b8", "ORT static int8"))]
+        cells = [_cell(r, f"b{b}", n) for b in (1, 8) for n in _SHORT.values()]
         lines.append(f"| {r['model']} | {100 * r['coverage']:.1f} % | {r['sqnr_db']} | {fp32} | "
                      + " | ".join(cells) + f" | {runtime} |")
     return "\n".join(lines)
@@ -133,11 +135,14 @@ def main() -> None:
     torch.set_num_threads(2)
     wanted = set(args.models.split(",")) if args.models else None
     rows, started = [], time.time()
+    peers = {} if args.no_ort else {"ORT fp32": ort_fp32, "ORT static int8": ort_static}
+    if not args.no_openvino:
+        peers.update({"OpenVINO fp32": openvino_fp32, "OpenVINO int8 (NNCF)": openvino_nncf_int8})
     for arch in arches.SWEEP:
         if wanted and arch.name not in wanted:
             continue
         try:
-            row = bench(arch, [int(b) for b in args.batches.split(",")], args.reps, not args.no_ort)
+            row = bench(arch, [int(b) for b in args.batches.split(",")], args.reps, peers)
         except Exception as exc:  # noqa: BLE001 - the table says which model failed and how
             traceback.print_exc(limit=3)
             row = {"model": arch.name, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
@@ -145,7 +150,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "float_layers"}), flush=True)
     from quanta.kernels import cpu
 
-    meta = {"cpu": platform.processor() or platform.machine(), "isa": cpu.isa_summary(),
+    meta = {"cpu": cpu.model_name(), "isa": cpu.isa_summary(),
             "torch": torch.__version__, "reps": args.reps, "minutes": round((time.time() - started) / 60, 1)}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "sweep.json"), "w") as f:

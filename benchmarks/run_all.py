@@ -76,6 +76,9 @@ NOT_CAPPED = {
     "ORT fp32": "ONNX Runtime's MLAS picks the host ISA",
     "ORT static U8S8": "ONNX Runtime's MLAS picks the host ISA (VNNI: no saturation)",
     "ORT dynamic": "ONNX Runtime's MLAS picks the host ISA",
+    "OpenVINO fp32": "OpenVINO's CPU plugin picks the host ISA",
+    "OpenVINO int8 (NNCF)": "OpenVINO's CPU plugin picks the host ISA (VNNI/AMX: no saturation)",
+    "OpenVINO on quanta ONNX": "OpenVINO's CPU plugin picks the host ISA",
 }
 
 

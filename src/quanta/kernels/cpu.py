@@ -46,6 +46,18 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def model_name() -> str:
+    """The CPU's marketing name (/proc/cpuinfo "model name"), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def onednn_isa_cap() -> str | None:
     """The ISA cap set through ONEDNN_MAX_CPU_ISA (or legacy DNNL_MAX_CPU_ISA), upper-cased."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
