@@ -30,6 +30,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper; else ``model``."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
 def get_state(model: nn.Module) -> QuantaState:
     state = getattr(model, "_quanta", None)
     if not isinstance(state, QuantaState):
@@ -139,7 +146,11 @@ def _apply_static(model: nn.Module, plan: Plan, config: QuantConfig, record: Any
 
 def calibrate(prepared: nn.Module, data: Iterable[Any], *, max_batches: int | None = None,
               show_progress: bool = True) -> nn.Module:
-    """Run calibration batches through a prepared model (same as calling it on each batch)."""
+    """Run calibration batches through a prepared model (same as calling it on each batch).
+
+    Under an initialized torch.distributed process group every rank calibrates on its own data
+    (``quanta.distributed.shard``) and the observers are then reduced across ranks, so all ranks
+    convert to the same qparams (a collective: call it on every rank)."""
     get_state(prepared)
     try:
         total = len(data)  # type: ignore[arg-type]
@@ -159,13 +170,25 @@ def calibrate(prepared: nn.Module, data: Iterable[Any], *, max_batches: int | No
                 break
             call_with(prepared, batch)
             seen += 1
+    from quanta.distributed.collective import active
+
+    if active():  # each rank calibrated its shard: reduce the observers (quanta.distributed)
+        from quanta.distributed.calibration import sync_observers
+
+        seen = sync_observers(prepared, local_batches=seen)
     if seen == 0:
         raise CalibrationError("calibration data is empty: it yielded no batch")
     return prepared
 
 
 def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig | None = None) -> nn.Module:
-    """Replace observed modules by int8 modules and freeze call-site qparams."""
+    """Replace observed modules by int8 modules and freeze call-site qparams.
+
+    A model wrapped in DistributedDataParallel is converted from the model inside it."""
+    prepared = unwrap(prepared)
+    before = get_state(prepared).__dict__.get("before_convert")  # quanta.distributed.prepare_ddp
+    if before is not None:
+        before(prepared)
     model = _copy(prepared, inplace)
     state = get_state(model)
     plan, config = state.plan, config or state.config

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, get_state, swap_layers
+from quanta.api import _copy, _resolve_config, get_state, swap_layers, unwrap
 from quanta.capture.plan import Plan, plan_static
 from quanta.capture.record import DataflowRecord, call_with, capture
 from quanta.config import QuantConfig, QuantSpec
@@ -97,8 +97,14 @@ def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: Datafl
 def freeze(qat_model: nn.Module, observers: bool = True, batchnorm: bool = True) -> nn.Module:
     """Stop updating activation ranges (``observers``) and/or BatchNorm statistics
     (``batchnorm``: fused Conv+BN then trains on the folded running-statistics weights, the
-    exact int8 computation). ``False`` leaves that part as it is. Returns the model."""
+    exact int8 computation). ``False`` leaves that part as it is. Returns the model.
+
+    A model wrapped in DistributedDataParallel is frozen inside its wrapper."""
+    given, qat_model = qat_model, unwrap(qat_model)
     state = get_state(qat_model)
+    before = state.__dict__.get("before_convert")  # ranks' BatchNorm statistics agree first
+    if batchnorm and before is not None:
+        before(qat_model)
     qat = [m for m in qat_model.modules() if isinstance(m, QATModule)]
     if state.config.mode != "qat" or not qat:
         raise UnsupportedModelError(
@@ -109,4 +115,4 @@ def freeze(qat_model: nn.Module, observers: bool = True, batchnorm: bool = True)
             m.observer_enabled.fill_(False)
         if batchnorm and isinstance(m, QATModule) and m.bn is not None:
             m.bn_frozen.fill_(True)
-    return qat_model
+    return given

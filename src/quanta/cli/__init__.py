@@ -41,6 +41,7 @@ examples:
       --skip classifier --out m.quanta.safetensors
   quanta quantize models.py:make_lstm --mode dynamic --out lstm.quanta.safetensors
   quanta quantize models.py:make_model --mode qat --train train.py:finetune --out m.quanta.safetensors
+  quanta quantize models.py:make_model --calib images.pt --nproc 4 --out m.quanta.safetensors
   quanta quantize models.py:make_model --config '{{"backend": "reference"}}' --out m.quanta.safetensors
 """
 
@@ -125,6 +126,11 @@ def build_parser() -> Parser:
     q.add_argument("--skip", nargs="+", action="extend", metavar="NAME",
                    help="keep these modules (names, globs or class names) in float")
     q.add_argument("--train", metavar="MODULE:function", help="qat mode: train(qat_model) function")
+    q.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="calibrate on N local processes (torch.distributed, gloo), each on 1/N of the "
+                        "batches; the result equals one process on all of them (default: 1)")
+    q.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --nproc: fail when a process dies or hangs this long (default: 300)")
 
     r = _command(sub, "report", "Print the per-layer report of a saved quantized model.", REPORT_EPILOG,
                  common)
@@ -166,10 +172,12 @@ def _short_warning(message: Any, category: type[Warning], *args: Any, **kwargs: 
 def _run(args: argparse.Namespace) -> int:
     from quanta.cli import commands
 
-    for name in ("batch_size", "batches", "repeats", "threads", "calib_batches"):
+    for name in ("batch_size", "batches", "repeats", "threads", "calib_batches", "nproc"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "threads" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if getattr(args, "timeout", 1.0) <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     for bs in getattr(args, "batch_sizes", None) or ():
         if bs < 1:
             raise UsageError(f"--batch-sizes must be positive, got {bs}")

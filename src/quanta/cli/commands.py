@@ -52,6 +52,8 @@ def float_safetensors_bytes(model: nn.Module) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        return _quantize_nproc(args)
     config = load_config(args.config, args.mode)
     factory = load_factory(args.model)
     calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
@@ -71,6 +73,19 @@ def quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _api("save")(qmodel, out)
     _print_summary(factory.model, qmodel, out, args.mode, seconds)
+    return 0
+
+
+def _quantize_nproc(args: argparse.Namespace) -> int:
+    from quanta.cli.nproc import quantize_nproc
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    quantize_nproc(args)
+    seconds = time.perf_counter() - started
+    factory = load_factory(args.model)
+    _print_summary(factory.model, _api("load")(out, factory.model), out,
+                   f"static, {args.nproc} processes", seconds)
     return 0
 
 

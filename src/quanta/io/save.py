@@ -71,8 +71,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a quantized ``model`` to ``path`` atomically (safetensors, no pickle).
 
     Load it back with ``quanta.load(path, float_model)``; no calibration is replayed.
+    Under an initialized torch.distributed process group only rank 0 writes (every rank gets the
+    path back; not a collective, so ``if rank == 0: save(...)`` works too).
     """
     converted_state(model)
+    from quanta.distributed.collective import rank
+
+    if rank() != 0:
+        return Path(path)
     blobs, table = fmt.pack(model.state_dict())
     manifest = build_manifest(model, table, fmt.data_digest(blobs))
     metadata = {

@@ -6,6 +6,8 @@ unchanged. ``layer`` names the place it watches, so calibration errors can say w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -48,6 +50,9 @@ class Observer(nn.Module):
             return x
         self._check(x)
         lo, hi = self._reduce(x)
+        sync = self.__dict__.get("range_sync")  # set by quanta.distributed.prepare_ddp
+        if sync is not None:
+            lo, hi = sync(lo, hi)
         self._update(x, lo, hi)
         self.batches += 1
         return x
@@ -116,72 +121,111 @@ class PercentileObserver(Observer):
 class HistogramObserver(Observer):
     """Histogram of all values; the range is the one minimising quantization MSE.
 
-    The histogram grows its range by merging bins when a batch exceeds it, so memory stays
-    fixed. The search tries clipped ranges on a grid of bin edges and scores each by the
-    expected squared error of rounding (inside) plus clipping (outside), bin by bin.
+    Bins lie on a fixed grid (``grid``): width ``2**k`` for the smallest ``k`` whose bins from
+    ``floor(min / 2**k)`` to ``floor(max / 2**k)`` number at most ``BINS``. When the range grows,
+    the width doubles and pairs of bins merge exactly, so the histogram depends only on the
+    values seen, not on their order or batching: two histograms (two ranks' shards) move to
+    their union's grid and add up to the histogram of the union (``quanta.distributed``).
+    The search tries clipped ranges on a grid of bin edges and scores each by the expected
+    squared error of rounding (inside) plus clipping (outside), bin by bin.
     """
 
-    BINS = 2048
+    BINS = 4096
 
     def __init__(self, spec: QuantSpec, layer: str = "") -> None:
         super().__init__(spec, layer)
         self.register_buffer("histogram", torch.zeros(self.BINS, dtype=torch.float64))
-        self._edges = (0.0, 0.0)
+
+    @classmethod
+    def grid(cls, lo: float, hi: float) -> tuple[int, int]:
+        """``(k, origin)``: bins of width ``2**k``, the first covering ``[origin, origin+1) * 2**k``.
+
+        A function of the range alone; ``k`` never shrinks when the range grows."""
+        amax = max(abs(lo), abs(hi))
+        k_low = math.frexp(amax)[1] - 52 if amax > 0 else 0  # keeps |x / 2**k| < 2**52: exact
+        span = hi - lo
+        k = max(k_low, math.frexp(span)[1] - 15) if span > 0 else k_low  # too fine: 2**13+ bins
+        while math.floor(math.ldexp(hi, -k)) - math.floor(math.ldexp(lo, -k)) >= cls.BINS:
+            k += 1
+        return k, math.floor(math.ldexp(lo, -k))
+
+    @classmethod
+    def bin_counts(cls, x: torch.Tensor, k: int, origin: int) -> torch.Tensor:
+        """Counts of ``x`` in the ``BINS`` bins of grid ``(k, origin)`` (float64, exact)."""
+        idx = torch.floor(x.detach().reshape(-1).double() * math.ldexp(1.0, -k)) - origin
+        return torch.bincount(idx.long(), minlength=cls.BINS).double()
+
+    @classmethod
+    def rebin(cls, hist: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+        """``hist`` on grid ``old`` moved to the coarser (or equal) grid ``new``: exact merging."""
+        if old == new:
+            return hist
+        shift = new[0] - old[0]
+        if shift < 0:
+            raise ValueError(f"cannot rebin a histogram to a finer grid ({old} -> {new})")
+        idx = torch.bitwise_right_shift(old[1] + torch.arange(cls.BINS, dtype=torch.int64), min(shift, 63))
+        idx = idx - new[1]
+        used = hist != 0
+        if bool(((idx < 0) | (idx >= cls.BINS))[used].any()):
+            raise ValueError(f"histogram counts fall outside the grid {new} (from {old})")
+        return torch.zeros_like(hist).index_add_(0, idx.clamp(0, cls.BINS - 1), torch.where(used, hist, 0.0))
+
+    def current_grid(self) -> tuple[int, int]:
+        """The grid the stored histogram is on (a function of ``min_val``/``max_val``)."""
+        return self.grid(float(self.min_val), float(self.max_val))
 
     def _update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        first = not self.observed
+        if self.spec.per_channel:  # the MSE search is per tensor: per-channel keeps min/max
+            super()._update(x, lo, hi)
+            return
+        old = self.current_grid() if self.observed else None
         super()._update(x, lo, hi)
-        new_lo, new_hi = float(self.min_val), float(self.max_val)
-        if new_hi <= new_lo:
-            new_hi = new_lo + 1e-8
-        if not first:
-            self.histogram = self._rebin(self.histogram, self._edges, new_lo, new_hi)
-        self._edges = (new_lo, new_hi)
-        self.histogram += torch.histc(x.detach().float(), self.BINS, new_lo, new_hi).double()
+        new = self.current_grid()
+        if old is not None:
+            self.histogram.copy_(self.rebin(self.histogram, old, new))
+        self.histogram += self.bin_counts(x, *new)
 
-    def _rebin(self, hist: torch.Tensor, old: tuple[float, float], lo: float, hi: float) -> torch.Tensor:
-        if old == (lo, hi):
-            return hist
-        centers = torch.linspace(old[0], old[1], self.BINS + 1, dtype=torch.float64)
-        centers = (centers[:-1] + centers[1:]) / 2
-        idx = ((centers - lo) / (hi - lo) * self.BINS).long().clamp(0, self.BINS - 1)
-        return torch.zeros_like(hist).index_add_(0, idx, hist)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._edges = (float(self.min_val), float(self.max_val))
+    def _edges(self) -> tuple[torch.Tensor, int]:
+        """Edges of the used bins (float64; the outer two are the observed min and max)."""
+        lo, hi = float(self.min_val), float(self.max_val)
+        k, origin = self.grid(lo, hi)
+        used = math.floor(math.ldexp(hi, -k)) - origin + 1
+        edges = (origin + torch.arange(used + 1, dtype=torch.float64)) * math.ldexp(1.0, k)
+        edges[0], edges[-1] = lo, hi
+        return edges, used
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = float(self.min_val), float(self.max_val)
         if self.spec.per_channel or hi <= lo or self.histogram.sum() == 0:
             return self.min_val, self.max_val
         qmin, qmax = qrange(self.spec)
-        width = (hi - lo) / self.BINS
-        centers = lo + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
+        edges, used = self._edges()
+        centers = (edges[:-1] + edges[1:]) / 2
         # Prefix sums of n, n*c, n*c^2 make each candidate range's error O(1).
-        n = self.histogram
+        n = self.histogram[:used]
         zero = torch.zeros(1, dtype=torch.float64)
         s0, s1, s2 = (torch.cat([zero, torch.cumsum(v, 0)]) for v in (n, n * centers, n * centers**2))
 
         def error(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-            a = (lo + i * width).clamp(max=0.0)  # the grid always includes 0 (choose_qparams)
-            b = (lo + j * width).clamp(min=0.0)
+            a = edges[i].clamp(max=0.0)  # the grid always includes 0 (choose_qparams)
+            b = edges[j].clamp(min=0.0)
             below = s2[i] - 2 * a * s1[i] + a * a * s0[i]
             above = (s2[-1] - s2[j]) - 2 * b * (s1[-1] - s1[j]) + b * b * (s0[-1] - s0[j])
             scale = (b - a) / (qmax - qmin)
             inside = (s0[j] - s0[i]) * scale * scale / 12.0
             return torch.where(j > i, below + above + inside, torch.inf)
 
-        coarse = torch.linspace(0, self.BINS, 257).round().long()
+        coarse = torch.linspace(0, used, 257).round().long().unique()
         i, j = torch.meshgrid(coarse, coarse, indexing="ij")
         best = int(torch.argmin(error(i, j)))
         bi, bj = int(i.reshape(-1)[best]), int(j.reshape(-1)[best])
-        fi = torch.arange(max(0, bi - 8), min(self.BINS, bi + 9))
-        fj = torch.arange(max(0, bj - 8), min(self.BINS, bj + 9))
+        reach = used // 256 + 1
+        fi = torch.arange(max(0, bi - reach), min(used, bi + reach) + 1)
+        fj = torch.arange(max(0, bj - reach), min(used, bj + reach) + 1)
         i, j = torch.meshgrid(fi, fj, indexing="ij")
         best = int(torch.argmin(error(i, j)))
         bi, bj = int(i.reshape(-1)[best]), int(j.reshape(-1)[best])
-        return torch.tensor(lo + bi * width), torch.tensor(lo + bj * width)
+        return edges[bi].float(), edges[bj].float()
 
 
 class EntropyObserver(HistogramObserver):
@@ -196,18 +240,18 @@ class EntropyObserver(HistogramObserver):
             return self.min_val, self.max_val
         qmin, qmax = qrange(self.spec)
         levels = qmax - qmin + 1
-        full_lo, width = float(self.min_val), (float(self.max_val) - float(self.min_val)) / self.BINS
-        edges = full_lo + torch.arange(self.BINS + 1, dtype=torch.float64) * width
+        edges, used = self._edges()
+        hist = self.histogram[:used]
         best, best_kl = 1.0, float("inf")
         for t in torch.linspace(0.05, 1.0, 96).tolist():
             a, b = lo * t, hi * t
-            i = int((a - full_lo) / width) if a > full_lo else 0
-            j = min(self.BINS, max(i + 1, int(round((b - full_lo) / width))))
+            i = max(0, int(torch.searchsorted(edges, a, right=True)) - 1)
+            j = min(used, max(i + 1, int(torch.searchsorted(edges, b))))
             if j - i < levels:  # fewer bins than levels: KL cannot see rounding
                 continue
-            p = self.histogram[i:j].clone()
-            p[0] += self.histogram[:i].sum()
-            p[-1] += self.histogram[j:].sum()
+            p = hist[i:j].clone()
+            p[0] += hist[:i].sum()
+            p[-1] += hist[j:].sum()
             # project onto `levels` equal buckets over [edges[i], edges[j]]
             bucket = ((edges[i:j] - edges[i]) / (edges[j] - edges[i]) * levels).long().clamp(max=levels - 1)
             nonzero = (p > 0).double()
