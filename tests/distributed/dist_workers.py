@@ -111,7 +111,7 @@ def rank_fault(out_dir: str, fault: str) -> None:
         raise type(e)(f"{e} [detected after {time.monotonic() - started:.2f} s]") from None
 
 
-QAT_STEPS, QAT_BATCH, QAT_LR = 12, 64, 0.01
+QAT_STEPS, QAT_BATCH, QAT_LR = 12, 64, 1e-3
 
 
 def qat_train(world: int = 1, rank: int = 0, sync_batchnorm: bool = True, steps: int = QAT_STEPS):

@@ -43,7 +43,7 @@ def test_ddp_qat_matches_single_process_qat(two_ranks):
     ptq_weights = [k for k in r0["model"] if k.endswith(".weight") and r0["model"][k].dtype == torch.int8]
     changed = sum(int((r0["model"][k] != single.state_dict()[k]).sum()) for k in ptq_weights)
     total = sum(r0["model"][k].numel() for k in ptq_weights)
-    print(f"MNIST QAT {QAT_STEPS} steps x {QAT_BATCH}: single {acc:.1f} %, DDP 2 ranks {r0['accuracy']:.1f} %, "
-          f"int8 weights differing {changed}/{total}")
+    print(f"MNIST QAT {QAT_STEPS} steps x {QAT_BATCH}: single {acc:.1f} %, DDP 2 ranks "
+          f"{r0['accuracy']:.1f} %, int8 weights differing {changed}/{total}")
     assert abs(r0["accuracy"] - acc) <= 0.1 + 1e-9
     assert acc >= 98.5

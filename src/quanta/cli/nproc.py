@@ -26,7 +26,8 @@ def calibrate_rank(options: dict[str, Any]) -> None:
     factory = load_factory(options["model"])
     calib = load_calib(options["calib"], options["batch_size"]) if options["calib"] else factory.calib
     if calib is None:
-        raise UsageError("static mode needs calibration data: pass --calib DATA or return it from the factory")
+        raise UsageError("static mode needs calibration data: pass --calib DATA or return it from "
+                         "the factory")
     if options["batches"]:
         calib = list(itertools.islice(calib, options["batches"]))
     calib = calib if isinstance(calib, (list, tuple)) else list(calib)

@@ -11,5 +11,7 @@
 from quanta.distributed.calibration import sync_observers
 from quanta.distributed.collective import DistributedError, rank, shard, world_size
 from quanta.distributed.launch import launch
+from quanta.distributed.qat import SyncBatchNorm, prepare_ddp
 
-__all__ = ["DistributedError", "launch", "rank", "shard", "sync_observers", "world_size"]
+__all__ = ["DistributedError", "SyncBatchNorm", "launch", "prepare_ddp", "rank", "shard", "sync_observers",
+           "world_size"]

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from quanta.distributed.calibration import sync_observers
@@ -29,7 +28,6 @@ from quanta.distributed.collective import (
     active,
     all_gather,
     all_reduce,
-    collective,
     quanta_group,
 )
 from quanta.modules.qat import FakeQuantize
@@ -61,6 +59,19 @@ class RangeSync(_GroupRef):
         return (-both[0]).reshape(lo.shape).to(lo.dtype), both[1].reshape(hi.shape).to(hi.dtype)
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """all_reduce SUM whose gradient is the all_reduce SUM of the output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return all_reduce("SyncBatchNorm statistics", x.clone(), group=group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return all_reduce("SyncBatchNorm gradients", grad.clone(), group=ctx.group), None
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose train-mode statistics cover the batches of all ranks (CPU, any backend).
 
@@ -89,13 +100,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype)
-        sums = collective("SyncBatchNorm statistics", dist_nn.all_reduce, torch.cat([x.sum(dims), count]),
-                          group=group.group)
+        sums = _SumAcrossRanks.apply(torch.cat([x.sum(dims), count]), group.group)
         n = sums[-1]
         mean = sums[:-1] / n
         centered = x - mean.reshape(shape)
-        var = collective("SyncBatchNorm statistics", dist_nn.all_reduce, (centered * centered).sum(dims),
-                         group=group.group) / n
+        var = _SumAcrossRanks.apply((centered * centered).sum(dims), group.group) / n
         y = centered * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
