@@ -33,3 +33,15 @@ def test_dynamic_minilm_example():
 def test_qat_mnist_example():
     out = _run("qat_mnist.py")
     assert float(out.split("QAT int8 accuracy: ")[1].split(" %")[0]) >= 98.5
+
+
+@pytest.mark.slow
+def test_distributed_mnist_example_under_torchrun(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(EXAMPLES / "distributed_mnist.py"), "--steps", "5", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ranks: 2" in done.stdout and "same on every rank: True" in done.stdout
+    assert float(done.stdout.split("PTQ int8 accuracy: ")[1].split(" %")[0]) >= 98.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist_ptq.quanta.safetensors",
+                                                          "mnist_qat.quanta.safetensors"]

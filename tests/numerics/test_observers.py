@@ -82,3 +82,30 @@ def test_entropy_observer_clips_a_long_tail_and_keeps_the_body():
     lo, hi = o.range()
     assert float(lo) == 0.0
     assert float(torch.quantile(x[:16384], 0.95)) < float(hi) < 0.5 * float(x.max())
+
+
+def test_histogram_is_independent_of_order_and_batching():
+    """Bins of width 2**k merge exactly when the range grows: any order, any batching, and
+    two histograms moved to their union's grid and summed give the same counts."""
+    torch.manual_seed(0)
+    parts = [torch.randn(5000) * s + m for s, m in ((1, 0), (4, 3), (0.1, -2), (20, 5))]
+    forward, backward, union = _obs("histogram"), _obs("histogram"), _obs("histogram")
+    for p in parts:
+        forward(p)
+    for p in reversed(parts):
+        backward(p)
+    union(torch.cat(parts))
+    for o in (forward, backward):
+        assert torch.equal(o.histogram, union.histogram)
+        assert float(o.min_val) == float(union.min_val) and float(o.max_val) == float(union.max_val)
+    a, b = _obs("histogram"), _obs("histogram")
+    a(torch.cat(parts[:2]))
+    b(torch.cat(parts[2:]))
+    grid = union.current_grid()
+    merged = a.rebin(a.histogram, a.current_grid(), grid) + b.rebin(b.histogram, b.current_grid(), grid)
+    assert torch.equal(merged, union.histogram)
+    assert int(union.histogram.sum()) == 20000
+    used = int((union.histogram > 0).nonzero().max()) + 1
+    assert 2048 <= used <= 4096  # the grid keeps at least 2048 bins over the range
+    k, origin = grid
+    assert origin * 2.0**k <= float(union.min_val) < (origin + 1) * 2.0**k

@@ -151,8 +151,14 @@ class HistogramObserver(Observer):
 
     @classmethod
     def bin_counts(cls, x: torch.Tensor, k: int, origin: int) -> torch.Tensor:
-        """Counts of ``x`` in the ``BINS`` bins of grid ``(k, origin)`` (float64, exact)."""
-        idx = torch.floor(x.detach().reshape(-1).double() * math.ldexp(1.0, -k)) - origin
+        """Counts of ``x`` in the ``BINS`` bins of grid ``(k, origin)`` (float64, exact).
+
+        ``floor(x / 2**k) - origin`` is exact in float32 when ``k <= 0`` (scaling up by a power
+        of two, integers that differ by < BINS); bins wider than 1 use float64, where scaling
+        down cannot underflow."""
+        x = x.detach().reshape(-1)
+        x = x.float() if k <= 0 else x.double()
+        idx = torch.floor(x * math.ldexp(1.0, -k)).sub_(origin)
         return torch.bincount(idx.long(), minlength=cls.BINS).double()
 
     @classmethod
