@@ -144,6 +144,6 @@ def rank_qat(out_dir: str) -> dict:
     test_x, test_y = load_mnist("test")
     qmodel = qat_train(world, rank)
     quanta.save(qmodel, os.path.join(out_dir, "qat.quanta.safetensors"))
-    local_bn = qat_train(world, rank, sync_batchnorm=False, steps=2)
+    local_bn = qat_train(world, rank, sync_batchnorm=False, steps=1)
     return {"model": qmodel.state_dict(), "accuracy": evaluate(qmodel, test_x, test_y),
             "local_bn": local_bn.state_dict()}

@@ -54,50 +54,48 @@ def _fingerprint(names: list[str]) -> float:
     return float(int.from_bytes(digest[:6], "little"))
 
 
+_ROW = 6  # observed, min, max, batches, lo_sum, hi_sum
+
+
 def _base(o: Observer) -> dict[str, Any]:
     """What this rank already shares with the others (the result of the previous sync)."""
     return o.__dict__.setdefault("_quanta_synced", {"batches": 0, "lo_sum": 0.0, "hi_sum": 0.0,
                                                     "hist": None, "grid": None})
 
 
-def _row(o: Observer, width: int) -> torch.Tensor:
-    """This rank's contribution: [observed, min..., max..., batches, lo_sum, hi_sum] deltas."""
+def _row(o: Observer) -> torch.Tensor:
+    """This rank's contribution: [observed, min, max, batches, lo_sum, hi_sum] (deltas since the
+    last sync for the counts and sums)."""
     base = _base(o)
-    lo, hi = o.min_val.reshape(-1).double(), o.max_val.reshape(-1).double()
-    if lo.numel() not in (1, width):
-        raise DistributedError(f"{o.layer}: observer shape differs from the other ranks'")
-    row = torch.full((2 * width + 4,), 0.0, dtype=torch.float64)
+    row = torch.zeros(_ROW, dtype=torch.float64)
     row[0] = float(o.observed)
-    row[1:1 + width], row[1 + width:1 + 2 * width] = lo.expand(width), hi.expand(width)
-    row[-3] = float(int(o.batches) - base["batches"])
+    row[1], row[2] = float(o.min_val), float(o.max_val)
+    row[3] = float(int(o.batches) - base["batches"])
     if isinstance(o, PercentileObserver):
-        row[-2] = float(o.lo_sum) - base["lo_sum"]
-        row[-1] = float(o.hi_sum) - base["hi_sum"]
+        row[4] = float(o.lo_sum) - base["lo_sum"]
+        row[5] = float(o.hi_sum) - base["hi_sum"]
     return row
 
 
-def _merge(o: Observer, rows: torch.Tensor, width: int) -> None:
-    """Set ``o`` from every rank's row (``rows``: [world, 2*width+4], rank order)."""
+def _merge(o: Observer, rows: torch.Tensor) -> None:
+    """Set ``o`` from every rank's row (``rows``: [world, _ROW], rank order)."""
     base = _base(o)
     seen = rows[:, 0] > 0
-    lo, hi = rows[:, 1:1 + width], rows[:, 1 + width:1 + 2 * width]
     if not bool(seen.any()):
         return
-    if isinstance(o, MovingAverageMinMaxObserver):
-        count = int(seen.sum())
-        new_lo = sum(lo[r] for r in range(len(rows)) if seen[r]) / count
-        new_hi = sum(hi[r] for r in range(len(rows)) if seen[r]) / count
+    lo, hi = rows[seen, 1], rows[seen, 2]
+    if isinstance(o, MovingAverageMinMaxObserver):  # mean of the ranks' averages, in rank order
+        new_lo, new_hi = sum(lo.tolist()) / len(lo), sum(hi.tolist()) / len(hi)
     else:
-        new_lo, new_hi = lo[seen].amin(dim=0), hi[seen].amax(dim=0)
-    shape = o.min_val.shape if o.min_val.numel() == width else (() if width == 1 else (width,))
+        new_lo, new_hi = float(lo.min()), float(hi.max())
     with torch.no_grad():
-        _set(o, "min_val", new_lo.reshape(shape).float())
-        _set(o, "max_val", new_hi.reshape(shape).float())
-        base["batches"] += int(sum(float(v) for v in rows[:, -3]))
+        _set(o, "min_val", torch.tensor(new_lo, dtype=torch.float32))
+        _set(o, "max_val", torch.tensor(new_hi, dtype=torch.float32))
+        base["batches"] += int(sum(rows[:, 3].tolist()))
         o.batches.fill_(base["batches"])
         if isinstance(o, PercentileObserver):
-            base["lo_sum"] += sum(float(v) for v in rows[:, -2])
-            base["hi_sum"] += sum(float(v) for v in rows[:, -1])
+            base["lo_sum"] += sum(rows[:, 4].tolist())
+            base["hi_sum"] += sum(rows[:, 5].tolist())
             o.lo_sum.fill_(base["lo_sum"])
             o.hi_sum.fill_(base["hi_sum"])
 
@@ -118,26 +116,28 @@ def sync_observers(model: nn.Module, *, group: Any = None, local_batches: int = 
     empty can still convert.
     """
     named = observers(model)
-    width = max([o.min_val.numel() for _, o in named] + [1])
-    header = torch.tensor([_fingerprint([n for n, _ in named]), float(len(named)), float(width),
-                           float(local_batches)], dtype=torch.float64)
-    rows = [header] + [_row(o, width) for _, o in named]
+    per_channel = [name for name, o in named if o.spec.per_channel]
+    if per_channel:
+        raise DistributedError(f"{per_channel[0]}: per-channel activation observers cannot be synced")
+    header = torch.tensor([_fingerprint([n for n, _ in named]), float(len(named)), 0.0,
+                           float(local_batches), 0.0, 0.0], dtype=torch.float64)
+    rows = [header] + [_row(o) for _, o in named]
     step = f"syncing {len(named)} observers (ranges)"
-    gathered = all_gather(step, torch.cat([r.reshape(-1) for r in rows]), group=group)
-    headers = torch.stack([g[:4] for g in gathered])
-    if not bool((headers[:, :3] == headers[0, :3]).all()):
-        bad = int((headers[:, :3] != headers[0, :3]).any(dim=1).nonzero()[0])
+    gathered = all_gather(step, torch.stack(rows), group=group)
+    headers = torch.stack([g[0] for g in gathered])
+    if not bool((headers[:, :2] == headers[0, :2]).all()):
+        bad = int((headers[:, :2] != headers[0, :2]).any(dim=1).nonzero()[0])
         raise DistributedError(
             f"rank {rank()}: rank {bad} prepared a different model ({int(headers[bad, 1])} observers, "
             f"rank 0 has {int(headers[0, 1])}): prepare the same model with the same config on every rank"
         )
-    per_rank = torch.stack([g[4:].reshape(len(named), 2 * width + 4) for g in gathered])
-    hists = [o for _, o in named if isinstance(o, HistogramObserver) and not o.spec.per_channel]
+    per_rank = torch.stack([g[1:] for g in gathered])  # [world, observers, _ROW]
+    hists = [o for _, o in named if isinstance(o, HistogramObserver)]
     local_grids = {id(o): o.current_grid() for o in hists if o.observed}  # before min/max widen
     for i, (_, o) in enumerate(named):
-        _merge(o, per_rank[:, i], width)
+        _merge(o, per_rank[:, i])
     _sync_histograms([o for o in hists if o.observed], local_grids, group)
-    return int(sum(float(v) for v in headers[:, 3]))
+    return int(sum(headers[:, 3].tolist()))
 
 
 def _sync_histograms(hists: list[HistogramObserver], local_grids: dict[int, tuple[int, int]],
