@@ -16,6 +16,7 @@ from quanta.distributed import shard
 from quanta.distributed.calibration import observers
 
 KINDS = ("minmax", "histogram", "entropy", "percentile", "moving_average")
+PRELOAD = ("dist_workers",)  # imported once by the launcher's fork server, not by every rank
 
 
 class Net(nn.Module):

