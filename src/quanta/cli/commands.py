@@ -80,12 +80,8 @@ def _quantize_nproc(args: argparse.Namespace) -> int:
     from quanta.cli.nproc import quantize_nproc
 
     started = time.perf_counter()
-    out = Path(args.out)
-    quantize_nproc(args)
-    seconds = time.perf_counter() - started
-    factory = load_factory(args.model)
-    _print_summary(factory.model, _api("load")(out, factory.model), out,
-                   f"static, {args.nproc} processes", seconds)
+    lines = quantize_nproc(args)  # rank 0 saved the file and summarized it
+    _print_saved(Path(args.out), f"static, {args.nproc} processes", time.perf_counter() - started, lines)
     return 0
 
 
@@ -110,19 +106,31 @@ def _quantize_qat(args: argparse.Namespace, factory: Factory, calib: Any, config
 
 
 def _print_summary(float_model: nn.Module, qmodel: nn.Module, out: Path, mode: str, seconds: float) -> None:
+    _print_saved(out, mode, seconds, summary_lines(float_model, qmodel, out))
+
+
+def _print_saved(out: Path, mode: str, seconds: float, lines: list[tuple[str, bool]]) -> None:
+    console = _console()
+    console.print(f"[bold green]saved[/] {out} ({mode}, {seconds:.1f} s)")
+    for text, markup in lines:
+        console.print(text, markup=markup)
+
+
+def summary_lines(float_model: nn.Module, qmodel: nn.Module, out: Path) -> list[tuple[str, bool]]:
+    """What ``quantize`` prints under "saved ...": (text, has rich markup) pairs."""
     rep = quanta.report(qmodel)
     summary = rep.summary
     float_bytes = float_safetensors_bytes(float_model)
     int8_bytes = out.stat().st_size
-    console = _console()
-    console.print(f"[bold green]saved[/] {out} ({mode}, {seconds:.1f} s)")
+    lines = []
     if rep.coverage is not None:
-        console.print("  " + rep.coverage.headline(top=3).replace("\n", "\n  "), markup=False)
-    console.print(f"  layers: {summary['int8']} int8, {summary['float']} float "
-                  f"({summary['native']} int8-native ops, {summary['folded']} folded)")
-    console.print(f"  size:   {_kib(int8_bytes)} vs {_kib(float_bytes)} float safetensors "
-                  f"({100.0 * int8_bytes / float_bytes:.1f} %)")
-    console.print(f"  next:   quanta report {out}")
+        lines.append(("  " + rep.coverage.headline(top=3).replace("\n", "\n  "), False))
+    lines.append((f"  layers: {summary['int8']} int8, {summary['float']} float "
+                  f"({summary['native']} int8-native ops, {summary['folded']} folded)", True))
+    lines.append((f"  size:   {_kib(int8_bytes)} vs {_kib(float_bytes)} float safetensors "
+                  f"({100.0 * int8_bytes / float_bytes:.1f} %)", True))
+    lines.append((f"  next:   quanta report {out}", True))
+    return lines
 
 
 def _check_file(path: str) -> Path:

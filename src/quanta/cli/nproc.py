@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from pathlib import Path
 from typing import Any
 
 from quanta.cli.specs import UsageError
 
 
-def calibrate_rank(options: dict[str, Any]) -> None:
-    """One rank's work (module level, so the launcher can start it in a new process)."""
+def calibrate_rank(options: dict[str, Any]) -> list[tuple[str, bool]] | None:
+    """One rank's work (module level, so the launcher can start it in a new process); rank 0
+    returns the summary lines ``quanta quantize`` prints."""
     import quanta
+    import quanta.distributed
+    from quanta.cli.commands import summary_lines
     from quanta.cli.specs import example_from, load_calib, load_config, load_factory
     from quanta.distributed import shard
 
@@ -35,10 +39,14 @@ def calibrate_rank(options: dict[str, Any]) -> None:
     qmodel = quanta.quantize(factory.model, shard(calib), mode="static", config=config, skip=options["skip"],
                              example_inputs=example, show_progress=False)
     quanta.save(qmodel, options["out"])
+    if quanta.distributed.rank() != 0:
+        return None
+    return summary_lines(factory.model, qmodel, Path(options["out"]))
 
 
-def quantize_nproc(args: argparse.Namespace) -> None:
-    """Run ``calibrate_rank`` on ``args.nproc`` ranks; a failed rank raises DistributedError."""
+def quantize_nproc(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """Run ``calibrate_rank`` on ``args.nproc`` ranks and return rank 0's summary lines; a
+    failed rank raises DistributedError."""
     from quanta.distributed import launch
 
     if args.mode != "static":
@@ -46,4 +54,4 @@ def quantize_nproc(args: argparse.Namespace) -> None:
     options = {"model": args.model, "calib": args.calib, "batch_size": args.batch_size,
                "batches": args.batches, "config": args.config, "skip": tuple(args.skip or ()),
                "out": args.out}
-    launch(calibrate_rank, args.nproc, (options,), timeout=args.timeout)
+    return launch(calibrate_rank, args.nproc, (options,), timeout=args.timeout)[0]
