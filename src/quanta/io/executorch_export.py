@@ -42,15 +42,31 @@ class XnnpackSteps(Steps):
     """The twin's steps as ``quantized_decomposed`` torch ops in XNNPACK's signed int8."""
 
     requantize_layout = True  # dq -> view -> q: XNNPACK runs layout ops on int8 too
-    reuse_input = True  # a dequantize feeds its consumer directly (the pattern XNNPACK fuses)
 
     def __init__(self) -> None:
         self.qd = _ops()
+        self._quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(dq out) -> (dq out, q)
 
     def quant_dequant(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         z = int(zero_point) - 128
         q = self.qd.quantize_per_tensor.default(x, float(scale), z, -128, 127, torch.int8)
-        return self.qd.dequantize_per_tensor.default(q, float(scale), z, -128, 127, torch.int8)
+        y = self.qd.dequantize_per_tensor.default(q, float(scale), z, -128, 127, torch.int8)
+        self._quantized[id(y)] = (y, q)
+        return y
+
+    def requantized(self, x: torch.Tensor, noted: tuple[float, int] | None, scale: float,
+                    zero_point: int) -> torch.Tensor:
+        """Each consumer of an int8 value gets its own dequantize of it (the shape XNNPACK's
+        partitioner fuses; one shared dequantize can tie two partitions into a cycle)."""
+        entry = self._quantized.get(id(x))
+        same = noted is not None and (float(noted[0]), int(noted[1])) == (float(scale), int(zero_point))
+        if same and entry is not None and entry[0] is x:
+            z = int(zero_point) - 128
+            return self.qd.dequantize_per_tensor.default(entry[1], float(scale), z, -128, 127, torch.int8)
+        return self.quant_dequant(x, scale, zero_point)
+
+    def clear(self) -> None:
+        self._quantized.clear()
 
     def prepare(self, m: _ExportQuantized, q: QuantizedModule) -> None:
         precision, why = delegation.gemm_precision(m.activation, m.output_qparams is not None)
@@ -87,7 +103,7 @@ class XnnpackSteps(Steps):
         return x.mean((-2, -1), keepdim=True)  # XNNPACK's int8 global average pooling
 
 
-def lower(model: torch.nn.Module, example_inputs: Any, *,
+def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
           strict: bool = False) -> tuple[Any, delegation.Delegation]:
     """The ExecuTorch program of ``model`` with XNNPACK delegation, and what was delegated.
 
@@ -143,7 +159,7 @@ def export_executorch(model: torch.nn.Module, example_inputs: Any, path: str | o
     int8 ops delegated to XNNPACK, atomically. Input shapes are those of ``example_inputs``
     (static). Ops XNNPACK cannot run in int8 run in its fp32 kernels on quanta's integer values;
     ``strict=True`` raises ``UnsupportedModelError`` naming the layer and op instead."""
-    program, _ = lower(model, example_inputs, strict=strict)
+    program, _ = lower_executorch(model, example_inputs, strict=strict)
     return atomic_write_bytes(path, program.buffer)
 
 

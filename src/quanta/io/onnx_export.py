@@ -111,11 +111,16 @@ class Steps:
 
     #: a layout op's int8 output is quantized again (not only pooling's)
     requantize_layout = False
-    #: a consumer skips its input Q/DQ when the input already carries exactly those qparams
-    reuse_input = False
-
     def quant_dequant(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         return _QuantDequant.apply(x, scale, zero_point)
+
+    def requantized(self, x: torch.Tensor, noted: tuple[float, int] | None, scale: float,
+                    zero_point: int) -> torch.Tensor:
+        """An op's int8 input at (scale, zero_point); ``noted``: the qparams x already carries."""
+        return self.quant_dequant(x, scale, zero_point)
+
+    def clear(self) -> None:
+        """Forget the tensors of one export forward."""
 
     def prepare(self, m: _ExportQuantized, q: QuantizedModule) -> None:
         """Adjust the stand-in's buffers after it is built (nothing for ONNX)."""
@@ -154,6 +159,7 @@ class _QParams:
 
     def clear(self) -> None:
         self._by_id.clear()
+        self.steps.clear()
 
 
 def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = None) -> torch.Tensor:
@@ -193,8 +199,7 @@ class _ExportQuantized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self._qparams.steps
-        if not (steps.reuse_input and self._qparams.of(x) == tuple(self.input_qparams)):
-            x = steps.quant_dequant(x, *self.input_qparams)
+        x = steps.requantized(x, self._qparams.of(x), *self.input_qparams)
         w, b = steps.weight(self), steps.bias(self)
         if self.conv is None:
             y = F.linear(x, w, b)
@@ -245,7 +250,7 @@ class _ExportSiteMode(TorchFunctionMode):
 
     def _requantized(self, t: Any) -> Any:
         qp = self.qparams.of(t)
-        return t if qp is None or self.qparams.steps.reuse_input else self.qparams.steps.quant_dequant(t, *qp)
+        return t if qp is None else self.qparams.steps.requantized(t, qp, *qp)
 
     def _native(self, func: Callable, native: Callable, args: tuple, kwargs: dict) -> Any:
         y = func(*args, **kwargs)

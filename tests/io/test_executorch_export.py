@@ -1,0 +1,166 @@
+"""quanta.export_executorch: a .pte whose int8 ops run in XNNPACK, checked in the ExecuTorch
+runtime's Python bindings against quanta's integer reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import quanta
+from quanta.io.executorch_export import XnnpackSteps, load_pte, lower_executorch, run_pte
+from quanta.io.onnx_export import _ExportQuantized, export_twin
+from quanta.kernels import reference
+from quanta.modules.quantized import QuantizedModule
+from quanta.qtensor import QTensor
+
+pytest.importorskip("executorch")
+REFERENCE = quanta.QuantConfig(backend="reference")
+
+
+def _lower_run(q: torch.nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path) -> tuple:
+    program, info = lower_executorch(q, example)
+    path.write_bytes(program.buffer)
+    method = load_pte(path)
+    n = example.shape[0]
+    got = torch.cat([run_pte(method, x[i:i + n]) for i in range(0, len(x), n)])
+    return got, info
+
+
+def _figures(q: torch.nn.Module, got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    last = [n for n, m in q.named_modules() if hasattr(m, "weight_scale")][-1]
+    quantum = float(q.get_submodule(last).output_scale)
+    return {"within": float(((got - ref).abs() <= quantum * 1.0001).float().mean()),
+            "top1": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+            "cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=1).min())}
+
+
+def test_mnist_cnn_pte_matches_reference(tmp_path: Path) -> None:
+    from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
+
+    x, y = load_mnist("test")  # 1000 test images
+    q = quanta.quantize(load_pretrained_mnist_cnn(), [x[i:i + 100] for i in range(0, 300, 100)],
+                        config=REFERENCE, show_progress=False)
+    path = quanta.export_executorch(q, x[:1], tmp_path / "mnist.pte")
+    assert path.stat().st_size < 100 * 1024  # measured 70.0 KiB
+    method = load_pte(path)
+    got = torch.cat([run_pte(method, x[i:i + 1]) for i in range(len(x))])
+    ref = q(x)
+    r = _figures(q, got, ref)
+    # measured: 100 % within one quantum (max 0.38 quantum), top-1 agreement 1.0 on 1000 images
+    assert r["within"] >= 0.99 and r["top1"] == 1.0, r
+    assert float((got.argmax(1) == y).float().mean()) > 0.97
+    # every conv, add, pool and reshape is an int8 XNNPACK op; the float-output classifier runs
+    # in XNNPACK's fp32 linear on quanta's integer values; nothing stays outside the delegate
+    _, info = lower_executorch(q, x[:1])
+    assert info.counts() == {"int8": 15, "fp32": 1, "portable": 0}, info.summary()
+    assert [layer for layer, _ in info.fp32_layers] == ["classifier"]
+    with pytest.raises(quanta.UnsupportedModelError, match="'classifier'.*float output"):
+        lower_executorch(q, x[:1], strict=True)
+
+
+def test_xnnpack_int8_add_against_reference_on_every_pair(tmp_path: Path) -> None:
+    """XNNPACK's int8 add on every (a, b) uint8 pair against quanta's reference add (ONNX
+    Runtime's arithmetic): the one int8 op whose rounding differs. XNNPACK requantizes with
+    fixed-point multipliers, so a few pairs near a rounding tie land one LSB away."""
+    steps = XnnpackSteps()
+    qp = (0.0213, 117, 0.0377, 9, 0.0419, 131)
+
+    class Add(torch.nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            a, b = steps.quant_dequant(a, *qp[0:2]), steps.quant_dequant(b, *qp[2:4])
+            return steps.quant_dequant(a + b, *qp[4:6])
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    a_q, b_q = (t.reshape(1, 1, 256, 256).contiguous() for t in torch.meshgrid(
+        torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij"))
+    a, b = reference.dequantize_per_tensor(a_q, *qp[0:2]), reference.dequantize_per_tensor(b_q, *qp[2:4])
+    edge = to_edge_transform_and_lower(torch.export.export(Add(), (a, b)), partitioner=[XnnpackPartitioner()])
+    (tmp_path / "add.pte").write_bytes(edge.to_executorch().buffer)
+    got = run_pte(load_pte(tmp_path / "add.pte"), a, b)
+    got_q = reference.quantize_per_tensor(got, *qp[4:6]).int()
+    ours = reference.add(a_q, *qp).int()
+    diff = (got_q - ours).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) >= 0.999, float((diff == 0).float().mean())
+
+
+def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, int, int]:
+    """Teacher-forced agreement of every conv/linear: each XNNPACK op is fed the reference's int8
+    input of that layer (one program with every layer as its own branch), and its output is
+    compared with the reference's. Returns (elements, equal, within one quantum/LSB)."""
+    seen: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, (a[0], o)))
+             for n, m in q.named_modules() if isinstance(m, QuantizedModule)]
+    q(x)
+    for h in hooks:
+        h.remove()
+    wrapper, tracker = export_twin(q, "int8", XnnpackSteps())
+    tracker.remove()
+    names = [n for n in seen if isinstance(wrapper.twin.get_submodule(n), _ExportQuantized)]
+    ops = torch.nn.ModuleList([wrapper.twin.get_submodule(n) for n in names])
+
+    class Branches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = ops
+
+        def forward(self, *inputs: torch.Tensor) -> tuple:
+            return tuple(op(i) for op, i in zip(self.ops, inputs, strict=True))
+
+    inputs = tuple(seen[n][0].dequantize() if isinstance(seen[n][0], QTensor) else seen[n][0] for n in names)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(torch.export.export(Branches(), inputs),
+                                       partitioner=[XnnpackPartitioner()])
+    (tmp_path / "ops.pte").write_bytes(edge.to_executorch().buffer)
+    outs = load_pte(tmp_path / "ops.pte").execute(list(inputs))
+    total = equal = within = 0
+    for n, got in zip(names, outs, strict=True):
+        ref = seen[n][1]
+        if isinstance(ref, QTensor):
+            got_q = reference.quantize_per_tensor(got, ref.scale, ref.zero_point)
+            diff = (got_q.int() - ref.int_data.int()).abs()
+            quantum = 1.0
+        else:
+            diff, quantum = (got - ref).abs(), float(q.get_submodule(n).output_scale)
+        total, equal = total + diff.numel(), equal + int((diff == 0).sum())
+        within += int((diff <= quantum * 1.0001).sum())
+    return total, equal, within
+
+
+def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, float]:
+    from quanta.zoo import vision
+
+    torch.manual_seed(0)
+    model = getattr(vision, name)().eval()
+    calibration = [torch.randn(8, 3, 64, 64) for _ in range(2)]
+    if calibrate_bn:
+        vision.calibrate_batchnorm(model, calibration)
+    q = quanta.quantize(model, calibration, config=REFERENCE, show_progress=False)
+    x = torch.randn(4, 3, 64, 64)
+    got, info = _lower_run(q, x[:1], x, tmp_path / f"{name}.pte")
+    r = _figures(q, got, q(x))
+    total, equal, within = _per_op(q, x[:2], tmp_path)
+    r.update(per_op_equal=equal / total, per_op_within=within / total, **info.counts())
+    print(name, r)
+    return r
+
+
+@pytest.mark.slow
+def test_resnet18_pte(tmp_path: Path) -> None:
+    r = _vision("resnet18", tmp_path)
+    assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 30, r  # measured 31 int8 ops
+    assert r["per_op_within"] >= 0.999, r
+    assert r["top1"] == 1.0 and r["cosine"] >= 0.999, r
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_pte(tmp_path: Path) -> None:
+    r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
+    assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
+    assert r["per_op_within"] >= 0.999, r
