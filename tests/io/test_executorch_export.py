@@ -95,7 +95,7 @@ def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, i
     input of that layer (one program with every layer as its own branch), and its output is
     compared with the reference's. Returns (elements, equal, within one quantum/LSB)."""
     seen: dict[str, tuple] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, (a[0], o)))
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
              for n, m in q.named_modules() if isinstance(m, QuantizedModule)]
     q(x)
     for h in hooks:
@@ -166,3 +166,27 @@ def test_mobilenet_v2_pte(tmp_path: Path) -> None:
     r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
     assert r["per_op_within"] >= 0.999, r
+
+
+@pytest.mark.slow
+def test_same_padded_efficientnet_pte(tmp_path: Path) -> None:
+    """efficientnet-pytorch's EfficientNet-B0 from the model sweep (same-padded depthwise convs as
+    Conv2d subclasses, int8 call sites): its ReLU-free convs with fused SiLU and the squeeze-excite
+    convs run in XNNPACK's fp32 kernels on quanta's integer values, the rest int8; nothing is left
+    outside the delegate."""
+    from quanta.zoo import architectures as arches
+    from quanta.zoo.vision import calibrate_batchnorm
+
+    if not arches.available():
+        pytest.skip("efficientnet-pytorch missing")
+    arch = next(a for a in arches.SWEEP if a.name == "efficientnet-b0")
+    model = arches.build(arch, small=True)
+    calib = [arches.images(arch, 4, small=True, seed=s) for s in range(2)]
+    calibrate_batchnorm(model, calib)
+    q = quanta.quantize(model, calib, config=REFERENCE, show_progress=False)
+    x = arches.images(arch, 4, small=True, seed=9)
+    got, info = _lower_run(q, x[:1], x, tmp_path / "effnet.pte")
+    r = {**_figures(q, got, q(x)), **info.counts()}
+    print("efficientnet-b0", r)
+    assert r["portable"] == 0 and r["int8"] >= 50, r
+    assert r["cosine"] >= 0.95, r
