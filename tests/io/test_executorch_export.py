@@ -157,15 +157,21 @@ def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, 
 def test_resnet18_pte(tmp_path: Path) -> None:
     r = _vision("resnet18", tmp_path)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 30, r  # measured 31 int8 ops
-    assert r["per_op_within"] >= 0.999, r
-    assert r["top1"] == 1.0 and r["cosine"] >= 0.999, r
+    # measured: per op 99.54 % equal, 100 % within one LSB; end to end 100 % within one quantum
+    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    assert r["within"] >= 0.99 and r["top1"] == 1.0 and r["cosine"] >= 0.999, r
 
 
 @pytest.mark.slow
 def test_mobilenet_v2_pte(tmp_path: Path) -> None:
     r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
-    assert r["per_op_within"] >= 0.999, r
+    # measured: per op 99.83 % equal and 100 % within one LSB, but end to end only 34 % within one
+    # quantum (top-1 1.0, min cosine 0.981): XNNPACK's conv rounds ~0.2 % of outputs one LSB the
+    # other way (near ties of its f32 requantization), and this random-weight net fans each flip out
+    # (the ONNX export measured 60-71 % when its reference differed from ORT only at ties)
+    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    assert r["top1"] == 1.0 and r["cosine"] >= 0.95, r
 
 
 @pytest.mark.slow
