@@ -125,7 +125,8 @@ def classify_delegate(graph: Any, into: Delegation) -> None:
         if name == "constant_pad_nd" and quantized_out is False and all(
                 op_name(u) == "convolution" for u in node.users):
             continue  # folded into the conv
-        (into.int8 if has_dq and ins_dq and quantized_out else into.fp32)[name] += 1
+        int8 = has_dq and ins_dq and quantized_out and not XNNPACK_OPS.get(name, "").startswith("fp32 only")
+        (into.int8 if int8 else into.fp32)[name] += 1  # an fp32-only op between q/dq: converts around it
 
 
 def _is_padded_dq(node: Any) -> bool:
