@@ -197,5 +197,10 @@ def test_same_padded_efficientnet_pte(tmp_path: Path) -> None:
     got, info = _lower_run(q, x[:1], x, tmp_path / "effnet.pte")
     r = {**_figures(q, got, q(x)), **info.counts()}
     print("efficientnet-b0", r)
+    # measured: 60 int8 + 197 fp32 ops (the SiLU/sigmoid convs, their sigmoid and mul), none
+    # outside; end to end only 7.6 % within one quantum, top-1 0.75, min cosine 0.973 on 4
+    # random images: fp32 convs reorder float sums, so outputs near a rounding tie flip one LSB,
+    # and this random-weight 16-block net fans the flips out (quanta's own eager float twin of
+    # MobileNetV2 lands at 34 % the same way)
     assert r["portable"] == 0 and r["int8"] >= 50, r
     assert r["cosine"] >= 0.95, r
