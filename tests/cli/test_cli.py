@@ -146,6 +146,24 @@ def test_export_onnx_runs_in_onnxruntime(saved: Path, tmp_path: Path,
     assert onnx_acc >= float_acc - 1.0
 
 
+@pytest.mark.slow
+def test_export_pte_runs_in_executorch(saved: Path, tmp_path: Path,
+                                       test_data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    pytest.importorskip("executorch")
+    from quanta.io.executorch_export import load_pte, run_pte
+
+    out = tmp_path / "mnist.pte"
+    result = run("export", str(saved), "--model", MNIST, "--pte", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "14 int8 ops, 2 fp32 ops" in result.stdout and "fp32 classifier: float output" in result.stdout
+    images, labels = test_data
+    method = load_pte(out)
+    logits = torch.cat([run_pte(method, images[i:i + 1]) for i in range(200)])
+    assert float((logits.argmax(1) == labels[:200]).float().mean()) >= 0.97
+    strict = run("export", str(saved), "--model", MNIST, "--pte", str(tmp_path / "s.pte"), "--strict")
+    assert strict.returncode != 0 and "'classifier'" in strict.stderr and not (tmp_path / "s.pte").exists()
+
+
 def test_quantize_from_pt_file_with_skip(tmp_path: Path) -> None:
     calib = tmp_path / "calib.pt"
     torch.save(load_mnist("train")[0][:200], calib)

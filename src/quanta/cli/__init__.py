@@ -57,6 +57,7 @@ The float model (--model) supplies the architecture; its weights are not used.
 
 examples:
   quanta export mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory --onnx mnist.onnx
+  quanta export mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory --pte mnist.pte
   quanta export m.quanta.safetensors --model models.py:make_model --input-shape 1,3,224,224 --onnx m.onnx
 """
 
@@ -138,9 +139,15 @@ def build_parser() -> Parser:
     r.add_argument("--json", action="store_true", help="machine-readable JSON instead of the table")
     r.add_argument("--model", metavar="MODEL", help="also load the model with this factory (checks the file)")
 
-    e = _command(sub, "export", "Export a saved quantized model to ONNX (QDQ).", EXPORT_EPILOG, common)
+    e = _command(sub, "export", "Export a saved quantized model to ONNX (QDQ) or ExecuTorch (.pte).",
+                 EXPORT_EPILOG, common)
     e.add_argument("file", metavar="FILE", help="a saved quantized model")
-    e.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx file")
+    out = e.add_mutually_exclusive_group(required=True)
+    out.add_argument("--onnx", metavar="OUT", help="output .onnx file")
+    out.add_argument("--pte", metavar="OUT",
+                     help="output ExecuTorch .pte file (int8 ops delegated to XNNPACK; static input shape)")
+    e.add_argument("--strict", action="store_true",
+                   help="--pte: fail, naming the layer and op, if any op would not run int8 in XNNPACK")
     e.add_argument("--model", required=True, metavar="MODEL", help=f"float model factory: {SPEC_HELP}")
     e.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224")
     e.add_argument("--weight-format", choices=("auto", "int8", "uint8"), default="auto",

@@ -197,9 +197,11 @@ def _example(args: argparse.Namespace, factory: Factory) -> Any:
 
 
 def export(args: argparse.Namespace) -> int:
-    export_onnx = _api("export_onnx")
     factory, qmodel = _load_pair(args)
     example = _example(args, factory)
+    if args.pte:
+        return _export_pte(args, qmodel, example)
+    export_onnx = _api("export_onnx")
     out = Path(args.onnx)
     with warnings.catch_warnings():
         # the ONNX tracer warns about Python scalars it records as constants: quanta's qparams are
@@ -207,6 +209,22 @@ def export(args: argparse.Namespace) -> int:
         export_onnx(qmodel, example, out, weight_format=args.weight_format)
     _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ, "
                      f"weight format {args.weight_format})")
+    return 0
+
+
+def _export_pte(args: argparse.Namespace, qmodel: torch.nn.Module, example: Any) -> int:
+    from quanta.io.atomic import atomic_write_bytes
+    from quanta.io.executorch_export import lower_executorch
+
+    try:
+        import executorch  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise UsageError(f"--pte needs ExecuTorch: pip install 'quanta[executorch]' ({e})") from e
+    out = Path(args.pte)
+    program, info = lower_executorch(qmodel, example, strict=args.strict)
+    atomic_write_bytes(out, program.buffer)
+    _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ExecuTorch + XNNPACK)")
+    _console().print(info.summary(), markup=False)
     return 0
 
 

@@ -52,6 +52,7 @@ from quanta.capture.callsites import canonical_op_name
 from quanta.capture.record import batch_tensors
 from quanta.errors import UnsupportedModelError
 from quanta.io.atomic import atomic_write_bytes
+from quanta.io.export_pool import _ExportAdaptiveAvgPool2d
 from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
 from quanta.modules.mapping import KEYED_OPS
@@ -104,12 +105,46 @@ class _Dequant(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
 
 
+class Steps:
+    """How the export twin writes its steps: ONNX QuantizeLinear/DequantizeLinear here; the
+    ExecuTorch export (``io/executorch_export.py``) writes torch ops through the same walk."""
+
+    #: a layout op's int8 output is quantized again (not only pooling's)
+    requantize_layout = False
+    def quant_dequant(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        return _QuantDequant.apply(x, scale, zero_point)
+
+    def requantized(self, x: torch.Tensor, noted: tuple[float, int] | None, scale: float,
+                    zero_point: int) -> torch.Tensor:
+        """An op's int8 input at (scale, zero_point); ``noted``: the qparams x already carries."""
+        return self.quant_dequant(x, scale, zero_point)
+
+    def clear(self) -> None:
+        """Forget the tensors of one export forward."""
+
+    def prepare(self, m: _ExportQuantized, q: QuantizedModule) -> None:
+        """Adjust the stand-in's buffers after it is built (nothing for ONNX)."""
+
+    def weight(self, m: _ExportQuantized) -> torch.Tensor:
+        return _Dequant.apply(m.weight, m.weight_scale, m.weight_zero_point)
+
+    def bias(self, m: _ExportQuantized) -> torch.Tensor | None:
+        return _Dequant.apply(m.bias, m.bias_scale, m.bias_zero_point) if m.has_bias else None
+
+    def activation(self, y: torch.Tensor, activation: str, out_zero_point: int | None) -> torch.Tensor:
+        return _activation(y, activation, out_zero_point)
+
+    def global_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1)
+
+
 class _QParams:
     """The uint8 qparams of the activations of one export forward, by tensor identity (the
     tensors are kept alive until ``clear`` so an id is never reused meanwhile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: Steps | None = None) -> None:
         self._by_id: dict[int, tuple[torch.Tensor, float, int]] = {}
+        self.steps = steps or Steps()
 
     def note(self, t: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         self._by_id[id(t)] = (t, scale, zero_point)
@@ -120,10 +155,11 @@ class _QParams:
         return None if entry is None or entry[0] is not t else entry[1:]
 
     def quant_dequant(self, y: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-        return self.note(_QuantDequant.apply(y, scale, zero_point), scale, zero_point)
+        return self.note(self.steps.quant_dequant(y, scale, zero_point), scale, zero_point)
 
     def clear(self) -> None:
         self._by_id.clear()
+        self.steps.clear()
 
 
 def _activation(y: torch.Tensor, activation: str, out_zero_point: int | None = None) -> torch.Tensor:
@@ -159,63 +195,21 @@ class _ExportQuantized(nn.Module):
         if isinstance(q, _QuantizedConvNd):
             self.conv = (F.conv1d if isinstance(q.rank, tuple) and q.rank == (3,) else F.conv2d,
                          q.stride, q.padding, q.dilation, q.groups)
+        qparams.steps.prepare(self, q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _QuantDequant.apply(x, *self.input_qparams)
-        w = _Dequant.apply(self.weight, self.weight_scale, self.weight_zero_point)
-        b = _Dequant.apply(self.bias, self.bias_scale, self.bias_zero_point) if self.has_bias else None
+        steps = self._qparams.steps
+        x = steps.requantized(x, self._qparams.of(x), *self.input_qparams)
+        w, b = steps.weight(self), steps.bias(self)
         if self.conv is None:
             y = F.linear(x, w, b)
         else:
             conv, stride, padding, dilation, groups = self.conv
             y = conv(x, w, b, stride, padding, dilation, groups)
-        y = _activation(y, self.activation, self.output_qparams[1] if self.output_qparams else None)
+        y = steps.activation(y, self.activation, self.output_qparams[1] if self.output_qparams else None)
         if self.output_qparams is not None:
             y = self._qparams.quant_dequant(y, *self.output_qparams)
         return y
-
-
-def _bins(size: int, out: int) -> list[tuple[int, int]]:
-    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
-
-
-class _ExportAdaptiveAvgPool2d(nn.Module):
-    """AdaptiveAvgPool2d for a fixed spatial size: ONNX has no adaptive pooling when the output
-    size does not divide the input size, but uniform bins are a plain AveragePool, and any
-    other bins are explicit slice means."""
-
-    def __init__(self, output_size: Any, qparams: _QParams | None = None) -> None:
-        super().__init__()
-        self.output_size = output_size
-        self._qparams = qparams
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._pool(x)
-        qp = self._qparams.of(x) if self._qparams is not None else None
-        # quanta pools int8 activations on the integers and rounds: quantize again, same qparams
-        return y if qp is None else self._qparams.quant_dequant(y, *qp)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.output_size if isinstance(self.output_size, (tuple, list)) else (self.output_size,) * 2
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
-        if (oh, ow) == (1, 1):
-            return F.adaptive_avg_pool2d(x, 1)  # GlobalAveragePool
-        rows, cols = _bins(h, oh), _bins(w, ow)
-        uniform = _uniform(rows) and _uniform(cols)
-        if uniform:
-            kernel = (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0])
-            stride = (rows[1][0] - rows[0][0] if oh > 1 else 1, cols[1][0] - cols[0][0] if ow > 1 else 1)
-            return F.avg_pool2d(x, kernel, stride)
-        cells = [torch.cat([x[..., r0:r1, c0:c1].mean(dim=(-2, -1), keepdim=True) for c0, c1 in cols], -1)
-                 for r0, r1 in rows]
-        return torch.cat(cells, -2)
-
-
-def _uniform(bins: list[tuple[int, int]]) -> bool:
-    sizes = {b - a for a, b in bins}
-    steps = {bins[i + 1][0] - bins[i][0] for i in range(len(bins) - 1)}
-    return len(sizes) == 1 and len(steps) <= 1
 
 
 class _ExportSiteMode(TorchFunctionMode):
@@ -251,18 +245,19 @@ class _ExportSiteMode(TorchFunctionMode):
             args = ([self._requantized(t) for t in args[0]], *args[1:])
         y = func(*args, **kwargs)
         scale, zero_point = float(site.output_scale), int(site.output_zero_point)
-        return self.qparams.quant_dequant(_activation(y, site.activation, zero_point), scale, zero_point)
+        y = self.qparams.steps.activation(y, site.activation, zero_point)
+        return self.qparams.quant_dequant(y, scale, zero_point)
 
     def _requantized(self, t: Any) -> Any:
         qp = self.qparams.of(t)
-        return t if qp is None else _QuantDequant.apply(t, *qp)
+        return t if qp is None else self.qparams.steps.requantized(t, qp, *qp)
 
     def _native(self, func: Callable, native: Callable, args: tuple, kwargs: dict) -> Any:
         y = func(*args, **kwargs)
         qp = self.qparams.of(args[0]) if args else None
         if qp is None or not isinstance(y, torch.Tensor) or not y.is_floating_point():
             return y
-        if native is _avg_pool or native is _max_pool:
+        if native is _avg_pool or native is _max_pool or self.qparams.steps.requantize_layout:
             # average: quanta rounds the integer mean; max: exact, and lets ORT pool on uint8
             return self.qparams.quant_dequant(y, *qp)
         return self.qparams.note(y, *qp)
@@ -282,8 +277,10 @@ class _ExportWrapper(nn.Module):
             self._qparams.clear()
 
 
-def export_twin(model: nn.Module, weight_format: str = "auto") -> tuple[nn.Module, Any]:
-    """A float module whose export emits the QDQ graph of ``model``, and its site tracker."""
+def export_twin(model: nn.Module, weight_format: str = "auto",
+                steps: Steps | None = None) -> tuple[nn.Module, Any]:
+    """A float module whose export emits the QDQ graph of ``model`` (steps written by ``steps``,
+    ONNX's by default), and its site tracker."""
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     state = converted_state(model)
@@ -295,13 +292,13 @@ def export_twin(model: nn.Module, weight_format: str = "auto") -> tuple[nn.Modul
     twin_state = twin._quanta
     twin_state.detach()
     del twin._quanta
-    qparams = _QParams()
+    qparams = _QParams(steps)
     for name, m in list(twin.named_modules()):
         parent, _, attr = name.rpartition(".")
         owner = twin.get_submodule(parent) if parent else twin
         if isinstance(m, QuantizedModule):
             if not isinstance(m, (QuantizedLinear, _QuantizedConvNd)):
-                raise UnsupportedModelError(f"{name}: {type(m).__name__} has no ONNX export")
+                raise UnsupportedModelError(f"{name}: {type(m).__name__} has no QDQ export")
             setattr(owner, attr, _ExportQuantized(m, qparams, weight_format))
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             setattr(owner, attr, _ExportAdaptiveAvgPool2d(m.output_size, qparams))

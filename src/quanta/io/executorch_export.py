@@ -1,0 +1,175 @@
+"""``quanta.export_executorch``: a quantized model as an ExecuTorch program (``.pte``) whose int8
+ops are delegated to XNNPACK.
+
+How: the same export twin as the ONNX export (``io/onnx_export.py``: every quantized module and
+int8 call site replaced by float ops between explicit quantize/dequantize steps, placed by
+quanta's plan) with its steps written as torch ops, ``quantized_decomposed.quantize_per_tensor``
+/ ``dequantize_per_tensor`` / ``dequantize_per_channel``. ``torch.export`` captures it and
+XNNPACK's partitioner fuses each ``dequantize -> op -> quantize`` into an int8 op. The numbers are
+quanta's own (no re-calibration): per-channel int8 weights, the int32 bias at ``x_scale *
+w_scale`` (written as the float it stands for; XNNPACK quantizes it back to the same integers),
+calibrated activation qparams. XNNPACK computes on signed int8 (qs8): quanta's uint8 value ``q``
+with zero point ``z`` is the int8 value ``q - 128`` with zero point ``z - 128``, exactly.
+
+What XNNPACK cannot run in int8 (``io/delegation.py``: fused SiLU/sigmoid/GELU/hard-swish, float
+outputs) is written with quanta's integer values in float and runs in XNNPACK's fp32 kernels;
+``strict=True`` refuses that instead, naming the layer and op.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from quanta.errors import UnsupportedModelError
+from quanta.io import delegation
+from quanta.io.atomic import atomic_write_bytes
+from quanta.io.onnx_export import Steps, _activation, _as_args, _ExportQuantized, export_twin
+from quanta.modules.quantized import QuantizedModule
+
+
+def _ops() -> Any:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed
+
+    return torch.ops.quantized_decomposed
+
+
+class XnnpackSteps(Steps):
+    """The twin's steps as ``quantized_decomposed`` torch ops in XNNPACK's signed int8."""
+
+    requantize_layout = True  # dq -> view -> q: XNNPACK runs layout ops on int8 too
+
+    def __init__(self) -> None:
+        self.qd = _ops()
+        self._quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(dq out) -> (dq out, q)
+
+    def quant_dequant(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        z = int(zero_point) - 128
+        q = self.qd.quantize_per_tensor.default(x, float(scale), z, -128, 127, torch.int8)
+        y = self.qd.dequantize_per_tensor.default(q, float(scale), z, -128, 127, torch.int8)
+        self._quantized[id(y)] = (y, q)
+        return y
+
+    def requantized(self, x: torch.Tensor, noted: tuple[float, int] | None, scale: float,
+                    zero_point: int) -> torch.Tensor:
+        """Each consumer of an int8 value gets its own dequantize of it (the shape XNNPACK's
+        partitioner fuses; one shared dequantize can tie two partitions into a cycle)."""
+        entry = self._quantized.get(id(x))
+        same = noted is not None and (float(noted[0]), int(noted[1])) == (float(scale), int(zero_point))
+        if same and entry is not None and entry[0] is x:
+            z = int(zero_point) - 128
+            return self.qd.dequantize_per_tensor.default(entry[1], float(scale), z, -128, 127, torch.int8)
+        return self.quant_dequant(x, scale, zero_point)
+
+    def clear(self) -> None:
+        self._quantized.clear()
+
+    def prepare(self, m: _ExportQuantized, q: QuantizedModule) -> None:
+        precision, why = delegation.gemm_precision(m.activation, m.output_qparams is not None)
+        m.xnnpack_int8, m.xnnpack_why = precision == "int8", why
+        w_q = q.weight.detach().clone()
+        m.weight_min = -128 if int(w_q.min()) < -127 else -127
+        m.register_buffer("weight", w_q)
+        m.register_buffer("weight_zero_point", torch.zeros(w_q.shape[0], dtype=torch.int64))
+        if not m.xnnpack_int8:  # quanta's integer values in float: XNNPACK's fp32 kernels
+            shape = [-1] + [1] * (w_q.dim() - 1)
+            m.register_buffer("weight_float", (w_q.double() * m.weight_scale.double().reshape(shape)).float())
+        if m.has_bias:
+            # the float the int32 bias stands for; XNNPACK divides by the same f32 scale
+            # (x_scale * w_scale) and rounds back to quanta's integers (exact for |b| < 2^22)
+            m.register_buffer("bias_float", (q.bias.double() * m.bias_scale.double()).float())
+
+    def weight(self, m: _ExportQuantized) -> torch.Tensor:
+        if not m.xnnpack_int8:
+            return m.weight_float
+        return self.qd.dequantize_per_channel.default(
+            m.weight, m.weight_scale, m.weight_zero_point, 0, m.weight_min, 127, torch.int8)
+
+    def bias(self, m: _ExportQuantized) -> torch.Tensor | None:
+        return m.bias_float if m.has_bias else None
+
+    def activation(self, y: torch.Tensor, activation: str, out_zero_point: int | None) -> torch.Tensor:
+        if activation == "relu6":
+            return F.hardtanh(y, 0.0, 6.0)  # the form XNNPACK fuses
+        if activation == "silu":
+            return y * torch.sigmoid(y)  # XNNPACK has sigmoid and mul, no silu
+        return _activation(y, activation, out_zero_point)
+
+    def global_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((-2, -1), keepdim=True)  # XNNPACK's int8 global average pooling
+
+
+def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
+          strict: bool = False) -> tuple[Any, delegation.Delegation]:
+    """The ExecuTorch program of ``model`` with XNNPACK delegation, and what was delegated.
+
+    ``strict``: raise ``UnsupportedModelError`` naming the layer and op when any op quanta runs
+    in int8 would not run in int8 in XNNPACK, or any op stays outside the delegate."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    steps = XnnpackSteps()
+    wrapper, tracker = export_twin(model, "int8", steps)
+    info = delegation.Delegation()
+    for name, m in wrapper.named_modules():
+        if isinstance(m, _ExportQuantized) and not m.xnnpack_int8:
+            info.fp32_layers.append((_layer(name), m.xnnpack_why))
+    if strict and info.fp32_layers:
+        layer, why = info.fp32_layers[0]
+        raise UnsupportedModelError(f"ExecuTorch export: layer {layer!r} cannot run int8 in XNNPACK ({why}); "
+                                    f"{len(info.fp32_layers)} such layers (strict=False runs them in fp32)")
+    args, kwargs = _as_args(example_inputs)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, args, kwargs or None, strict=False)
+    except Exception as e:
+        raise UnsupportedModelError(f"ExecuTorch export: torch.export failed on the model: {e}") from e
+    finally:
+        tracker.remove()
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    program = edge.exported_program()
+    gm = program.graph_module
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("lowered_module"):
+            delegation.classify_delegate(getattr(gm, node.target).original_module.graph, info)
+        elif node.op == "call_function" and "executorch_call_delegate" not in str(node.target):
+            op = delegation.op_name(node)
+            if op not in ("getitem",) and not op.startswith(("dequantize_per", "quantize_per")):
+                info.portable.append((delegation.layer_of(node), op))
+    if strict and info.portable:
+        layer, op = info.portable[0]
+        why = delegation.XNNPACK_OPS.get(op, "no XNNPACK kernel")
+        raise UnsupportedModelError(f"ExecuTorch export: XNNPACK cannot take {op!r} in {layer!r} ({why}); "
+                                    f"{len(info.portable)} ops outside the delegate")
+    return edge.to_executorch(), info
+
+
+def _layer(name: str) -> str:
+    name = name.removeprefix("twin.").removeprefix("op_sites.")
+    return name
+
+
+def export_executorch(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                      strict: bool = False) -> Path:
+    """Write ``model`` (quantized by quanta) to ``path`` as an ExecuTorch ``.pte`` program with its
+    int8 ops delegated to XNNPACK, atomically. Input shapes are those of ``example_inputs``
+    (static). Ops XNNPACK cannot run in int8 run in its fp32 kernels on quanta's integer values;
+    ``strict=True`` raises ``UnsupportedModelError`` naming the layer and op instead."""
+    program, _ = lower_executorch(model, example_inputs, strict=strict)
+    return atomic_write_bytes(path, program.buffer)
+
+
+def load_pte(path: str | os.PathLike) -> Any:
+    """The ``forward`` method of a ``.pte`` file in the ExecuTorch runtime's Python bindings."""
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(Path(path)).load_method("forward")
+
+
+def run_pte(method: Any, *inputs: torch.Tensor) -> torch.Tensor:
+    """One call of a loaded ``.pte`` method; the first output."""
+    return method.execute(list(inputs))[0]

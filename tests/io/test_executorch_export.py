@@ -1,0 +1,206 @@
+"""quanta.export_executorch: a .pte whose int8 ops run in XNNPACK, checked in the ExecuTorch
+runtime's Python bindings against quanta's integer reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import quanta
+from quanta.io.executorch_export import XnnpackSteps, load_pte, lower_executorch, run_pte
+from quanta.io.onnx_export import _ExportQuantized, export_twin
+from quanta.kernels import reference
+from quanta.modules.quantized import QuantizedModule
+from quanta.qtensor import QTensor
+
+pytest.importorskip("executorch")
+REFERENCE = quanta.QuantConfig(backend="reference")
+
+
+def _lower_run(q: torch.nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path) -> tuple:
+    program, info = lower_executorch(q, example)
+    path.write_bytes(program.buffer)
+    method = load_pte(path)
+    n = example.shape[0]
+    got = torch.cat([run_pte(method, x[i:i + n]) for i in range(0, len(x), n)])
+    return got, info
+
+
+def _figures(q: torch.nn.Module, got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    last = [n for n, m in q.named_modules() if hasattr(m, "weight_scale")][-1]
+    quantum = float(q.get_submodule(last).output_scale)
+    return {"within": float(((got - ref).abs() <= quantum * 1.0001).float().mean()),
+            "top1": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+            "cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=1).min())}
+
+
+def test_mnist_cnn_pte_matches_reference(tmp_path: Path) -> None:
+    from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
+
+    x, y = load_mnist("test")  # 1000 test images
+    q = quanta.quantize(load_pretrained_mnist_cnn(), [x[i:i + 100] for i in range(0, 300, 100)],
+                        config=REFERENCE, show_progress=False)
+    program, info = lower_executorch(q, x[:1])  # what quanta.export_executorch writes
+    path = tmp_path / "mnist.pte"
+    path.write_bytes(program.buffer)
+    assert path.stat().st_size < 100 * 1024  # measured 70.0 KiB
+    method = load_pte(path)
+    got = torch.cat([run_pte(method, x[i:i + 1]) for i in range(len(x))])
+    ref = q(x)
+    r = _figures(q, got, ref)
+    # measured: 100 % within one quantum (max 0.38 quantum), top-1 agreement 1.0 on 1000 images
+    assert r["within"] >= 0.99 and r["top1"] == 1.0, r
+    assert float((got.argmax(1) == y).float().mean()) > 0.97
+    # every conv, add, max pool and reshape is an int8 XNNPACK op; the 7x7 -> 3x3 average pool (no
+    # int8 kernel) and the float-output classifier run in XNNPACK's fp32 kernels on quanta's
+    # integer values; nothing stays outside the delegate
+    assert info.counts() == {"int8": 14, "fp32": 2, "portable": 0}, info.summary()
+    assert [layer for layer, _ in info.fp32_layers] == ["classifier"]
+    with pytest.raises(quanta.UnsupportedModelError, match="'classifier'.*float output"):
+        quanta.export_executorch(q, x[:1], tmp_path / "strict.pte", strict=True)
+    assert not (tmp_path / "strict.pte").exists()
+
+
+def test_xnnpack_int8_add_against_reference_on_every_pair(tmp_path: Path) -> None:
+    """XNNPACK's int8 add on every (a, b) uint8 pair against quanta's reference add (ONNX
+    Runtime's arithmetic): the one int8 op whose rounding differs. XNNPACK requantizes with
+    fixed-point multipliers, so a few pairs near a rounding tie land one LSB away."""
+    steps = XnnpackSteps()
+    sa, sb, sy = (float(torch.tensor(v, dtype=torch.float32)) for v in (0.0213, 0.0377, 0.0419))
+    qp = (sa, 117, sb, 9, sy, 131)  # float32 scales, as a model's qparams are
+
+    class Add(torch.nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            a, b = steps.quant_dequant(a, *qp[0:2]), steps.quant_dequant(b, *qp[2:4])
+            return steps.quant_dequant(a + b, *qp[4:6])
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    a_q, b_q = (t.reshape(1, 1, 256, 256).contiguous() for t in torch.meshgrid(
+        torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij"))
+    a, b = reference.dequantize_per_tensor(a_q, *qp[0:2]), reference.dequantize_per_tensor(b_q, *qp[2:4])
+    edge = to_edge_transform_and_lower(torch.export.export(Add(), (a, b)), partitioner=[XnnpackPartitioner()])
+    (tmp_path / "add.pte").write_bytes(edge.to_executorch().buffer)
+    got = run_pte(load_pte(tmp_path / "add.pte"), a, b)
+    got_q = reference.quantize_per_tensor(got, *qp[4:6]).int()
+    ours = reference.add(a_q, qp[0], qp[1], b_q, qp[2], qp[3], qp[4], qp[5]).int()
+    diff = (got_q - ours).abs()
+    print("add pairs equal", float((diff == 0).float().mean()), "max", int(diff.max()))
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) >= 0.999, float((diff == 0).float().mean())
+
+
+def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, int, int]:
+    """Teacher-forced agreement of every conv/linear: each XNNPACK op is fed the reference's int8
+    input of that layer (one program with every layer as its own branch), and its output is
+    compared with the reference's. Returns (elements, equal, within one quantum/LSB)."""
+    seen: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+             for n, m in q.named_modules() if isinstance(m, QuantizedModule)]
+    q(x)
+    for h in hooks:
+        h.remove()
+    wrapper, tracker = export_twin(q, "int8", XnnpackSteps())
+    tracker.remove()
+    names = [n for n in seen if isinstance(wrapper.twin.get_submodule(n), _ExportQuantized)]
+    ops = torch.nn.ModuleList([wrapper.twin.get_submodule(n) for n in names])
+
+    class Branches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = ops
+
+        def forward(self, *inputs: torch.Tensor) -> tuple:
+            return tuple(op(i) for op, i in zip(self.ops, inputs, strict=True))
+
+    inputs = tuple(seen[n][0].dequantize() if isinstance(seen[n][0], QTensor) else seen[n][0] for n in names)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(torch.export.export(Branches(), inputs),
+                                       partitioner=[XnnpackPartitioner()])
+    (tmp_path / "ops.pte").write_bytes(edge.to_executorch().buffer)
+    outs = load_pte(tmp_path / "ops.pte").execute(list(inputs))
+    total = equal = within = 0
+    for n, got in zip(names, outs, strict=True):
+        ref = seen[n][1]
+        if isinstance(ref, QTensor):
+            got_q = reference.quantize_per_tensor(got, ref.scale, ref.zero_point)
+            diff = (got_q.int() - ref.int_data.int()).abs()
+            quantum = 1.0
+        else:
+            diff, quantum = (got - ref).abs(), float(q.get_submodule(n).output_scale)
+        total, equal = total + diff.numel(), equal + int((diff == 0).sum())
+        within += int((diff <= quantum * 1.0001).sum())
+    return total, equal, within
+
+
+def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, float]:
+    from quanta.zoo import vision
+
+    torch.manual_seed(0)
+    model = getattr(vision, name)().eval()
+    calibration = [torch.randn(8, 3, 64, 64) for _ in range(2)]
+    if calibrate_bn:
+        vision.calibrate_batchnorm(model, calibration)
+    q = quanta.quantize(model, calibration, config=REFERENCE, show_progress=False)
+    x = torch.randn(4, 3, 64, 64)
+    got, info = _lower_run(q, x[:1], x, tmp_path / f"{name}.pte")
+    r = _figures(q, got, q(x))
+    total, equal, within = _per_op(q, x[:2], tmp_path)
+    r.update(per_op_equal=equal / total, per_op_within=within / total, **info.counts())
+    print(name, r)
+    return r
+
+
+@pytest.mark.slow
+def test_resnet18_pte(tmp_path: Path) -> None:
+    r = _vision("resnet18", tmp_path)
+    assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 30, r  # measured 31 int8 ops
+    # measured: per op 99.54 % equal, 100 % within one LSB; end to end 100 % within one quantum
+    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    assert r["within"] >= 0.99 and r["top1"] == 1.0 and r["cosine"] >= 0.999, r
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_pte(tmp_path: Path) -> None:
+    r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
+    assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
+    # measured: per op 99.83 % equal and 100 % within one LSB, but end to end only 34 % within one
+    # quantum (top-1 1.0, min cosine 0.981): XNNPACK's conv rounds ~0.2 % of outputs one LSB the
+    # other way (near ties of its f32 requantization), and this random-weight net fans each flip out
+    # (the ONNX export measured 60-71 % when its reference differed from ORT only at ties)
+    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    assert r["top1"] == 1.0 and r["cosine"] >= 0.95, r
+
+
+@pytest.mark.slow
+def test_same_padded_efficientnet_pte(tmp_path: Path) -> None:
+    """efficientnet-pytorch's EfficientNet-B0 from the model sweep (same-padded depthwise convs as
+    Conv2d subclasses, int8 call sites): its ReLU-free convs with fused SiLU and the squeeze-excite
+    convs run in XNNPACK's fp32 kernels on quanta's integer values, the rest int8; nothing is left
+    outside the delegate."""
+    from quanta.zoo import architectures as arches
+    from quanta.zoo.vision import calibrate_batchnorm
+
+    if not arches.available():
+        pytest.skip("efficientnet-pytorch missing")
+    arch = next(a for a in arches.SWEEP if a.name == "efficientnet-b0")
+    model = arches.build(arch, small=True)
+    calib = [arches.images(arch, 4, small=True, seed=s) for s in range(2)]
+    calibrate_batchnorm(model, calib)
+    q = quanta.quantize(model, calib, config=REFERENCE, show_progress=False)
+    x = arches.images(arch, 4, small=True, seed=9)
+    got, info = _lower_run(q, x[:1], x, tmp_path / "effnet.pte")
+    r = {**_figures(q, got, q(x)), **info.counts()}
+    print("efficientnet-b0", r)
+    # measured: 60 int8 + 197 fp32 ops (the SiLU/sigmoid convs, their sigmoid and mul), none
+    # outside; end to end only 7.6 % within one quantum, top-1 0.75, min cosine 0.973 on 4
+    # random images: fp32 convs reorder float sums, so outputs near a rounding tie flip one LSB,
+    # and this random-weight 16-block net fans the flips out (quanta's own eager float twin of
+    # MobileNetV2 lands at 34 % the same way)
+    assert r["portable"] == 0 and r["int8"] >= 50, r
+    assert r["cosine"] >= 0.95, r
