@@ -166,6 +166,7 @@ def test_resnet18_pte(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes of ExecuTorch lowering: `pytest -m long`
 def test_mobilenet_v2_pte(tmp_path: Path) -> None:
     r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
@@ -178,6 +179,7 @@ def test_mobilenet_v2_pte(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes of ExecuTorch lowering: `pytest -m long`
 def test_same_padded_efficientnet_pte(tmp_path: Path) -> None:
     """efficientnet-pytorch's EfficientNet-B0 from the model sweep (same-padded depthwise convs as
     Conv2d subclasses, int8 call sites): its ReLU-free convs with fused SiLU and the squeeze-excite
