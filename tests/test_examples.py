@@ -47,6 +47,7 @@ def test_distributed_mnist_example_under_torchrun(tmp_path):
                                                           "mnist_qat.quanta.safetensors"]
 
 
+@pytest.mark.slow
 def test_llm_weight_only_example():
     pytest.importorskip("transformers")
     out = _run("llm_weight_only.py", "--tiny")
