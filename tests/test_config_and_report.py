@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import quanta
-from quanta.config import Override, QuantConfig, QuantSpec
+from quanta.config import CONFIG_VERSION, Override, QuantConfig, QuantSpec
 
 
 def test_config_is_frozen_and_round_trips():
@@ -17,7 +17,7 @@ def test_config_is_frozen_and_round_trips():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.mode = "dynamic"
     again = QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config and again.version == 1
+    assert again == config and again.version == CONFIG_VERSION == 2
 
 
 def test_newer_config_version_is_rejected():

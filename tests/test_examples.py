@@ -9,8 +9,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _run(name: str) -> str:
-    done = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+def _run(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -45,3 +45,14 @@ def test_distributed_mnist_example_under_torchrun(tmp_path):
     assert float(done.stdout.split("PTQ int8 accuracy: ")[1].split(" %")[0]) >= 98.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist_ptq.quanta.safetensors",
                                                           "mnist_qat.quanta.safetensors"]
+
+
+@pytest.mark.slow
+def test_llm_weight_only_example():
+    pytest.importorskip("transformers")
+    out = _run("llm_weight_only.py", "--tiny")
+    ppl = {ln.split(" perplexity ")[0].strip(): float(ln.split(" perplexity ")[1])
+           for ln in out.splitlines() if " perplexity " in ln}
+    assert set(ppl) == {"float", "int8", "int4 g32"}
+    assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01 and abs(ppl["int4 g32"] / ppl["float"] - 1) < 0.05
+    assert "int4 asymmetric groups of 32" in out and "reloaded generation identical: True" in out

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from quanta.capture.plan import Plan, plan_static
 from quanta.capture.record import call_with, capture
-from quanta.config import QuantConfig, QuantSpec
+from quanta.config import QuantConfig, QuantSpec, check_mode_weights
 from quanta.debug.coverage import warning_text as coverage_warning
 from quanta.errors import CalibrationError, QuantaWarning, UnsupportedModelError
 from quanta.modules import opsites
@@ -52,6 +52,7 @@ def _resolve_config(config: QuantConfig | None, mode: str, skip: Iterable[str] |
         config = QuantConfig(**{**config.__dict__, "mode": mode})
     if skip:
         config = QuantConfig(**{**config.__dict__, "skip": tuple(config.skip) + tuple(skip)})
+    check_mode_weights(config)
     return config
 
 
@@ -277,13 +278,19 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
              example_inputs: Any = None, max_batches: int | None = None, inplace: bool = False,
              show_progress: bool = True, **kwargs: Any) -> nn.Module:
     """Quantize ``model`` in one call. ``mode="static"`` calibrates on ``calibration_data``
-    (its first batch doubles as example input); see ``quantize_dynamic`` for ``"dynamic"``."""
+    (its first batch doubles as example input); see ``quantize_dynamic`` for ``"dynamic"`` and
+    ``quantize_weight_only`` for ``"weight_only"`` (neither needs data)."""
     if mode == "dynamic":
         from quanta.dynamic import quantize_dynamic
 
         return quantize_dynamic(model, config=config, skip=skip, inplace=inplace, **kwargs)
+    if mode == "weight_only":
+        from quanta.weight_only import quantize_weight_only
+
+        return quantize_weight_only(model, config=config, skip=skip, inplace=inplace, **kwargs)
     if mode != "static":
-        raise ValueError(f"quantize(mode={mode!r}): use 'static' or 'dynamic' (QAT: quanta.prepare_qat)")
+        raise ValueError(f"quantize(mode={mode!r}): use 'static', 'dynamic' or 'weight_only' "
+                         "(QAT: quanta.prepare_qat)")
     if kwargs:
         raise TypeError(f"quantize() got unexpected arguments: {', '.join(kwargs)}")
     if calibration_data is None:

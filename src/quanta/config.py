@@ -13,9 +13,10 @@ from typing import Any
 
 import torch.nn as nn
 
-CONFIG_VERSION = 1
+# version 2 added QuantSpec.group_size and mode "weight_only"; version-1 dicts load unchanged
+CONFIG_VERSION = 2
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
-MODES = ("static", "dynamic", "qat")
+MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
 OVERRIDE_BACKENDS = (*BACKENDS, "float")  # "float": dequantized weights, for ops where int8 loses
 
@@ -26,7 +27,8 @@ class QuantSpec:
 
     ``bits`` below 8 restricts the integer range (7-bit weights avoid the int16 saturation of
     AVX2 without VNNI; 4-bit is for experiments). ``bits=None`` on a weight spec means "pick
-    for this CPU" and is resolved at convert time.
+    for this CPU" and is resolved at convert time. ``group_size`` (weight-only mode, 4-bit):
+    one scale per group of that many input columns instead of one per output channel.
     """
 
     dtype: str = "uint8"  # "uint8" | "int8"
@@ -37,6 +39,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 99.99
     averaging_constant: float = 0.01
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint8", "int8"):
@@ -47,6 +50,8 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.observer must be one of {OBSERVERS}, got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile}")
+        if self.group_size is not None and (type(self.group_size) is not int or self.group_size <= 0):
+            raise ValueError(f"QuantSpec.group_size must be a positive int or None, got {self.group_size!r}")
 
     def with_bits(self, bits: int) -> QuantSpec:
         return dataclasses.replace(self, bits=bits)
@@ -68,6 +73,41 @@ def check_activation_spec(spec: QuantSpec, where: str) -> None:
         )
 
 
+def is_weight_only_spec(spec: QuantSpec) -> bool:
+    """A grouped or 4-bit asymmetric spec: only weight-only mode can run it."""
+    return spec.group_size is not None or (spec.bits == 4 and not spec.symmetric)
+
+
+def check_weight_spec(spec: QuantSpec, mode: str, where: str) -> None:
+    """Static, dynamic and QAT weights are symmetric int8 per channel; weight-only weights are
+    8-bit symmetric per channel or 4-bit per group. A weight-only spec is accepted in any mode at
+    construction (``quantize(mode="weight_only", config=...)`` sets the mode later); the other
+    flows reject it when they run (:func:`check_mode_weights`)."""
+    if is_weight_only_spec(spec):
+        if spec.bits != 4:
+            raise ValueError(f"{where}: group_size and asymmetric weights are for 4-bit weight-only "
+                             f"quantization (bits=4), got bits={spec.bits}")
+        if spec.group_size is not None and spec.group_size % 32:
+            raise ValueError(f"{where}: group_size must be a multiple of 32, got {spec.group_size}")
+    elif spec.dtype != "int8" or not spec.symmetric:
+        raise ValueError(f"{where} must be a symmetric int8 spec (or, for mode='weight_only', a 4-bit "
+                         "spec with group_size)")
+    if mode == "weight_only" and spec.bits not in (None, 4, 8):
+        raise ValueError(f"{where}: weight-only mode stores 4- or 8-bit weights, got bits={spec.bits}")
+
+
+def check_mode_weights(config: QuantConfig) -> None:
+    """Raise if a flow other than weight-only is given a weight-only spec it cannot run."""
+    if config.mode == "weight_only":
+        return
+    specs = [("QuantConfig.weight", config.weight)]
+    specs += [(f"Override({o.pattern!r}).weight", o.weight) for o in config.overrides if o.weight]
+    for where, spec in specs:
+        if is_weight_only_spec(spec):
+            raise ValueError(f"{where}: grouped or asymmetric 4-bit weights need mode='weight_only', "
+                             f"not {config.mode!r}")
+
+
 @dataclass(frozen=True)
 class Override:
     """Per-module settings. ``pattern`` matches a qualified module name (glob, or a prefix
@@ -84,6 +124,8 @@ class Override:
             raise ValueError(f"Override.backend must be one of {OVERRIDE_BACKENDS}, got {self.backend!r}")
         if self.activation is not None:
             check_activation_spec(self.activation, f"Override({self.pattern!r}).activation")
+        if self.weight is not None:
+            check_weight_spec(self.weight, "", f"Override({self.pattern!r}).weight")
 
     def matches(self, name: str, module: nn.Module) -> bool:
         return self.matches_name(name, type(module).__name__)
@@ -131,8 +173,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"QuantConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.weight.dtype != "int8" or not self.weight.symmetric:
-            raise ValueError("QuantConfig.weight must be a symmetric int8 spec")
+        check_weight_spec(self.weight, self.mode, "QuantConfig.weight")
         check_activation_spec(self.activation, "QuantConfig.activation")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")

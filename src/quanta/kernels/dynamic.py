@@ -157,8 +157,9 @@ _CACHE = _InputCache()
 def quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, object, object]:
     """float32 -> (uint8 data, scale(s), zero point(s)): per tensor (any shape, same shape out)
     or per row ([M, K] only)."""
-    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, per_row)
-    if _CACHE.key == key:
+    # inference tensors (torch.inference_mode) have no version counter: never cached
+    key = None if x.is_inference() else (x.data_ptr(), x.shape, x.stride(), x.dtype, x._version, per_row)
+    if key is not None and _CACHE.key == key:
         return _CACHE.value
     lib = native.load()
     if lib is not None:  # threaded C passes, bit-equal to numpy's (tested)

@@ -17,10 +17,12 @@ from quanta.modules.dynamic_rnn import (
 )
 from quanta.modules.qat import QATConv1d, QATConv2d, QATLinear
 from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
+from quanta.modules.weight_only import WeightOnlyLinear
 
 # float type -> {mode: quantized type}
 MAPPING: dict[type[nn.Module], dict[str, type[nn.Module]]] = {
-    nn.Linear: {"static": QuantizedLinear, "dynamic": DynamicQuantizedLinear, "qat": QATLinear},
+    nn.Linear: {"static": QuantizedLinear, "dynamic": DynamicQuantizedLinear, "qat": QATLinear,
+                "weight_only": WeightOnlyLinear},
     nn.Conv1d: {"static": QuantizedConv1d, "qat": QATConv1d},
     nn.Conv2d: {"static": QuantizedConv2d, "qat": QATConv2d},
     nn.LSTM: {"dynamic": DynamicQuantizedLSTM},

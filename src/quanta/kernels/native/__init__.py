@@ -1,5 +1,6 @@
 """Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
-(``primitives.c``) and elementwise loops (``elementwise.c``), one shared library.
+(``primitives.c``), elementwise loops (``elementwise.c``), dynamic quantization passes
+(``dynamic.c``) and weight-only GEMV (``weight_only.c``), one shared library.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
 ~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
@@ -31,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("primitives.c", "elementwise.c", "dynamic.c")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("primitives.c", "elementwise.c", "dynamic.c", "weight_only.c")]
 _HEADERS = [Path(__file__).with_name("common.h")]  # in the build key, not on the command line
 _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
@@ -153,6 +155,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_quantize_rows_u8.argtypes = [p, p, p, p, i64, i64, ctypes.c_double]
     lib.qk_quantize_rows_u8.restype = ctypes.c_int
     lib.qk_rows_epilogue.argtypes = [p, i64, i64, p, p, p, p]
+    lib.qk_wo_linear_s8.argtypes = [p, i64, i64, p, p, i64, p, p, ctypes.c_int]
+    lib.qk_wo_linear_u4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
+    lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p]
+    lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p]
 
 
 def _load() -> ctypes.CDLL:

@@ -1,0 +1,150 @@
+"""Weight-only linear: float activations times int8 or int4 weights.
+
+Formats (what :class:`quanta.modules.weight_only.WeightOnlyLinear` stores):
+- **int8**: ``q`` int8 [N, K], symmetric per output channel: ``w = q * scale[n]``.
+- **int4**: ``q`` in 0..15 packed two per byte, uint8 [N, K / 2] (in each block of 32 columns byte
+  ``b`` holds column ``b`` in its low nibble and column ``b + 16`` in its high one, so the kernel
+  unpacks a block with one mask and one shift); per group of ``group`` columns (a multiple of 32;
+  the last group of a row may be shorter) ``w = q * scale[n, g] + offset[n, g]``. Asymmetric
+  groups store ``offset = min(w)``; symmetric ones ``offset = -8 * scale`` (q - 8 in -8..7).
+
+:func:`reference_linear` is the specification: the integer weights times their scales in
+float64. :func:`linear` is the fast path: the native GEMV (``native/weight_only.c``, weights
+dequantized in registers inside the dot product) for few rows (decode), and for many rows
+(prefill) the weights dequantized once by a native pass followed by one float32 matmul.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from quanta.kernels import native
+
+PREFILL_ROWS = 8  # rows from which dequantize + one sgemm beats the GEMV (measured, 2 threads)
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def quantize_int8(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a float [N, K] weight: (q int8, scale float32 [N])."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / qmax).clamp_min(_TINY)
+    q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, G, group] view of [N, K] with the last group padded by repeating its last column
+    (which changes no group's min, max or absolute max)."""
+    n, k = w.shape
+    groups = -(-k // group)
+    pad = groups * group - k
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    return w.reshape(n, groups, group)
+
+
+def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit groups of a float [N, K] weight (K a multiple of 32): (packed uint8 [N, K/2],
+    scale float32 [N, G], offset float32 [N, G])."""
+    w = w.detach().float()
+    n, k = w.shape
+    if k % 32 or group % 32 or group <= 0:
+        raise ValueError(f"int4 weights need in_features and group_size multiples of 32, got {k} and {group}")
+    g = _groups(w, group)
+    if symmetric:
+        scale = (g.abs().amax(dim=2) / 7.0).clamp_min(_TINY)
+        offset = -8.0 * scale
+    else:
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale, offset = ((hi - lo) / 15.0).clamp_min(_TINY), lo
+    q = torch.round((g - offset[..., None]) / scale[..., None]).clamp_(0, 15)
+    q = q.reshape(n, -1)[:, :k].to(torch.uint8)
+    return pack_int4(q), scale, offset
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values in 0..15 -> uint8 [N, K/2] in the kernel's nibble layout."""
+    n, k = q.shape
+    blocks = q.reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [N, K/2] -> uint8 [N, K] values in 0..15."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, K] that the integers stand for (int8 when ``offset`` is None)."""
+    if offset is None:
+        return q.to(dtype) * scale.to(dtype)[:, None]
+    values = unpack_int4(q).to(dtype)
+    k = values.shape[1]
+    cols = torch.arange(k) // group
+    return values * scale.to(dtype)[:, cols] + offset.to(dtype)[:, cols]
+
+
+def reference_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                     group: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The specification, in float64: x [M, K] @ dequantized(w).T + bias, returned as float32."""
+    y = x.double() @ dequantize(q, scale, offset, group, torch.float64).T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                  group: int, bias: torch.Tensor | None, plain: bool = False) -> torch.Tensor:
+    """The native GEMV: x float32 [M, K] contiguous -> float32 [M, N]. ``plain``: the non-AVX2 build."""
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if offset is None:
+        lib.qk_wo_linear_s8(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), n, _ptr(bias),
+                            y.data_ptr(), ctypes.c_int(plain))
+    else:
+        lib.qk_wo_linear_u4(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n,
+                            _ptr(bias), y.data_ptr(), ctypes.c_int(plain))
+    return y
+
+
+def native_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int
+                      ) -> torch.Tensor:
+    """:func:`dequantize` by one threaded native pass (float32)."""
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
+    n = q.shape[0]
+    k = q.shape[1] if offset is None else q.shape[1] * 2
+    out = torch.empty(n, k, dtype=torch.float32)
+    if offset is None:
+        lib.qk_wo_dequant_s8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr())
+    else:
+        lib.qk_wo_dequant_u4(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n, k, out.data_ptr())
+    return out
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 x [M, K] (contiguous) -> [M, N]: GEMV for few rows, dequantize + sgemm for many,
+    torch ops when the native kernels are unavailable."""
+    if native.load() is None:
+        return F.linear(x, dequantize(q, scale, offset, group), bias)
+    if x.shape[0] < PREFILL_ROWS:
+        return native_linear(x, q, scale, offset, group, bias)
+    return F.linear(x, native_dequantize(q, scale, offset, group), bias)

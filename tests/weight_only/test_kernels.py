@@ -1,0 +1,81 @@
+"""Weight-only kernels against the float64 reference, with explicit error limits per format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quanta.kernels import native
+from quanta.kernels import weight_only as wo
+
+# relative to max |y_ref|: float32 accumulation over K <= 1536 products of bounded terms
+LIMITS = {"int8": 2e-6, "int4": 3e-6}
+
+
+def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+
+
+def test_int4_pack_roundtrip_and_layout():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = wo.pack_int4(q)
+    assert packed.shape == (3, 32) and torch.equal(wo.unpack_int4(packed), q)
+    # byte b of each 32-column block: column b low nibble, column b + 16 high nibble
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 16]) << 4)
+    assert int(packed[1, 17]) == int(q[1, 33]) | (int(q[1, 49]) << 4)
+
+
+def test_int4_quantization_error_and_ragged_groups():
+    w = _weights(8, 576)
+    for group in (32, 128):  # 576 = 4 * 128 + 64: the last group of 128 is short
+        q, scale, offset = wo.quantize_int4(w, group)
+        assert scale.shape == (8, -(-576 // group))
+        err = (wo.dequantize(q, scale, offset, group) - w).abs()
+        # asymmetric min/max grid: every value within half a step of its group
+        cols = torch.arange(576) // group
+        assert bool((err <= scale[:, cols] * 0.5 + 1e-6).all())
+    q, scale, offset = wo.quantize_int4(w, 32, symmetric=True)
+    assert torch.allclose(offset, -8 * scale)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        wo.quantize_int4(_weights(4, 40), 32)
+
+
+def test_int8_quantization_is_symmetric_per_channel():
+    w = _weights(16, 64)
+    q, scale = wo.quantize_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.allclose(scale, w.abs().amax(1) / 127)
+    assert float((q.float() * scale[:, None] - w).abs().max()) <= float(scale.max()) / 2 + 1e-7
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+@pytest.mark.parametrize("plain", [False, True], ids=["avx2", "plain"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g128", "int4-g128-sym"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_native_gemv_matches_reference(fmt, plain, m):
+    n, k = 200, 576
+    w = _weights(n, k, seed=1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(n)
+    if fmt == "int8":
+        (q, scale), offset, group = wo.quantize_int8(w), None, k
+    else:
+        group = int(fmt.split("-g")[1].split("-")[0])
+        q, scale, offset = wo.quantize_int4(w, group, symmetric=fmt.endswith("sym"))
+    ref = wo.reference_linear(x, q, scale, offset, group, bias)
+    y = wo.native_linear(x, q, scale, offset, group, bias, plain=plain)
+    err = float((y - ref).abs().max() / ref.abs().max())
+    assert err < LIMITS[fmt[:4]], err
+    # the prefill path (native dequantize + one sgemm) computes the same weights
+    fast, spec = wo.native_dequantize(q, scale, offset, group), wo.dequantize(q, scale, offset, group)
+    assert torch.allclose(fast, spec, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+def test_linear_dispatch_gemv_and_prefill_paths_agree():
+    w, x = _weights(64, 128, 3), torch.randn(wo.PREFILL_ROWS, 128)
+    q, scale, offset = wo.quantize_int4(w, 32)
+    many = wo.linear(x, q, scale, offset, 32, None)  # dequantize + sgemm
+    few = torch.cat([wo.linear(x[i:i + 1], q, scale, offset, 32, None) for i in range(len(x))])  # GEMV
+    assert float((many - few).abs().max() / many.abs().max()) < 3e-6
