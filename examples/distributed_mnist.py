@@ -60,7 +60,8 @@ def main() -> None:
     if rank == 0:
         print(f"ranks: {world}")
         print(f"PTQ int8 accuracy: {evaluate(ptq, test_x, test_y):.2f} %")
-        print(f"QAT int8 accuracy: {accuracy:.2f} % (same on every rank: {float(agreed[0]) == -float(agreed[1])})")
+        same = float(agreed[0]) == -float(agreed[1])
+        print(f"QAT int8 accuracy: {accuracy:.2f} % (same on every rank: {same})")
     dist.destroy_process_group()
 
 
