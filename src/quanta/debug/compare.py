@@ -260,7 +260,8 @@ def _measure(qmodel: nn.Module, lp: LayerPlan, plan: Plan, fcalls: dict[str, lis
                 half = lp.output_qparams[0] / 2
                 acc.outside += int(((ref < lo - half) | (ref > hi + half)).sum())
             acc.count += ref.numel()
-            acc.samples.append(ref[:: max(1, ref.numel() // _SAMPLE)][:_SAMPLE].clone())
+            extremes = torch.stack([ref.min(), ref.max()])  # the histogram spans the whole range
+            acc.samples.append(torch.cat([ref[:: max(1, ref.numel() // _SAMPLE)][:_SAMPLE], extremes]))
         inputs = tensors(fcall.args)
         if lp.input_qparams is not None and inputs and inputs[0].numel() and inputs[0].is_floating_point():
             acc.in_lo = min(acc.in_lo, float(inputs[0].min()))
