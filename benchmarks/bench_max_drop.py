@@ -83,6 +83,10 @@ def main() -> None:
         results.append(row)
         print(f"{row['model']}: {row['message']} ({row['seconds']} s)", flush=True)
     out = os.path.join(HERE, "results", "max_drop.json")
+    if os.path.exists(out):  # keep the other models' rows from an earlier run
+        with open(out) as f:
+            kept = [r for r in json.load(f)["results"] if r["model"] not in {r["model"] for r in results}]
+        results = kept + results
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -12,6 +12,7 @@ from typing import Any
 COLORS = {"int8": "#2e7d32", "float": "#ef6c00", "native": "#0277bd", "folded": "#9e9e9e",
           "input": "#455a64", "": "#b0bec5"}
 NODE_W, NODE_H, GAP_X, GAP_Y = 168, 26, 18, 22
+SKIP_ROOM = 60  # room on the right for edges that skip ranks (residual connections)
 
 
 def _esc(text: Any) -> str:
@@ -31,7 +32,7 @@ def graph(nodes: list[dict[str, Any]]) -> str:
     rows: dict[int, list[int]] = {}
     for i, r in enumerate(rank):
         rows.setdefault(r, []).append(i)
-    width = max((len(v) for v in rows.values()), default=1) * (NODE_W + GAP_X) + GAP_X
+    width = max((len(v) for v in rows.values()), default=1) * (NODE_W + GAP_X) + GAP_X + 2 * SKIP_ROOM
     height = (max(rows, default=0) + 1) * (NODE_H + GAP_Y) + GAP_Y
     pos: dict[int, tuple[float, float]] = {}
     for r, members in rows.items():
@@ -44,6 +45,12 @@ def graph(nodes: list[dict[str, Any]]) -> str:
         x, y = pos[i]
         for j in node["inputs"]:
             px, py = pos[j]
+            if rank[i] - rank[j] > 1:  # a skip: around the right side, not through the nodes between
+                x0, y0, x1, y1 = px + NODE_W, py + NODE_H / 2, x + NODE_W, y + NODE_H / 2
+                bulge = max(x0, x1) + min(SKIP_ROOM - 6, 16 + 4 * (rank[i] - rank[j]))
+                parts.append(f'<path d="M{x0:.0f},{y0:.0f} C{bulge:.0f},{y0:.0f} {bulge:.0f},{y1:.0f} '
+                             f'{x1:.0f},{y1:.0f}" fill="none" stroke="#78909c" stroke-width="1.2"/>')
+                continue
             x0, y0, x1, y1 = px + NODE_W / 2, py + NODE_H, x + NODE_W / 2, y
             mid = (y0 + y1) / 2
             parts.append(f'<path d="M{x0:.0f},{y0:.0f} C{x0:.0f},{mid:.0f} {x1:.0f},{mid:.0f} '
