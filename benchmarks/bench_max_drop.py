@@ -49,7 +49,7 @@ def _mnist(order: str) -> dict:
     calib = [train[i * 100:(i + 1) * 100] for i in range(5)]
     qmodel = quanta.quantize(model, calib, config=config, max_drop=1.0, order=order or "sensitivity",
                              eval_fn=lambda m: mnist.evaluate(m, test_x, test_y))
-    return {"model": "MNIST CNN, 3-bit weights", "metric": "top-1 % on 1,000 held-out images",
+    return {"model": "MNIST CNN, 3-bit weights", "metric_name": "top-1 % on 1,000 held-out images",
             **quanta.target_of(qmodel).to_dict()}
 
 
@@ -68,7 +68,7 @@ def _efficientnet(order: str, crops: int, calib_n: int) -> dict:
 
     qmodel = quanta.quantize(model, list(torch.split(calib, 16)), max_drop=0.05, order=order or "sqnr",
                              eval_fn=agreement)
-    return {"model": "EfficientNet-Lite1 (pretrained), 8-bit", "metric":
+    return {"model": "EfficientNet-Lite1 (pretrained), 8-bit", "metric_name":
             f"top-1 agreement with float on {crops} natural photo crops", **quanta.target_of(qmodel).to_dict()}
 
 

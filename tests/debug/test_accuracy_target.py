@@ -15,7 +15,7 @@ def test_mnist_3bit_reaches_its_target_keeping_few_macs_float(mnist_debug):
     model, _, _, _ = mnist_debug
     train_x, _ = load_mnist("train")
     test_x, test_y = load_mnist("test")
-    test_x, test_y = test_x[:300], test_y[:300]
+    test_x, test_y = test_x[:200], test_y[:200]
     config = quanta.QuantConfig(weight=dataclasses.replace(quanta.QuantConfig().weight, bits=3))
     qmodel = quanta.quantize(model, [train_x[:100], train_x[100:200]], config=config, max_drop=1.0,
                              eval_fn=lambda m: evaluate(m, test_x, test_y), show_progress=False)

@@ -53,7 +53,7 @@ def test_html_report_renders_in_headless_chromium(mnist_debug, tmp_path):
 
 def test_report_cli_writes_html_with_and_without_the_model(tmp_path, capsys):
     saved = tmp_path / "m.quanta.safetensors"
-    assert main(["quantize", "quanta.zoo.mnist:cli_factory", "--out", str(saved)]) == 0
+    assert main(["quantize", "quanta.zoo.mnist:cli_factory", "--batches", "1", "--out", str(saved)]) == 0
     plain = tmp_path / "plain.html"
     assert main(["report", str(saved), "--html", str(plain)]) == 0
     text = plain.read_text()
