@@ -34,7 +34,7 @@ from bench_openvino import openvino_fp32, openvino_nncf_int8  # noqa: E402
 from bench_peers import ort_fp32, ort_static  # noqa: E402
 
 import quanta  # noqa: E402
-from quanta.debug.compare import sqnr  # noqa: E402
+from quanta.debug.sqnr import sqnr  # noqa: E402
 from quanta.zoo import architectures as arches  # noqa: E402
 from quanta.zoo.vision import calibrate_batchnorm  # noqa: E402
 

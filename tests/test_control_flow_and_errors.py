@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 
 
 class Branchy(nn.Module):

@@ -276,10 +276,32 @@ def _qparams(observer: Any, spec: QuantSpec) -> tuple[float, int]:
 def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mode: str = "static",
              config: QuantConfig | None = None, *, skip: Iterable[str] | None = None,
              example_inputs: Any = None, max_batches: int | None = None, inplace: bool = False,
-             show_progress: bool = True, **kwargs: Any) -> nn.Module:
+             show_progress: bool = True, eval_fn: Callable[[nn.Module], float] | None = None,
+             max_drop: float | None = None, order: str = "sensitivity", **kwargs: Any) -> nn.Module:
     """Quantize ``model`` in one call. ``mode="static"`` calibrates on ``calibration_data``
     (its first batch doubles as example input); see ``quantize_dynamic`` for ``"dynamic"`` and
-    ``quantize_weight_only`` for ``"weight_only"`` (neither needs data)."""
+    ``quantize_weight_only`` for ``"weight_only"`` (neither needs data).
+
+    With ``max_drop`` and ``eval_fn`` (``eval_fn(model) -> float``, higher is better), keeps the
+    fewest conv/linear MACs float that bring the metric within ``max_drop`` of float's
+    (``quanta.accuracy_target``; ``order``: "sensitivity" or "sqnr"); ``quanta.target_of(qmodel)``
+    tells what was kept float and why."""
+    if (eval_fn is None) != (max_drop is None):
+        raise ValueError("an accuracy target needs both eval_fn= (eval_fn(model) -> float, higher is "
+                         "better) and max_drop= (the largest drop from float allowed)")
+    if max_drop is not None:
+        if mode != "static" or inplace:
+            raise ValueError("max_drop= works in static mode on a copy of the model (not inplace)")
+        if calibration_data is None:
+            raise CalibrationError("static quantization needs calibration_data (an iterable of batches)")
+        if kwargs:
+            raise TypeError(f"quantize() got unexpected arguments: {', '.join(kwargs)}")
+        from quanta.accuracy_target import quantize_to_target
+
+        return quantize_to_target(model, calibration_data, eval_fn, max_drop,
+                                  _resolve_config(config, "static", skip), order=order,
+                                  example_inputs=example_inputs, max_batches=max_batches,
+                                  show_progress=show_progress)
     if mode == "dynamic":
         from quanta.dynamic import quantize_dynamic
 

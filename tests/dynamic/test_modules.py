@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from quanta.config import QuantSpec
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.errors import QuantizedInputError, UnsupportedModelError
 from quanta.kernels import cpu, reference
 from quanta.kernels.dynamic import DynamicLinearKernel, clear_input_cache, quantize_input

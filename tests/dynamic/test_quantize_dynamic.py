@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import quanta
 from quanta.config import Override, QuantConfig
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.errors import UnsupportedModelError
 from quanta.modules.dynamic import DynamicQuantizedLinear, QuantizedEmbedding
 from quanta.modules.dynamic_rnn import DynamicQuantizedLSTM

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 
 
 class MixedPipeline(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.modules import backends
 from quanta.zoo import architectures as arches
 from quanta.zoo.vision import calibrate_batchnorm

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.modules import backends
 
 # ISA-sensitive (oneDNN kernels against the reference); .ci/run repeats them with oneDNN capped at

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.modules import backends
 from quanta.zoo.vision import calibrate_batchnorm
 

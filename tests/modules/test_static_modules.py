@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import quanta
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 
 CASES = {
     "linear": (lambda: nn.Linear(64, 32), (16, 64)),

@@ -12,7 +12,7 @@ import torch
 
 import quanta
 from quanta.config import QuantConfig, QuantSpec
-from quanta.debug.compare import sqnr
+from quanta.debug.sqnr import sqnr
 from quanta.kernels import cpu
 from quanta.zoo import audio
 from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn

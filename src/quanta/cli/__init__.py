@@ -1,4 +1,4 @@
-"""The ``quanta`` command: quantize | report | export | bench | demo.
+"""The ``quanta`` command: quantize | report | compare | export | bench | demo.
 
 Errors print one line, ``quanta: error: ...``, and exit with 2 (bad command line) or 1 (the
 command failed); ``--debug`` shows the traceback instead.
@@ -21,6 +21,7 @@ examples:
   quanta demo                                        the main job on the bundled MNIST CNN
   quanta quantize quanta.zoo.mnist:cli_factory --out mnist.quanta.safetensors
   quanta report mnist.quanta.safetensors
+  quanta compare mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory
   quanta bench mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory
   quanta export mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory --onnx mnist.onnx
 
@@ -43,6 +44,11 @@ examples:
   quanta quantize models.py:make_model --mode qat --train train.py:finetune --out m.quanta.safetensors
   quanta quantize models.py:make_model --calib images.pt --nproc 4 --out m.quanta.safetensors
   quanta quantize models.py:make_model --config '{{"backend": "reference"}}' --out m.quanta.safetensors
+  quanta quantize models.py:make_model --max-drop 0.01 --eval models.py:accuracy --out m.quanta.safetensors
+
+--max-drop keeps the fewest conv/linear MACs in float that bring the --eval metric
+(eval(model) -> float, higher is better; or the factory's "eval") within that much of float's,
+and prints what it kept float and why.
 """
 
 REPORT_EPILOG = """\
@@ -50,6 +56,20 @@ examples:
   quanta report mnist.quanta.safetensors
   quanta report mnist.quanta.safetensors --json > report.json
   quanta report mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory   (also loads the model)
+  quanta report mnist.quanta.safetensors --html report.html    (one self-contained page)
+  quanta report mnist.quanta.safetensors --html report.html --model quanta.zoo.mnist:cli_factory
+      (with the model: its dataflow graph, per-site SQNR and activation histograms)
+"""
+
+COMPARE_EPILOG = """\
+Runs the float model (--model) and the saved int8 model on the same batches (--data, else the
+factory's calibration data) and prints, per int8 site and worst first: isolated SQNR (float
+inputs into this int8 op alone), accumulated SQNR (the int8 model up to there), weight SQNR,
+and the share of the activation range the chosen qparams clip.
+
+examples:
+  quanta compare mnist.quanta.safetensors --model quanta.zoo.mnist:cli_factory
+  quanta compare m.quanta.safetensors --model models.py:make_model --data images.pt --batches 4 --json
 """
 
 EXPORT_EPILOG = """\
@@ -132,12 +152,36 @@ def build_parser() -> Parser:
                         "batches; the result equals one process on all of them (default: 1)")
     q.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with --nproc: fail when a process dies or hangs this long (default: 300)")
+    q.add_argument("--max-drop", type=float, metavar="X",
+                   help="accuracy target: keep the fewest MACs float to stay within X of float's metric")
+    q.add_argument("--eval", metavar="MODULE:function",
+                   help="with --max-drop: eval(model) -> float, higher is better (or the factory's 'eval')")
+    q.add_argument("--order", choices=("sensitivity", "sqnr"), default="sensitivity",
+                   help="with --max-drop: rank sites by sensitivity (default; one variant per site) "
+                        "or by isolated SQNR (one pass, cheaper)")
 
     r = _command(sub, "report", "Print the per-layer report of a saved quantized model.", REPORT_EPILOG,
                  common)
     r.add_argument("file", metavar="FILE", help="a file written by 'quanta quantize' or quanta.save")
     r.add_argument("--json", action="store_true", help="machine-readable JSON instead of the table")
     r.add_argument("--model", metavar="MODEL", help="also load the model with this factory (checks the file)")
+    r.add_argument("--html", metavar="OUT", help="also write one self-contained HTML page")
+    r.add_argument("--data", metavar="DATA", help="with --html and --model: batches to compare on "
+                   "(default: the factory's calibration data)")
+    r.add_argument("--batches", type=int, default=2, metavar="N", help="batches to compare on (default: 2)")
+    r.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="batch size when DATA is a single tensor (default: 32)")
+
+    c = _command(sub, "compare", "Compare every int8 site of a saved model with the float model.",
+                 COMPARE_EPILOG, common)
+    c.add_argument("file", metavar="FILE", help="a saved quantized model")
+    c.add_argument("--model", required=True, metavar="MODEL", help=f"float model factory: {SPEC_HELP}")
+    c.add_argument("--data", metavar="DATA", help="batches to compare on (default: the factory's calib)")
+    c.add_argument("--batches", type=int, default=4, metavar="N", help="at most N batches (default: 4)")
+    c.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="batch size when DATA is a single tensor (default: 32)")
+    c.add_argument("--top", type=int, metavar="N", help="show only the N worst sites")
+    c.add_argument("--json", action="store_true", help="machine-readable JSON instead of the table")
 
     e = _command(sub, "export", "Export a saved quantized model to ONNX (QDQ) or ExecuTorch (.pte).",
                  EXPORT_EPILOG, common)
@@ -179,7 +223,7 @@ def _short_warning(message: Any, category: type[Warning], *args: Any, **kwargs: 
 def _run(args: argparse.Namespace) -> int:
     from quanta.cli import commands
 
-    for name in ("batch_size", "batches", "repeats", "threads", "calib_batches", "nproc"):
+    for name in ("batch_size", "batches", "repeats", "threads", "calib_batches", "nproc", "top"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "threads" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

@@ -53,18 +53,21 @@ def float_safetensors_bytes(model: nn.Module) -> int:
 
 def quantize(args: argparse.Namespace) -> int:
     if args.nproc > 1:
+        if args.max_drop is not None:
+            raise UsageError("--max-drop evaluates many variants in one process: drop --nproc")
         return _quantize_nproc(args)
     config = load_config(args.config, args.mode)
     factory = load_factory(args.model)
     calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
     skip = tuple(args.skip or ())
     started = time.perf_counter()
+    target = _target_args(args, factory)
     if args.mode == "static":
         if calib is None:
             raise UsageError("static mode needs calibration data: pass --calib DATA "
                              "(MODULE:function, or a .pt/.npy tensor) or return it from the factory")
         qmodel = quanta.quantize(factory.model, calib, mode="static", config=config, skip=skip,
-                                 example_inputs=factory.example_inputs, max_batches=args.batches)
+                                 example_inputs=factory.example_inputs, max_batches=args.batches, **target)
     elif args.mode == "dynamic":
         qmodel = _api("quantize_dynamic")(factory.model, config=config, skip=skip)
     else:
@@ -73,6 +76,9 @@ def quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _api("save")(qmodel, out)
     _print_summary(factory.model, qmodel, out, args.mode, seconds)
+    result = quanta.target_of(qmodel)
+    if result is not None:
+        _console().print(str(result), markup=False, soft_wrap=True)
     return 0
 
 
@@ -83,6 +89,31 @@ def _quantize_nproc(args: argparse.Namespace) -> int:
     lines = quantize_nproc(args)  # rank 0 saved the file and summarized it
     _print_saved(Path(args.out), f"static, {args.nproc} processes", time.perf_counter() - started, lines)
     return 0
+
+
+def _target_args(args: argparse.Namespace, factory: Factory) -> dict[str, Any]:
+    """``quantize``'s accuracy-target arguments from --max-drop/--eval/--order."""
+    if args.max_drop is None:
+        if args.eval:
+            raise UsageError("--eval is the metric of an accuracy target: pass --max-drop too")
+        return {}
+    if args.mode != "static":
+        raise UsageError(f"--max-drop works in static mode, not {args.mode}")
+    eval_fn = load_callable(args.eval, "--eval") if args.eval else factory.eval
+    if eval_fn is None:
+        raise UsageError("--max-drop needs a metric: pass --eval MODULE:function (eval(model) -> float, "
+                         "higher is better) or return {'model': ..., 'eval': fn} from the factory")
+
+    def checked(model: nn.Module) -> float:
+        try:
+            value = eval_fn(model)
+        except Exception as e:
+            raise CommandError(f"the eval function raised {type(e).__name__}: {e}") from e
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise CommandError(f"the eval function returned {type(value).__name__}: expected a number")
+        return float(value)
+
+    return {"eval_fn": checked, "max_drop": args.max_drop, "order": args.order}
 
 
 def _quantize_qat(args: argparse.Namespace, factory: Factory, calib: Any, config: Any,
@@ -142,12 +173,23 @@ def _check_file(path: str) -> Path:
 
 def report(args: argparse.Namespace) -> int:
     path = _check_file(args.file)
+    if args.data and not (args.html and args.model):
+        raise UsageError("--data is for the HTML page's comparison: pass --html OUT and --model MODEL too")
     if args.model:
-        qmodel = _api("load")(path, load_factory(args.model).model)
+        factory = load_factory(args.model)
+        qmodel = _api("load")(path, factory.model)
         rep, manifest = quanta.report(qmodel), _read_manifest(path)
+        if args.html:
+            _write_html(args, path, qmodel, factory, rep)
     else:
         manifest = _read_manifest(path)
         rep = quanta.report(_plan_holder(manifest))
+        if args.html:
+            from quanta.debug.html import write_html
+
+            write_html(args.html, rep, title=path.name)
+            _console().print(f"[bold green]wrote[/] {args.html} (pass --model for the graph, SQNR and "
+                             "histograms)")
     meta = {"file": str(path), "file_bytes": path.stat().st_size,
             **{k: manifest.get(k) for k in ("format_version", "quanta_version", "torch_version")}}
     if args.json:
@@ -157,6 +199,43 @@ def report(args: argparse.Namespace) -> int:
     console.print(f"[bold]{path}[/] ({_kib(meta['file_bytes'])}, format v{meta['format_version']}, "
                   f"saved by quanta {meta['quanta_version']} / torch {meta['torch_version']})")
     console.print(str(rep), markup=False, soft_wrap=True)
+    return 0
+
+
+def _compare_data(args: argparse.Namespace, factory: Factory) -> list[Any]:
+    data = load_calib(args.data, args.batch_size) if args.data else factory.calib
+    if data is None:
+        raise UsageError("no data to compare on: pass --data DATA or return 'calib' from the factory")
+    batches = []
+    for batch in data:
+        if len(batches) >= args.batches:
+            break
+        batches.append(batch)
+    if not batches:
+        raise CommandError("the data to compare on yielded no batch")
+    return batches
+
+
+def _write_html(args: argparse.Namespace, path: Path, qmodel: nn.Module, factory: Factory, rep: Any) -> None:
+    from quanta.capture.record import capture
+    from quanta.debug.html import write_html
+
+    batches = _compare_data(args, factory)
+    result = quanta.debug.compare(factory.model, qmodel, batches)
+    record = capture(factory.model.eval(), batches[0], rep.mode)
+    write_html(args.html, rep, compare=result, record=record, title=path.name)
+    _console().print(f"[bold green]wrote[/] {args.html}")
+
+
+def compare(args: argparse.Namespace) -> int:
+    factory, qmodel = _load_pair(args)
+    result = quanta.debug.compare(factory.model, qmodel, _compare_data(args, factory))
+    if args.top is not None:
+        result.sites = result.sites[:args.top]
+    if args.json:
+        print(result.to_json())
+    else:
+        _console().print(str(result), markup=False, soft_wrap=True)
     return 0
 
 

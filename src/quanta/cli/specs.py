@@ -2,7 +2,7 @@
 
 A MODEL spec is ``path/to/file.py:factory`` or ``package.module:factory``. The factory is
 called with no arguments and returns the float model, a ``(model, calibration_data)`` tuple,
-or a dict ``{"model": ..., "calib": ..., "example_inputs": ..., "train": ...}``.
+or a dict ``{"model": ..., "calib": ..., "example_inputs": ..., "train": ..., "eval": ...}``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Factory:
     calib: Iterable[Any] | None = None
     example_inputs: Any = None
     train: Callable[[nn.Module], Any] | None = None
+    eval: Callable[[nn.Module], float] | None = None  # the accuracy target's metric (--max-drop)
 
 
 def _split_spec(spec: str, what: str) -> tuple[str, str]:
@@ -101,14 +102,15 @@ def load_factory(spec: str) -> Factory:
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
         return Factory(out[0], calib=out[1])
     if isinstance(out, dict) and isinstance(out.get("model"), nn.Module):
-        unknown = sorted(set(out) - {"model", "calib", "example_inputs", "train"})
+        unknown = sorted(set(out) - {"model", "calib", "example_inputs", "train", "eval"})
         if unknown:
             raise CommandError(f"{spec} returned unknown keys {unknown}: "
-                               "expected 'model', 'calib', 'example_inputs', 'train'")
-        train = out.get("train")
-        if train is not None and not callable(train):
-            raise CommandError(f"{spec} returned a 'train' entry that is not a function")
-        return Factory(out["model"], out.get("calib"), out.get("example_inputs"), train)
+                               "expected 'model', 'calib', 'example_inputs', 'train', 'eval'")
+        for key in ("train", "eval"):
+            if out.get(key) is not None and not callable(out[key]):
+                raise CommandError(f"{spec} returned a {key!r} entry that is not a function")
+        return Factory(out["model"], out.get("calib"), out.get("example_inputs"), out.get("train"),
+                       out.get("eval"))
     raise CommandError(
         f"{spec} returned {type(out).__name__}: expected an nn.Module, a (model, calibration_data) "
         "tuple or a dict with a 'model' key"
