@@ -36,6 +36,7 @@ def _within_one_quantum(model: torch.nn.Module, onnx_out: np.ndarray, ref_out: t
     return float((np.abs(onnx_out - ref_out.numpy()) <= quantum * 1.0001).mean())
 
 
+@pytest.mark.slow  # natively and capped at AVX2 only: many minutes under QEMU (.ci/run)
 def test_mnist_cnn_matches_reference_in_ort(tmp_path: Path) -> None:
     from quanta.zoo.mnist import load_mnist, load_pretrained_mnist_cnn
 
@@ -287,6 +288,7 @@ def _vision(name: str, tmp_path: Path, size: int = 64, calibrate_bn: bool = Fals
 # (default and BatchNorm-calibrated) are bit-exact per op and end to end (100% within one
 # quantum, 100% equal); the asserts keep the issue's >= 99.9% bar with room for another
 # ORT build's kernels.
+@pytest.mark.slow  # natively and capped at AVX2 only: many minutes under QEMU (.ci/run)
 def test_resnet18_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
     r = _vision("resnet18", tmp_path)
     # measured: per op 100% exact; end to end 100% equal (within one quantum: 100%)
@@ -295,6 +297,7 @@ def test_resnet18_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
     assert r["cosine"] >= 0.9999 and r["top1"] == 1.0, r
 
 
+@pytest.mark.slow  # natively and capped at AVX2 only: many minutes under QEMU (.ci/run)
 def test_mobilenet_v2_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
     # BatchNorm statistics measured on the calibration images, as a trained network has them
     # (the default random model's BNs normalise nothing and fold to zero biases)
