@@ -183,16 +183,18 @@ def main() -> None:
 
 
 def _cpu_flags() -> dict:
-    flags, model = set(), ""
+    from quanta.kernels import cpu
+
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags") and not flags:
+                if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
+    model = cpu.model_name()
     keys = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
     return {"model": model, **{k: k in flags for k in keys}}
 
