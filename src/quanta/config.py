@@ -13,8 +13,9 @@ from typing import Any
 
 import torch.nn as nn
 
-# version 2 added QuantSpec.group_size and mode "weight_only"; version-1 dicts load unchanged
-CONFIG_VERSION = 2
+# version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
+# corrections (bias_correction, equalize, adaround); older dicts load unchanged
+CONFIG_VERSION = 3
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -166,6 +167,14 @@ class QuantConfig:
     # NaN/Inf reaching a quantized layer at inference: "raise" a QuantizedInputError naming the
     # layer, or "propagate" them as float does (that call runs the layer in float)
     nonfinite: str = "raise"
+    # static mode, post-training corrections applied by quanta.quantize (quanta.ptq), each off by
+    # default and measured in docs/ptq.md: cross-layer equalization of conv pairs before
+    # calibration; empirical bias correction after conversion; AdaRound (learned weight rounding,
+    # layer by layer) within adaround_seconds of wall time
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_seconds: float = 300.0
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -179,6 +188,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"QuantConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if not self.adaround_seconds > 0:
+            raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
+        corrections = [n for n in ("equalize", "bias_correction", "adaround") if getattr(self, n)]
+        if corrections and self.mode != "static":
+            raise ValueError(f"QuantConfig({', '.join(f'{n}=True' for n in corrections)}) needs calibration "
+                             f"data: static mode only, not {self.mode!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"

@@ -129,12 +129,12 @@ def test_seven_bit_weights_are_exported_as_chosen(tmp_path: Path) -> None:
     x, _ = load_mnist("test")
     config = quanta.QuantConfig(backend="reference", weight=quanta.QuantSpec(
         dtype="int8", symmetric=True, per_channel=True, bits=7))
-    q = quanta.quantize(load_pretrained_mnist_cnn(), [x[:100]], config=config, show_progress=False)
+    q = quanta.quantize(load_pretrained_mnist_cnn(), [x[:32]], config=config, show_progress=False)
     proto = onnx.load(str(quanta.export_onnx(q, x[:1], tmp_path / "m7.onnx")))
     int8 = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert int8 and min(int(w.min()) for w in int8) >= -64 and max(int(w.max()) for w in int8) <= 63
-    ref = q(x[:100])
-    assert _within_one_quantum(q, _run_ort(tmp_path / "m7.onnx", x[:100]), ref, "classifier") >= 0.999
+    ref = q(x[:50])  # 32 calibration and 50 checked images: also runs under QEMU (scripts/as-avx2)
+    assert _within_one_quantum(q, _run_ort(tmp_path / "m7.onnx", x[:50]), ref, "classifier") >= 0.999
 
 
 def _qdq_add_session(qparams: tuple[float, int, float, int, float, int]) -> ort.InferenceSession:

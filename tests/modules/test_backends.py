@@ -56,16 +56,16 @@ def _resnet_like() -> nn.Module:
 
 def test_mnist_cnn_fast_matches_reference():
     train, _ = load_mnist("train")
-    x = load_mnist("test")[0][:100]  # also runs under emulation (scripts/as-avx2)
+    x = load_mnist("test")[0][:50]  # 50 images: also runs under emulation (scripts/as-avx2)
     model = load_pretrained_mnist_cnn()
-    qmodel = quanta.quantize(model, [train[i * 50:(i + 1) * 50] for i in range(2)], show_progress=False)
+    qmodel = quanta.quantize(model, [train[i * 25:(i + 1) * 25] for i in range(2)], show_progress=False)
     ref_model = _reference_twin(qmodel)
     with torch.no_grad():
         fast, ref = qmodel(x), ref_model(x)
-        single_fast = torch.cat([qmodel(x[i:i + 1]) for i in range(20)])  # batch 1: float per call
+        single_fast = torch.cat([qmodel(x[i:i + 1]) for i in range(10)])  # batch 1: float per call
     quantum = _last_output_scale(qmodel)
     assert _within_one_quantum(fast, ref, quantum) >= 0.999
-    assert _within_one_quantum(single_fast, ref[:20], quantum) >= 0.999
+    assert _within_one_quantum(single_fast, ref[:10], quantum) >= 0.999
     assert float((fast.argmax(1) == ref.argmax(1)).float().mean()) >= 0.99
     rows = {r["name"]: r for r in report(qmodel).to_dict()["layers"]}
     assert rows["block1.conv1"]["backend"] == "onednn"
