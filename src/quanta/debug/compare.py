@@ -162,6 +162,14 @@ def _reference(lp: LayerPlan, plan: Plan, fcalls: dict[str, list[Call]], i: int)
     return apply_activation(torch.cat(out), lp.activation)
 
 
+def folded_float_layer(float_model: nn.Module, lp: LayerPlan, plan: Plan) -> nn.Module:
+    """The float layer an int8 layer was made from, with its fused BatchNorm folded in.
+    Raises AttributeError/ValueError when the float model has no such layer."""
+    f = opsites.float_layer(float_model, lp) if lp.kind == "site" else float_model.get_submodule(lp.name)
+    bns = [n for n in lp.fused if plan.layers[n].float_type.startswith("BatchNorm")]
+    return fold_batchnorm(f, float_model.get_submodule(bns[0])) if bns else f
+
+
 def _weight_sqnr(float_model: nn.Module, qmodel: nn.Module, lp: LayerPlan, plan: Plan) -> float | None:
     site = qmodel._quanta.sites_by_key.get(lp.name)
     q = site if site is not None else qmodel.get_submodule(lp.name)
@@ -169,11 +177,7 @@ def _weight_sqnr(float_model: nn.Module, qmodel: nn.Module, lp: LayerPlan, plan:
     if not isinstance(w_q, torch.Tensor) or not isinstance(scale, torch.Tensor) or w_q.is_floating_point():
         return None
     try:
-        f = opsites.float_layer(float_model, lp) if lp.kind == "site" else float_model.get_submodule(lp.name)
-        bns = [n for n in lp.fused if plan.layers[n].float_type.startswith("BatchNorm")]
-        if bns:
-            f = fold_batchnorm(f, float_model.get_submodule(bns[0]))
-        w = f.weight.detach().float()
+        w = folded_float_layer(float_model, lp, plan).weight.detach().float()
     except (AttributeError, ValueError):
         return None
     zp = getattr(q, "weight_zero_point", None)

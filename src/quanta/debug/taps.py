@@ -57,15 +57,21 @@ def tensors(x: Any) -> list[torch.Tensor]:
 
 
 class _FloatTap(TorchFunctionMode):
-    def __init__(self, tracker: SiteTracker, names: set[str], calls: dict[str, list[Call]]) -> None:
+    def __init__(self, tracker: SiteTracker, names: set[str], calls: dict[str, list[Call]],
+                 on_call: Callable[[str, Any], None] | None = None) -> None:
         super().__init__()
-        self.tracker, self.names, self.calls = tracker, names, calls
+        self.tracker, self.names, self.calls, self.on_call = tracker, names, calls, on_call
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
         if not self.tracker.active or is_metadata(func):
             return func(*args, **kwargs)
         key = self.tracker.next_key(canonical_op_name(func))
+        if self.on_call is not None:
+            out = func(*args, **kwargs)
+            if key in self.names:
+                self.on_call(key, out)
+            return out
         recorded = (_copy(args), _copy(kwargs)) if key in self.names else None
         out = func(*args, **kwargs)
         if recorded is not None:
@@ -73,18 +79,24 @@ class _FloatTap(TorchFunctionMode):
         return out
 
 
-def tap_float(model: nn.Module, plan: Plan, names: set[str], batch: Any) -> tuple[dict[str, list[Call]], Any]:
-    """Every call of the named sites of float ``model`` on ``batch``, and the model's output."""
+def tap_float(model: nn.Module, plan: Plan, names: set[str], batch: Any,
+              on_call: Callable[[str, Any], None] | None = None) -> tuple[dict[str, list[Call]], Any]:
+    """Every call of the named sites of float ``model`` on ``batch``, and the model's output.
+    With ``on_call``, each call's output is passed to ``on_call(name, out)`` instead of recorded
+    (no copies: for statistics over many batches)."""
     calls: dict[str, list[Call]] = defaultdict(list)
     tracker = SiteTracker(plan.opened)
 
     def on_leaf(phase: str, name: str, module: nn.Module, args: Any, out: Any) -> None:
         if phase == "post" and name in names:
-            calls[name].append(Call(_copy(args), {}, _copy(out)))
+            if on_call is not None:
+                on_call(name, out)
+            else:
+                calls[name].append(Call(_copy(args), {}, _copy(out)))
 
     tracker.install(model, on_leaf=on_leaf)
     try:
-        with torch.no_grad(), _FloatTap(tracker, names, calls):
+        with torch.no_grad(), _FloatTap(tracker, names, calls, on_call):
             out = call_with(model, batch)
     finally:
         tracker.remove()

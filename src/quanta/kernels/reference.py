@@ -41,8 +41,10 @@ def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> tor
 
 
 def quantize_bias(bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
-    """Float bias -> int32 at scale x_scale * w_scale (per output channel)."""
-    return torch.round(bias.double() / (x_scale * w_scale.double())).to(torch.int32)
+    """Float bias -> int32 at scale x_scale * w_scale (per output channel), saturated (never
+    wrapped) at the int32 limits."""
+    q = torch.round(bias.double() / (x_scale * w_scale.double()))
+    return q.clamp(-(2**31), 2**31 - 1).to(torch.int32)
 
 
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:

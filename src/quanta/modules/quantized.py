@@ -48,11 +48,25 @@ def bump_generation(owner: nn.Module) -> None:
     owner.__dict__["_generation"] = _GENERATION[0]
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 weights and their float32 scales."""
+BIAS_LIMIT = 2**30  # |int32 bias| stays below this: room left for the accumulated products
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, min_scale: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights and their float32 scales (at least ``min_scale``)."""
     flat = weight.detach().reshape(weight.shape[0], -1)
     scale, zero_point = choose_qparams(flat.amin(dim=1), flat.amax(dim=1), spec)
+    if min_scale is not None:
+        scale = torch.maximum(scale, min_scale.to(scale.dtype))
     return quantize(weight.detach(), scale, zero_point, spec, axis=0), scale
+
+
+def bias_scale_floor(bias: torch.Tensor, input_scale: float) -> torch.Tensor:
+    """The smallest weight scale per channel at which ``bias`` fits the int32 bias (at scale
+    input x weight) within ``BIAS_LIMIT``. A channel whose weights are all but zero (BatchNorm
+    folded into a dead channel) and whose bias is not would otherwise overflow int32: its
+    weights take a coarser scale instead, and its constant output stays exact."""
+    return (bias.detach().double().abs() / (float(input_scale) * BIAS_LIMIT)).float()
 
 
 def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -95,7 +109,8 @@ class QuantizedModule(LeafMarker, nn.Module):
                  input_qparams: tuple[float, int], output_qparams: tuple[float, int],
                  activation: str = "none", output_int8: bool = False) -> None:
         super().__init__()
-        w_q, w_scale = quantize_weight(weight, weight_spec)
+        floor = None if bias is None else bias_scale_floor(bias, input_qparams[0])
+        w_q, w_scale = quantize_weight(weight, weight_spec, floor)
         self.register_buffer("weight", w_q)
         self.register_buffer("weight_scale", w_scale)
         self.register_buffer("weight_zero_point", torch.zeros(w_q.shape[0], dtype=torch.int32))

@@ -1,0 +1,243 @@
+"""AdaRound: learned rounding of each int8 layer's weights (Nagel et al. 2020, "Up or Down?
+Adaptive Rounding for Post-Training Quantization").
+
+Rounding every weight to nearest minimizes the weight error, not the layer's output error. For
+each int8 conv/linear AdaRound learns, weight by weight, whether to round up or down so that the
+layer's output on the calibration inputs *as the int8 model delivers them* matches the float
+model's output (both after the fused activation). Scales stay; int8 values move by at most one
+step from floor. Conv outputs are sampled (``rows`` output positions per layer, read as patches),
+so one optimization step is a batched matrix product. Layers run in execution order in
+``rounds`` groups, each group's inputs captured after the groups before it were rounded, within
+a wall-time budget; a layer whose learned rounding does not lower its output error keeps
+round-to-nearest, so the correction never makes a layer worse on the data it saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from quanta.capture.plan import LayerPlan
+from quanta.capture.record import call_with
+from quanta.config import QuantSpec
+from quanta.debug.compare import folded_float_layer
+from quanta.debug.taps import tap_float
+from quanta.kernels.reference import apply_activation
+from quanta.modules.quantized import QuantizedLinear, QuantizedModule
+from quanta.numerics.qparams import qrange
+from quanta.progress import progress
+from quanta.ptq.bias_correction import _first_tensor, correctable_layers
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
+_IMAGE_SEED = 1_000_003
+
+
+@dataclass(frozen=True)
+class RoundingResult:
+    """One layer: output error (mean square over the sampled rows, relative to the float
+    output's mean square) with round-to-nearest and with the learned rounding; the share of
+    weights rounded the other way than nearest; whether the learned rounding was kept."""
+
+    name: str
+    iterations: int
+    error_nearest: float
+    error_learned: float
+    flipped: float
+    kept: bool
+
+
+def _rows_of(layer: QuantizedModule, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows [images, positions, features]: conv patches (unfolded), or
+    linear rows (one image holds all of its leading positions)."""
+    if isinstance(layer, QuantizedLinear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if x.dim() == 3:  # conv1d as a 1 x L conv2d
+        x = x.unsqueeze(2)
+        k, d, p, s = (1, *layer.kernel_size), (1, *layer.dilation), (0, *layer.padding), (1, *layer.stride)
+    else:
+        k, d, p, s = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+    if isinstance(p, str):
+        raise ValueError(f"{layer.layer_name}: AdaRound needs explicit conv padding, got {p!r}")
+    return F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)
+
+
+def _outputs_of(layer: QuantizedModule, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output as rows [images, positions, channels]."""
+    if isinstance(layer, QuantizedLinear):
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+    return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2)
+
+
+class _Sampler:
+    """The same output positions of each image on the float and the int8 side."""
+
+    def __init__(self, index: int, per_image: int) -> None:
+        self.index, self.per_image, self.images = index, per_image, 0
+
+    def reset(self) -> None:
+        self.images = 0
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        out = []
+        for image in rows:
+            gen = torch.Generator().manual_seed(self.index * _IMAGE_SEED + self.images)
+            pick = torch.randperm(image.shape[0], generator=gen)[: self.per_image]
+            out.append(image[pick].float())
+            self.images += 1
+        return torch.cat(out)
+
+
+def _float_targets(float_model: Any, qmodel: Any, layers: Sequence[tuple[LayerPlan, QuantizedModule]],
+                   samplers: dict[str, _Sampler], batches: Sequence[Any], show_progress: bool) -> dict:
+    """Per layer, the float model's output (after BatchNorm and the fused activation) at the
+    sampled positions."""
+    plan = qmodel._quanta.plan
+    source, got = {}, {lp.name: [] for lp, _ in layers}
+    by_name = dict(layers)
+    for lp, _ in layers:
+        bns = [n for n in lp.fused if n in plan.layers and plan.layers[n].float_type.startswith("BatchNorm")]
+        source[bns[-1] if bns else lp.name] = lp
+
+    def on_call(name: str, out: Any) -> None:
+        lp, y = source[name], _first_tensor(out)
+        if y is not None:
+            rows = _outputs_of(by_name[lp.name], apply_activation(y.detach().float(), lp.activation))
+            got[lp.name].append(samplers[lp.name].take(rows))
+
+    float_model.eval()
+    for batch in progress(batches, total=len(batches), description="AdaRound: float", enabled=show_progress):
+        tap_float(float_model, plan, set(source), batch, on_call=on_call)
+    return {name: torch.cat(rows) if rows else None for name, rows in got.items()}
+
+
+def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]],
+                 samplers: dict[str, _Sampler], batches: Sequence[Any]) -> dict[str, torch.Tensor | None]:
+    got: dict[str, list[torch.Tensor]] = {lp.name: [] for lp, _ in group}
+    handles = []
+    for lp, layer in group:
+        samplers[lp.name].reset()
+
+        def pre_hook(module: QuantizedModule, args: tuple, name: str = lp.name) -> None:
+            with torch._C.DisableTorchFunction():
+                x = module.dequantized_input(args[0])
+                for i in range(x.shape[0]):  # one image at a time: unfolded patches are large
+                    got[name].append(samplers[name].take(_rows_of(module, x[i:i + 1])))
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+    state = qmodel._quanta
+    config = state.config
+    state.config = dataclasses.replace(config, runtime="eager")  # the graph runtime skips hooks
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_with(qmodel, batch)
+    finally:
+        state.config = config
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(rows) if rows else None for name, rows in got.items()}
+
+
+def _grouped(layer: QuantizedModule, w: torch.Tensor) -> torch.Tensor:
+    """Weights as [groups, outputs per group, features] to match the rows' feature order."""
+    groups = getattr(layer, "groups", 1)
+    return w.reshape(groups, w.shape[0] // groups, -1)
+
+
+def _forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    groups = w.shape[0]
+    y = torch.einsum("rgf,gof->rgo", x.reshape(x.shape[0], groups, -1), w).reshape(x.shape[0], -1)
+    return apply_activation(y + bias, activation)
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                activation: str, iterations: int, *, lr: float = 1e-2, weight: float = 1e-3) -> RoundingResult:
+    """Learn the rounding of one layer's int8 weights (in place) on input rows ``x`` and float
+    output rows ``target``; keep it only if it lowers the output error."""
+    spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=layer.weight_bits or 8)
+    qmin, qmax = qrange(spec)
+    scale = _grouped(layer, layer.weight_scale.float().reshape(-1, 1))
+    w_div = _grouped(layer, w_float.detach().float()) / scale
+    floor = torch.floor(w_div)
+    _, bias = layer._float_params()
+    bias = torch.zeros(scale.shape[0] * scale.shape[1]) if bias is None else bias.float()
+    power = float(target.pow(2).mean()) or 1.0
+
+    def error(w_int: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((_forward(x, w_int * scale, bias, activation) - target).pow(2).mean()) / power
+
+    nearest = torch.clamp(torch.round(w_div), qmin, qmax)
+    rest = (w_div - floor).clamp(1e-4, 1 - 1e-4)
+    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=lr)
+    warmup = iterations // 5
+    for it in range(iterations):
+        h = _rectified_sigmoid(v)
+        out = _forward(x, torch.clamp(floor + h, qmin, qmax) * scale, bias, activation)
+        loss = (out - target).pow(2).mean() / power
+        if it >= warmup:  # push every h to 0 or 1, ever harder (beta 20 -> 2)
+            beta = 2 + 18 * (1 - (it - warmup) / max(1, iterations - warmup))
+            loss = loss + weight * (1 - (2 * h - 1).abs().pow(beta)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learned = torch.clamp(floor + (v.detach() >= 0).float(), qmin, qmax)
+    e_nearest, e_learned = error(nearest), error(learned)
+    kept = e_learned < e_nearest
+    if kept:
+        with torch.no_grad():
+            layer.weight.copy_(learned.reshape(layer.weight.shape).to(layer.weight.dtype))
+        layer.set_backend(layer.backend, layer.forced)
+    flipped = float((learned != nearest).float().mean())
+    return RoundingResult(layer.layer_name, iterations, e_nearest, e_learned, flipped, kept)
+
+
+def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: float = 300.0,
+             rows: int = 2048, rounds: int = 4, min_iterations: int = 50, max_iterations: int = 1000,
+             show_progress: bool = True) -> list[RoundingResult]:
+    """AdaRound every int8 conv/linear of ``qmodel`` (in place) against ``float_model`` on
+    ``batches`` within about ``seconds`` of wall time. Returns each layer's result, in order."""
+    start = time.monotonic()
+    layers = [(lp, layer) for lp, layer in correctable_layers(qmodel)]
+    images = sum(_first_tensor(b).shape[0] if _first_tensor(b) is not None else 1 for b in batches)
+    per_image = max(1, math.ceil(rows / max(1, images)))
+    samplers = {lp.name: _Sampler(i, per_image) for i, (lp, _) in enumerate(layers)}
+    targets = _float_targets(float_model, qmodel, layers, samplers, batches, show_progress)
+    layers = [(lp, layer) for lp, layer in layers if targets[lp.name] is not None]
+    size = math.ceil(len(layers) / max(1, rounds)) if layers else 1
+    results: list[RoundingResult] = []
+    plan = qmodel._quanta.plan
+    done = 0
+    bar = progress(range(len(layers)), total=len(layers), description="AdaRound", enabled=show_progress)
+    for g in range(0, len(layers), size):
+        group = layers[g:g + size]
+        inputs = _int8_inputs(qmodel, group, samplers, batches)
+        for lp, layer in group:
+            next(bar, None)
+            x, target = inputs[lp.name], targets[lp.name]
+            if x is None or x.shape[0] != target.shape[0]:
+                continue
+            left = seconds - (time.monotonic() - start)
+            per_layer = left / max(1, len(layers) - done)
+            w_float = folded_float_layer(float_model, lp, plan).weight.detach().float()
+            t0 = time.monotonic()
+            with torch.no_grad():  # one forward, to size the iterations (a step is ~3 forwards)
+                _forward(x, _grouped(layer, w_float), torch.zeros(w_float.shape[0]), "none")
+            step = max(1e-5, 3 * (time.monotonic() - t0))
+            iterations = int(min(max_iterations, max(min_iterations, per_layer / step)))
+            results.append(round_layer(layer, w_float, x, target, lp.activation, iterations))
+            done += 1
+    for _ in bar:
+        pass
+    return results
