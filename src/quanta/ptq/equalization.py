@@ -236,7 +236,7 @@ def _fold_batchnorms(model: nn.Module, record: DataflowRecord, layers: dict[int,
             continue
         bn_node = _batchnorm_after(model, record, layer)
         bias = layer.bias
-        if bn_node is None or bias is None or layer.node.bias == "" and layer.node.kind == "function":
+        if bn_node is None or bias is None or (layer.node.kind == "function" and not layer.node.bias):
             continue  # no bias the call reads: the BatchNorm's shift has nowhere to go
         bn = model.get_submodule(bn_node.name)
         with torch.no_grad():
