@@ -1,0 +1,1 @@
+"""Post-training corrections applied around calibration (cross-layer equalization, ...)."""
