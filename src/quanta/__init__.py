@@ -1,6 +1,6 @@
 """quanta: real int8 models from any nn.Module, for CPU and edge inference."""
 
-from quanta import debug
+from quanta import debug, ptq
 from quanta.api import calibrate, convert, prepare, quantize
 from quanta.config import Override, QuantConfig, QuantSpec
 from quanta.debug.report import Report, report, runtime_status
@@ -29,5 +29,5 @@ __all__ = [
     "QuantaError", "QuantaWarning", "QuantizedInputError", "UnsupportedModelError", "calibrate", "convert",
     "freeze", "prepare", "prepare_qat", "quantize", "quantize_dynamic",
     "save", "load", "export_onnx", "export_executorch", "Report", "report", "layer_sqnr", "runtime_status",
-    "target_of", "debug",
+    "target_of", "debug", "ptq",
 ]

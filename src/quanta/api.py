@@ -329,6 +329,15 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
             raise CalibrationError("calibration data is empty: it yielded no batch") from None
         if iterator is calibration_data:  # a one-shot iterator: keep the batch we took
             calibration_data = itertools.chain([example_inputs], iterator)
-    prepared = prepare(model, example_inputs, config, skip=skip, inplace=inplace)
+    resolved = _resolve_config(config, "static", skip)
+    if resolved.equalize or resolved.adaround or resolved.bias_correction:
+        if inplace:
+            raise ValueError("QuantConfig(equalize=/adaround=/bias_correction=True) compares against the "
+                             "float model: quantize a copy (inplace=False)")
+        from quanta.ptq import quantize_corrected
+
+        return quantize_corrected(model, calibration_data, resolved, example_inputs=example_inputs,
+                                  max_batches=max_batches, show_progress=show_progress)
+    prepared = prepare(model, example_inputs, resolved, inplace=inplace)
     calibrate(prepared, calibration_data, max_batches=max_batches, show_progress=show_progress)
     return convert(prepared, inplace=True)

@@ -152,6 +152,12 @@ def build_parser() -> Parser:
                         "batches; the result equals one process on all of them (default: 1)")
     q.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with --nproc: fail when a process dies or hangs this long (default: 300)")
+    q.add_argument("--equalize", action="store_true",
+                   help="static: cross-layer equalization before calibration")
+    q.add_argument("--adaround", nargs="?", type=float, const=300.0, metavar="SECONDS",
+                   help="static: learn each layer's weight rounding (AdaRound) within SECONDS (default 300)")
+    q.add_argument("--bias-correction", action="store_true",
+                   help="static: move each layer's mean output error into its bias")
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="accuracy target: keep the fewest MACs float to stay within X of float's metric")
     q.add_argument("--eval", metavar="MODULE:function",

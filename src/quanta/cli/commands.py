@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
@@ -57,6 +58,11 @@ def quantize(args: argparse.Namespace) -> int:
             raise UsageError("--max-drop evaluates many variants in one process: drop --nproc")
         return _quantize_nproc(args)
     config = load_config(args.config, args.mode)
+    corrections = {"equalize": args.equalize, "bias_correction": args.bias_correction,
+                   "adaround": args.adaround is not None}
+    if any(corrections.values()):
+        extra = {"adaround_seconds": args.adaround} if args.adaround is not None else {}
+        config = dataclasses.replace(config, **{k: True for k, v in corrections.items() if v}, **extra)
     factory = load_factory(args.model)
     calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
     skip = tuple(args.skip or ())
@@ -79,6 +85,9 @@ def quantize(args: argparse.Namespace) -> int:
     result = quanta.target_of(qmodel)
     if result is not None:
         _console().print(str(result), markup=False, soft_wrap=True)
+    corrections = quanta.ptq.corrections_of(qmodel)
+    if corrections is not None:
+        _console().print(corrections.summary(), markup=False, soft_wrap=True)
     return 0
 
 

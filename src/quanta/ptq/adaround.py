@@ -6,9 +6,9 @@ each int8 conv/linear AdaRound learns, weight by weight, whether to round up or 
 layer's output on the calibration inputs *as the int8 model delivers them* matches the float
 model's output (both after the fused activation). Scales stay; int8 values move by at most one
 step from floor. Conv outputs are sampled (``rows`` output positions per layer, read as patches),
-so one optimization step is a batched matrix product. Layers run in execution order in
-``rounds`` groups, each group's inputs captured after the groups before it were rounded, within
-a wall-time budget; a layer whose learned rounding does not lower its output error keeps
+so one optimization step is a batched matrix product. Layers run one at a time in execution
+order, each one's inputs captured after every layer before it was rounded (a pass stops at the
+layer), within a wall-time budget; a layer whose learned rounding does not lower its output error keeps
 round-to-nearest, so the correction never makes a layer worse on the data it saw.
 """
 
@@ -33,7 +33,7 @@ from quanta.kernels.reference import apply_activation
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule
 from quanta.numerics.qparams import qrange
 from quanta.progress import progress
-from quanta.ptq.bias_correction import _first_tensor, correctable_layers
+from quanta.ptq.bias_correction import _first_tensor, _Stop, correctable_layers
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 _IMAGE_SEED = 1_000_003
@@ -100,7 +100,7 @@ def _float_targets(float_model: Any, qmodel: Any, layers: Sequence[tuple[LayerPl
     sampled positions."""
     plan = qmodel._quanta.plan
     source, got = {}, {lp.name: [] for lp, _ in layers}
-    by_name = dict(layers)
+    by_name = {lp.name: layer for lp, layer in layers}
     for lp, _ in layers:
         bns = [n for n in lp.fused if n in plan.layers and plan.layers[n].float_type.startswith("BatchNorm")]
         source[bns[-1] if bns else lp.name] = lp
@@ -118,7 +118,8 @@ def _float_targets(float_model: Any, qmodel: Any, layers: Sequence[tuple[LayerPl
 
 
 def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]],
-                 samplers: dict[str, _Sampler], batches: Sequence[Any]) -> dict[str, torch.Tensor | None]:
+                 samplers: dict[str, _Sampler], batches: Sequence[Any],
+                 stop_after: str | None) -> dict[str, torch.Tensor | None]:
     got: dict[str, list[torch.Tensor]] = {lp.name: [] for lp, _ in group}
     handles = []
     for lp, layer in group:
@@ -129,6 +130,8 @@ def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]]
                 x = module.dequantized_input(args[0])
                 for i in range(x.shape[0]):  # one image at a time: unfolded patches are large
                     got[name].append(samplers[name].take(_rows_of(module, x[i:i + 1])))
+            if name == stop_after:
+                raise _Stop
         handles.append(layer.register_forward_pre_hook(pre_hook))
     state = qmodel._quanta
     config = state.config
@@ -136,7 +139,10 @@ def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]]
     try:
         with torch.no_grad():
             for batch in batches:
-                call_with(qmodel, batch)
+                try:
+                    call_with(qmodel, batch)
+                except _Stop:
+                    pass
     finally:
         state.config = config
         for h in handles:
@@ -161,7 +167,8 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
-                activation: str, iterations: int, *, lr: float = 1e-2, weight: float = 1e-3) -> RoundingResult:
+                activation: str, iterations: int, *, lr: float = 1e-2,
+                weight: float = 1e-3) -> RoundingResult:
     """Learn the rounding of one layer's int8 weights (in place) on input rows ``x`` and float
     output rows ``target``; keep it only if it lowers the output error."""
     spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=layer.weight_bits or 8)
@@ -204,7 +211,7 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
 
 
 def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: float = 300.0,
-             rows: int = 2048, rounds: int = 4, min_iterations: int = 50, max_iterations: int = 1000,
+             rows: int = 2048, group: int = 1, min_iterations: int = 50, max_iterations: int = 1000,
              show_progress: bool = True) -> list[RoundingResult]:
     """AdaRound every int8 conv/linear of ``qmodel`` (in place) against ``float_model`` on
     ``batches`` within about ``seconds`` of wall time. Returns each layer's result, in order."""
@@ -215,15 +222,17 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
     samplers = {lp.name: _Sampler(i, per_image) for i, (lp, _) in enumerate(layers)}
     targets = _float_targets(float_model, qmodel, layers, samplers, batches, show_progress)
     layers = [(lp, layer) for lp, layer in layers if targets[lp.name] is not None]
-    size = math.ceil(len(layers) / max(1, rounds)) if layers else 1
     results: list[RoundingResult] = []
     plan = qmodel._quanta.plan
     done = 0
     bar = progress(range(len(layers)), total=len(layers), description="AdaRound", enabled=show_progress)
-    for g in range(0, len(layers), size):
-        group = layers[g:g + size]
-        inputs = _int8_inputs(qmodel, group, samplers, batches)
-        for lp, layer in group:
+    calls = {lp.name: samplers[lp.name].images for lp, _ in layers}  # float-side images seen
+    for g in range(0, len(layers), group):
+        members = layers[g:g + group]
+        last = members[-1][0].name
+        once = calls[last] == images  # called once per image: the pass can stop there
+        inputs = _int8_inputs(qmodel, members, samplers, batches, last if once else None)
+        for lp, layer in members:
             next(bar, None)
             x, target = inputs[lp.name], targets[lp.name]
             if x is None or x.shape[0] != target.shape[0]:

@@ -8,8 +8,8 @@ a folded BatchNorm) is compared with the same mean in the int8 model (its inputs
 model delivers them, through its dequantized weights and bias), and the difference is added to
 the int32 bias. Layers are corrected one at a time in execution order, the int8 model
 re-measured before each (a pass stops at the layer measured), so each layer sees every
-correction upstream of it and no drift is corrected twice. (The "empirical" variant of Nagel et al. 2019, "Data-Free
-Quantization Through Weight Equalization and Bias Correction".)
+correction upstream of it and no drift is corrected twice. (The "empirical" variant of
+Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias Correction".)
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def float_means(float_model: nn.Module, qmodel: nn.Module, layers: Sequence[tuple[LayerPlan, QuantizedModule]],
-                batches: Sequence[Any], show_progress: bool = True) -> dict[str, _ChannelMean]:
+def float_means(float_model: nn.Module, qmodel: nn.Module,
+                layers: Sequence[tuple[LayerPlan, QuantizedModule]], batches: Sequence[Any],
+                show_progress: bool = True) -> dict[str, _ChannelMean]:
     """Per layer, the per-channel mean of the float model's pre-activation output (after a
     folded BatchNorm: the value the int8 layer computes before its fused activation)."""
     plan = qmodel._quanta.plan
@@ -116,7 +117,8 @@ def float_means(float_model: nn.Module, qmodel: nn.Module, layers: Sequence[tupl
             means[source[name]].add(t)
 
     float_model.eval()
-    for batch in progress(batches, total=len(batches), description="bias correction: float", enabled=show_progress):
+    for batch in progress(batches, total=len(batches), description="bias correction: float",
+                          enabled=show_progress):
         tap_float(float_model, plan, set(source), batch, on_call=on_call)
     return means
 
