@@ -234,11 +234,15 @@ class HistogramObserver(Observer):
         return edges[bi].float(), edges[bj].float()
 
 
+MAX_CLIPPED = 1e-3  # the entropy observer's ranges clip at most this share of the values
+
+
 class EntropyObserver(HistogramObserver):
     """The range whose quantized histogram is closest to the observed one in KL divergence
     (the TensorRT-style calibration). Candidates shrink [min, max] towards 0 by a common
     factor; each is scored by KL(P || Q), with P the clipped histogram (outliers added to the
-    edge bins) and Q its projection onto the integer grid, spread over non-empty bins."""
+    edge bins) and Q the values inside the range projected onto the integer grid, spread over
+    non-empty bins. Ranges that clip more than ``MAX_CLIPPED`` of the values are not candidates."""
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = min(float(self.min_val), 0.0), max(float(self.max_val), 0.0)
@@ -247,7 +251,14 @@ class EntropyObserver(HistogramObserver):
         qmin, qmax = qrange(self.spec)
         levels = qmax - qmin + 1
         edges, used = self._edges()
-        hist = self.histogram[:used]
+        hist = self.histogram[:used].double().clone()
+        # the bin holding 0 scores like its neighbour: the exact zeros after a ReLU are a spike
+        # no bucket can average away, and left in, KL prefers ranges so narrow that each bucket
+        # is one bin (clipping most of the values). As NVIDIA's entropy calibrator does.
+        zero = min(used - 1, max(0, int(torch.searchsorted(edges, 0.0, right=True)) - 1))
+        if used > 1:
+            hist[zero] = hist[zero + 1] if zero + 1 < used else hist[zero - 1]
+        total = float(self.histogram[:used].sum())
         best, best_kl = 1.0, float("inf")
         for t in torch.linspace(0.05, 1.0, 96).tolist():
             a, b = lo * t, hi * t
@@ -255,15 +266,19 @@ class EntropyObserver(HistogramObserver):
             j = min(used, max(i + 1, int(torch.searchsorted(edges, b))))
             if j - i < levels:  # fewer bins than levels: KL cannot see rounding
                 continue
-            p = hist[i:j].clone()
+            inside = hist[i:j]
+            if float(self.histogram[:i].sum() + self.histogram[j:used].sum()) > MAX_CLIPPED * total:
+                continue  # spikes of constant values (a background) make KL favour such ranges
+            p = inside.clone()
             p[0] += hist[:i].sum()
             p[-1] += hist[j:].sum()
-            # project onto `levels` equal buckets over [edges[i], edges[j]]
+            # Q: the values inside the range (not the clipped ones: clipping must cost) projected
+            # onto `levels` equal buckets over [edges[i], edges[j]]
             bucket = ((edges[i:j] - edges[i]) / (edges[j] - edges[i]) * levels).long().clamp(max=levels - 1)
-            nonzero = (p > 0).double()
-            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, p)
+            nonzero = (inside > 0).double()
+            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, inside)
             count = torch.zeros(levels, dtype=torch.float64).index_add_(0, bucket, nonzero)
-            q = torch.where(p > 0, mass[bucket] / count[bucket].clamp(min=1), 0.0)
+            q = torch.where(inside > 0, mass[bucket] / count[bucket].clamp(min=1), 0.0)
             pn, qn = p / p.sum(), q / q.sum()
             kl = float(torch.sum(torch.where(pn > 0, pn * torch.log(pn / qn.clamp(min=1e-12)), 0.0)))
             if kl < best_kl:
