@@ -298,8 +298,11 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
             raise TypeError(f"quantize() got unexpected arguments: {', '.join(kwargs)}")
         from quanta.accuracy_target import quantize_to_target
 
-        return quantize_to_target(model, calibration_data, eval_fn, max_drop,
-                                  _resolve_config(config, "static", skip), order=order,
+        resolved = _resolve_config(config, "static", skip)
+        if resolved.equalize or resolved.adaround or resolved.bias_correction:
+            raise ValueError("max_drop= does not combine with equalize/adaround/bias_correction yet: its "
+                             "variants share one calibration and are not corrected; use one or the other")
+        return quantize_to_target(model, calibration_data, eval_fn, max_drop, resolved, order=order,
                                   example_inputs=example_inputs, max_batches=max_batches,
                                   show_progress=show_progress)
     if mode == "dynamic":

@@ -96,6 +96,9 @@ def test_corrections_refuse_what_they_cannot_do(data: dict) -> None:
     with pytest.raises(ValueError, match="inplace=False"):
         quanta.quantize(data["model"], data["calib"], config=quanta.QuantConfig(bias_correction=True),
                         inplace=True, show_progress=False)
+    with pytest.raises(ValueError, match="max_drop= does not combine"):
+        quanta.quantize(data["model"], data["calib"], config=quanta.QuantConfig(adaround=True),
+                        eval_fn=lambda m: 1.0, max_drop=0.1, show_progress=False)
     with pytest.raises(quanta.CalibrationError, match="empty"):
         quanta.quantize(data["model"], iter([]), example_inputs=data["x"][:2],
                         config=quanta.QuantConfig(bias_correction=True), show_progress=False)
