@@ -14,7 +14,6 @@ round-to-nearest, so the correction never makes a layer worse on the data it saw
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from quanta.capture.plan import LayerPlan
-from quanta.capture.record import call_with
 from quanta.config import QuantSpec
 from quanta.debug.compare import folded_float_layer
 from quanta.debug.taps import tap_float
@@ -33,7 +31,7 @@ from quanta.kernels.reference import apply_activation
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule
 from quanta.numerics.qparams import qrange
 from quanta.progress import progress
-from quanta.ptq.bias_correction import _first_tensor, _Stop, correctable_layers
+from quanta.ptq.bias_correction import _first_tensor, correctable_layers, int8_inputs
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 _IMAGE_SEED = 1_000_003
@@ -121,32 +119,14 @@ def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]]
                  samplers: dict[str, _Sampler], batches: Sequence[Any],
                  stop_after: str | None) -> dict[str, torch.Tensor | None]:
     got: dict[str, list[torch.Tensor]] = {lp.name: [] for lp, _ in group}
-    handles = []
-    for lp, layer in group:
+    for lp, _ in group:
         samplers[lp.name].reset()
 
-        def pre_hook(module: QuantizedModule, args: tuple, name: str = lp.name) -> None:
-            with torch._C.DisableTorchFunction():
-                x = module.dequantized_input(args[0])
-                for i in range(x.shape[0]):  # one image at a time: unfolded patches are large
-                    got[name].append(samplers[name].take(_rows_of(module, x[i:i + 1])))
-            if name == stop_after:
-                raise _Stop
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-    state = qmodel._quanta
-    config = state.config
-    state.config = dataclasses.replace(config, runtime="eager")  # the graph runtime skips hooks
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    call_with(qmodel, batch)
-                except _Stop:
-                    pass
-    finally:
-        state.config = config
-        for h in handles:
-            h.remove()
+    def on_input(name: str, layer: QuantizedModule, x: torch.Tensor) -> None:
+        for i in range(x.shape[0]):  # one image at a time: unfolded patches are large
+            got[name].append(samplers[name].take(_rows_of(layer, x[i:i + 1])))
+
+    int8_inputs(qmodel, group, batches, on_input, stop_after)
     return {name: torch.cat(rows) if rows else None for name, rows in got.items()}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,21 +124,21 @@ def float_means(float_model: nn.Module, qmodel: nn.Module,
 
 
 class _Stop(Exception):
-    """Raised by a hook once the group's last layer is measured: the rest of the forward is not
-    needed."""
+    """Raised by a hook once the last layer of interest has its input: the rest of the forward
+    is not needed."""
 
 
-def _quantized_means(qmodel: nn.Module, group: Sequence[tuple[LayerPlan, QuantizedModule]],
-                     batches: Sequence[Any], stop_after: str | None = None) -> dict[str, _ChannelMean]:
-    """Per layer of ``group``: the per-channel mean of its pre-activation output in the int8
-    model. ``stop_after``: a layer called once per forward, after which the forward stops."""
-    means = {lp.name: _ChannelMean(_channel_dim(layer)) for lp, layer in group}
+def int8_inputs(qmodel: nn.Module, layers: Sequence[tuple[LayerPlan, QuantizedModule]],
+                batches: Sequence[Any], on_input: Callable[[str, QuantizedModule, torch.Tensor], None],
+                stop_after: str | None = None) -> None:
+    """Run the int8 model eagerly on ``batches`` and pass each call of ``layers`` to
+    ``on_input(name, layer, x)`` with ``x`` the float value its int8 op sees (dequantized).
+    ``stop_after``: a layer called once per forward, after which the forward stops."""
     handles = []
-    for lp, layer in group:
+    for lp, layer in layers:
         def pre_hook(module: QuantizedModule, args: tuple, name: str = lp.name) -> None:
             with torch._C.DisableTorchFunction():
-                x = module.dequantized_input(args[0])
-                means[name].add(module.float_op(x, *module._float_params()))
+                on_input(name, module, module.dequantized_input(args[0]))
             if name == stop_after:
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(pre_hook))
@@ -156,6 +156,17 @@ def _quantized_means(qmodel: nn.Module, group: Sequence[tuple[LayerPlan, Quantiz
         state.config = config
         for h in handles:
             h.remove()
+
+
+def _quantized_means(qmodel: nn.Module, group: Sequence[tuple[LayerPlan, QuantizedModule]],
+                     batches: Sequence[Any], stop_after: str | None = None) -> dict[str, _ChannelMean]:
+    """Per layer of ``group``: the per-channel mean of its pre-activation output in the int8 model."""
+    means = {lp.name: _ChannelMean(_channel_dim(layer)) for lp, layer in group}
+
+    def on_input(name: str, layer: QuantizedModule, x: torch.Tensor) -> None:
+        means[name].add(layer.float_op(x, *layer._float_params()))
+
+    int8_inputs(qmodel, group, batches, on_input, stop_after)
     return means
 
 
