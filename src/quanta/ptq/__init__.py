@@ -39,20 +39,20 @@ class Corrections:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One line per correction applied."""
+        """One line per correction applied, in the order they ran."""
         lines = []
         if self.equalization is not None:
             lines.append(self.equalization.table().splitlines()[0])
+        if self.bias:
+            worst = max(self.bias, key=lambda b: b.relative)
+            lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
+                         f"the output's rms ({worst.name}; {self.seconds.get('bias_correction', 0):.0f} s)")
         if self.rounding:
             kept = [r for r in self.rounding if r.kept]
             gain = sum(r.error_nearest for r in kept) / max(1e-30, sum(r.error_learned for r in kept))
             lines.append(f"AdaRound: learned rounding kept in {len(kept)} of {len(self.rounding)} layers "
                          f"(output error on the calibration rows {gain:.2f}x lower than round-to-nearest; "
                          f"{self.seconds.get('adaround', 0):.0f} s)")
-        if self.bias:
-            worst = max(self.bias, key=lambda b: b.relative)
-            lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
-                         f"the output's rms ({worst.name}; {self.seconds.get('bias_correction', 0):.0f} s)")
         return "\n".join(lines)
 
 
