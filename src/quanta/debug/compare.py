@@ -146,14 +146,20 @@ def _isolated(qmodel: nn.Module, lp: LayerPlan, fcall: Call, qcall: Call | None)
         return site.run(fcall.func, args, fcall.kwargs)
 
 
-def _reference(lp: LayerPlan, plan: Plan, fcalls: dict[str, list[Call]], i: int) -> torch.Tensor | None:
-    """The float value the int8 site computes in call ``i``: its output, after a folded
-    BatchNorm and the fused activation."""
+def pre_activation_source(lp: LayerPlan, plan: Plan) -> str:
+    """The float-model site whose output an int8 layer computes before its fused activation:
+    its last folded BatchNorm, else the layer itself."""
     source = lp.name
     for name in lp.fused:
         if plan.layers.get(name) is not None and plan.layers[name].float_type.startswith("BatchNorm"):
             source = name
-    calls = fcalls.get(source, [])
+    return source
+
+
+def _reference(lp: LayerPlan, plan: Plan, fcalls: dict[str, list[Call]], i: int) -> torch.Tensor | None:
+    """The float value the int8 site computes in call ``i``: its output, after a folded
+    BatchNorm and the fused activation."""
+    calls = fcalls.get(pre_activation_source(lp, plan), [])
     if i >= len(calls):
         return None
     out = tensors(calls[i].out)

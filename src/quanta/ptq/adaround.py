@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from quanta.capture.plan import LayerPlan
 from quanta.config import QuantSpec
-from quanta.debug.compare import folded_float_layer
+from quanta.debug.compare import folded_float_layer, pre_activation_source
 from quanta.debug.taps import tap_float
 from quanta.kernels.reference import apply_activation
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule
@@ -100,8 +100,7 @@ def _float_targets(float_model: Any, qmodel: Any, layers: Sequence[tuple[LayerPl
     source, got = {}, {lp.name: [] for lp, _ in layers}
     by_name = {lp.name: layer for lp, layer in layers}
     for lp, _ in layers:
-        bns = [n for n in lp.fused if n in plan.layers and plan.layers[n].float_type.startswith("BatchNorm")]
-        source[bns[-1] if bns else lp.name] = lp
+        source[pre_activation_source(lp, plan)] = lp
 
     def on_call(name: str, out: Any) -> None:
         lp, y = source[name], _first_tensor(out)
@@ -196,7 +195,7 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
     """AdaRound every int8 conv/linear of ``qmodel`` (in place) against ``float_model`` on
     ``batches`` within about ``seconds`` of wall time. Returns each layer's result, in order."""
     start = time.monotonic()
-    layers = [(lp, layer) for lp, layer in correctable_layers(qmodel)]
+    layers = correctable_layers(qmodel)
     images = sum(_first_tensor(b).shape[0] if _first_tensor(b) is not None else 1 for b in batches)
     per_image = max(1, math.ceil(rows / max(1, images)))
     samplers = {lp.name: _Sampler(i, per_image) for i, (lp, _) in enumerate(layers)}

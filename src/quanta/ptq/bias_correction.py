@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from quanta.capture.plan import LayerPlan
 from quanta.capture.record import call_with
+from quanta.debug.compare import pre_activation_source
 from quanta.debug.taps import tap_float
 from quanta.modules import opsites
 from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, QuantizedModule
@@ -107,8 +108,7 @@ def float_means(float_model: nn.Module, qmodel: nn.Module,
     source: dict[str, str] = {}
     means: dict[str, _ChannelMean] = {}
     for lp, layer in layers:
-        bns = [n for n in lp.fused if n in plan.layers and plan.layers[n].float_type.startswith("BatchNorm")]
-        source[bns[-1] if bns else lp.name] = lp.name
+        source[pre_activation_source(lp, plan)] = lp.name
         means[lp.name] = _ChannelMean(_channel_dim(layer))
 
     def on_call(name: str, out: Any) -> None:
