@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import quanta
-from quanta.io.executorch_export import XnnpackSteps, load_pte, lower_executorch, run_pte
+from quanta.io.executorch_export import XnnpackSteps, delegate_to_xnnpack, load_pte, lower_executorch, run_pte
 from quanta.io.onnx_export import _ExportQuantized, export_twin
 from quanta.kernels import reference
 from quanta.modules.quantized import QuantizedModule
@@ -120,11 +120,8 @@ def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, i
             return tuple(op(i) for op, i in zip(self.ops, inputs, strict=True))
 
     inputs = tuple(seen[n][0].dequantize() if isinstance(seen[n][0], QTensor) else seen[n][0] for n in names)
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    edge = to_edge_transform_and_lower(torch.export.export(Branches(), inputs),
-                                       partitioner=[XnnpackPartitioner()])
+    branches = Branches()
+    edge = delegate_to_xnnpack(branches, torch.export.export(branches, inputs))  # as the export does
     (tmp_path / "ops.pte").write_bytes(edge.to_executorch().buffer)
     outs = load_pte(tmp_path / "ops.pte").execute(list(inputs))
     total = equal = within = 0
@@ -135,6 +132,64 @@ def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, i
         total, equal = total + diff.numel(), equal + int((diff == 0).sum())
         within += int((diff <= 1).sum())
     return total, equal, within
+
+
+class _Small(torch.nn.Module):
+    """Every shape of int8 conv XNNPACK runs: strided, depthwise (ReLU6), 1x1 (ReLU), 3x3 with
+    no activation (a nonzero output zero point), all with BatchNorm folded in."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        shapes = [(3, c, 3, 2, 1), (c, c, 3, 1, c), (c, 2 * c, 1, 1, 1), (2 * c, c, 3, 1, 1), (c, c, 1, 1, 1)]
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(i, o, k, s, k // 2, groups=g)
+                                          for i, o, k, s, g in shapes])
+        self.bns = torch.nn.ModuleList([torch.nn.BatchNorm2d(conv.out_channels) for conv in self.convs])
+        for bn in self.bns:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = [torch.relu, torch.nn.functional.relu6, torch.relu, lambda t: t, torch.relu]
+        for conv, bn, act in zip(self.convs, self.bns, acts, strict=True):
+            x = act(bn(conv(x)))
+        return x.mean((2, 3))
+
+
+def test_xnnpack_int8_convs_bit_exact_with_int32_bias(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every delegated int8 conv equals quanta's reference bit for bit, fed the reference's int8
+    input: the requantization (f32(acc) * f32(f32(s_x * s_w) / s_y), half-even) is XNNPACK's
+    own. XNNPACK gets quanta's int32 bias itself: handed as the float it stands for, ExecuTorch
+    quantized it back with a float32 reciprocal, off by one or more for |b| >= 2^22."""
+    from executorch.backends.xnnpack.operators import quant_params
+
+    handed: list[torch.Tensor] = []
+    original = quant_params.QuantParams.quantize_tensor
+
+    def record(self: quant_params.QuantParams, tensor: torch.Tensor) -> torch.Tensor:
+        out = original(self, tensor)
+        if self.dtype == torch.int32:
+            handed.append(out.clone())
+        return out
+
+    monkeypatch.setattr(quant_params.QuantParams, "quantize_tensor", record)
+    torch.manual_seed(0)
+    model = _Small().eval()
+    calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    q = quanta.quantize(model, calibration, config=REFERENCE, show_progress=False)
+    big = q.get_submodule("convs.2")  # biases of dead BatchNorm channels reach 2^30
+    signs = torch.where(torch.rand(big.bias.shape) < 0.5, -1, 1)
+    big.bias.copy_((torch.randint(2**22, 2**29, big.bias.shape) * signs).to(torch.int32))
+    total, equal, within = _per_op(q, torch.randn(2, 3, 32, 32), tmp_path)
+    assert total == 2 * 16 * 16 * (16 + 16 + 32 + 16) and equal == total, (equal, total)
+    biases = [m.bias for m in q.modules() if isinstance(m, QuantizedModule) and m.output_int8]
+    assert len(handed) == len(biases) == 4
+    assert all(any(torch.equal(h, b) for h in handed) for b in biases)
+    handed.clear()
+    program, info = lower_executorch(q, torch.randn(1, 3, 32, 32))  # the whole model's lowering too
+    assert any(torch.equal(h, big.bias) for h in handed) and info.counts()["int8"] >= 4, info.summary()
 
 
 def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, float]:
