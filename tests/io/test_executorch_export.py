@@ -63,13 +63,32 @@ def test_mnist_cnn_pte_matches_reference(tmp_path: Path) -> None:
     assert not (tmp_path / "strict.pte").exists()
 
 
-def test_xnnpack_int8_add_against_reference_on_every_pair(tmp_path: Path) -> None:
-    """XNNPACK's int8 add on every (a, b) uint8 pair against quanta's reference add (ONNX
-    Runtime's arithmetic): the one int8 op whose rounding differs. XNNPACK requantizes with
-    fixed-point multipliers, so a few pairs near a rounding tie land one LSB away."""
+def _xnnpack_add(a_q: torch.Tensor, b_q: torch.Tensor, qp: tuple) -> torch.Tensor:
+    """XNNPACK's int8 add as its source defines it (``xnn_init_qs8_add_minmax_scalar_params`` and
+    the qs8-vadd kernels, on quanta's uint8 values shifted to int8): the float32 scale ratios
+    ``s_a / s_y``, ``s_b / s_y`` become integer multipliers with 20-21 significant bits, and
+    ``(bias + a * m_a + b * m_b) >> shift`` rounds half up through the bias's ``2^(shift-1)``."""
+    sa, za, sb, zb, sy, zy = qp
+    f32 = torch.float32
+    ratios = torch.tensor([sa, sb], dtype=f32) / torch.tensor(sy, dtype=f32)
+    exponent = int(torch.frexp(ratios.max()).exponent) - 1  # floor(log2) of the larger ratio
+    shift = 20 - exponent
+    m_a, m_b = (int(torch.round(r * 2.0**shift)) for r in ratios)  # exact scaling, lrintf
+    bias = (1 << (shift - 1)) - m_a * (za - 128) - m_b * (zb - 128)
+    acc = bias + (a_q.long() - 128) * m_a + (b_q.long() - 128) * m_b
+    return (torch.div(acc, 2**shift, rounding_mode="floor") + zy).clamp(0, 255)
+
+
+@pytest.mark.parametrize("qp", [(0.0213, 117, 0.0377, 9, 0.0419, 131),
+                                (0.0623757, 153, 0.0398099, 104, 0.0438051, 151)])
+def test_xnnpack_int8_add_against_reference_on_every_pair(tmp_path: Path, qp: tuple) -> None:
+    """XNNPACK's int8 add on every (a, b) uint8 pair: exactly the fixed-point arithmetic of its
+    source (``_xnnpack_add``), which differs from quanta's reference add (ONNX Runtime's float
+    multiply-adds, half-even) by one LSB on a few pairs (ties it rounds up, and pairs within
+    ~2^-20 of a tie): the one int8 op XNNPACK cannot run bit-exactly, whatever the export hands it.
+    Emulated over 200 random qparams, 1.9e-5 of in-range pairs differ (a third exact ties)."""
     steps = XnnpackSteps()
-    sa, sb, sy = (float(torch.tensor(v, dtype=torch.float32)) for v in (0.0213, 0.0377, 0.0419))
-    qp = (sa, 117, sb, 9, sy, 131)  # float32 scales, as a model's qparams are
+    qp = tuple(float(torch.tensor(v, dtype=torch.float32)) if i % 2 == 0 else v for i, v in enumerate(qp))
 
     class Add(torch.nn.Module):
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,11 +105,11 @@ def test_xnnpack_int8_add_against_reference_on_every_pair(tmp_path: Path) -> Non
     (tmp_path / "add.pte").write_bytes(edge.to_executorch().buffer)
     got = run_pte(load_pte(tmp_path / "add.pte"), a, b)
     got_q = reference.quantize_per_tensor(got, *qp[4:6]).int()
+    assert torch.equal(got_q, _xnnpack_add(a_q, b_q, qp).int())
     ours = reference.add(a_q, qp[0], qp[1], b_q, qp[2], qp[3], qp[4], qp[5]).int()
     diff = (got_q - ours).abs()
-    print("add pairs equal", float((diff == 0).float().mean()), "max", int(diff.max()))
-    assert int(diff.max()) <= 1
-    assert float((diff == 0).float().mean()) >= 0.999, float((diff == 0).float().mean())
+    print("add pairs differing", int((diff != 0).sum()), "max", int(diff.max()))
+    assert int(diff.max()) <= 1 and int((diff != 0).sum()) <= 10  # measured 0 and 5 of 65536
 
 
 def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, int, int]:
@@ -214,10 +233,10 @@ def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, 
 def test_resnet18_pte(tmp_path: Path) -> None:
     r = _vision("resnet18", tmp_path)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 30, r  # measured 31 int8 ops
-    # measured: per op 99.54 % equal, 100 % within one LSB; end to end 92.6 % within one quantum
-    # in CI (100 % on other runs of the branch): single-LSB flips near XNNPACK's requantization ties
-    # compound through the residual blocks (the issue's 99 % is not met for ResNet-18; see notes)
-    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    # measured: every int8 conv bit-exact per op; end to end 92.6 % within one quantum (top-1 1.0):
+    # XNNPACK's int8 add rounds a few elements one LSB the other way (fixed-point multipliers,
+    # see the add test) and the residual blocks compound them (the issue's 99 % is not met)
+    assert r["per_op_equal"] == 1.0, r
     assert r["within"] >= 0.9 and r["top1"] == 1.0 and r["cosine"] >= 0.999, r
 
 
@@ -226,11 +245,12 @@ def test_resnet18_pte(tmp_path: Path) -> None:
 def test_mobilenet_v2_pte(tmp_path: Path) -> None:
     r = _vision("mobilenet_v2", tmp_path, calibrate_bn=True)
     assert r["portable"] == 0 and r["fp32"] == 1 and r["int8"] >= 60, r  # measured 65 int8 ops
-    # measured: per op 99.83 % equal and 100 % within one LSB, but end to end only 34 % within one
-    # quantum (top-1 1.0, min cosine 0.981): XNNPACK's conv rounds ~0.2 % of outputs one LSB the
-    # other way (near ties of its f32 requantization), and this random-weight net fans each flip out
-    # (the ONNX export measured 60-71 % when its reference differed from ORT only at ties)
-    assert r["per_op_within"] >= 0.999 and r["per_op_equal"] >= 0.99, r
+    # measured: every int8 conv bit-exact per op (52 layers, 1.09 M outputs), but end to end only
+    # 34 % within one quantum (top-1 1.0, min cosine 0.981): XNNPACK's int8 residual add rounds
+    # ~1e-4 of its outputs one LSB the other way (fixed-point multipliers, see the add test), and
+    # this random-weight net fans each flip out (the ONNX export measured 60-71 % when its
+    # reference differed from ORT only at ties)
+    assert r["per_op_equal"] == 1.0, r
     assert r["top1"] == 1.0 and r["cosine"] >= 0.95, r
 
 
