@@ -155,7 +155,7 @@ def _per_op(q: torch.nn.Module, x: torch.Tensor, tmp_path: Path) -> tuple[int, i
 
 class _Small(torch.nn.Module):
     """Every shape of int8 conv XNNPACK runs: strided, depthwise (ReLU6), 1x1 (ReLU), 3x3 with
-    no activation (a nonzero output zero point), all with BatchNorm folded in."""
+    no activation (a nonzero output zero point), all with BatchNorm folded in; an int8 linear."""
 
     def __init__(self, c: int = 16) -> None:
         super().__init__()
@@ -163,6 +163,7 @@ class _Small(torch.nn.Module):
         self.convs = torch.nn.ModuleList([torch.nn.Conv2d(i, o, k, s, k // 2, groups=g)
                                           for i, o, k, s, g in shapes])
         self.bns = torch.nn.ModuleList([torch.nn.BatchNorm2d(conv.out_channels) for conv in self.convs])
+        self.fc1, self.fc2 = torch.nn.Linear(c, 2 * c), torch.nn.Linear(2 * c, 10)
         for bn in self.bns:
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
@@ -173,7 +174,7 @@ class _Small(torch.nn.Module):
         acts = [torch.relu, torch.nn.functional.relu6, torch.relu, lambda t: t, torch.relu]
         for conv, bn, act in zip(self.convs, self.bns, acts, strict=True):
             x = act(bn(conv(x)))
-        return x.mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
 
 
 def test_xnnpack_int8_convs_bit_exact_with_int32_bias(tmp_path: Path,
@@ -202,13 +203,13 @@ def test_xnnpack_int8_convs_bit_exact_with_int32_bias(tmp_path: Path,
     signs = torch.where(torch.rand(big.bias.shape) < 0.5, -1, 1)
     big.bias.copy_((torch.randint(2**22, 2**29, big.bias.shape) * signs).to(torch.int32))
     total, equal, within = _per_op(q, torch.randn(2, 3, 32, 32), tmp_path)
-    assert total == 2 * 16 * 16 * (16 + 16 + 32 + 16) and equal == total, (equal, total)
+    assert total == 2 * 16 * 16 * (16 + 16 + 32 + 16) + 2 * 32 and equal == total, (equal, total)
     biases = [m.bias for m in q.modules() if isinstance(m, QuantizedModule) and m.output_int8]
-    assert len(handed) == len(biases) == 4
+    assert len(handed) == len(biases) == 5
     assert all(any(torch.equal(h, b) for h in handed) for b in biases)
     handed.clear()
     program, info = lower_executorch(q, torch.randn(1, 3, 32, 32))  # the whole model's lowering too
-    assert any(torch.equal(h, big.bias) for h in handed) and info.counts()["int8"] >= 4, info.summary()
+    assert any(torch.equal(h, big.bias) for h in handed) and info.counts()["int8"] >= 5, info.summary()
 
 
 def _vision(name: str, tmp_path: Path, calibrate_bn: bool = False) -> dict[str, float]:
