@@ -10,7 +10,10 @@ quanta's own (no re-calibration): per-channel int8 weights, the int32 bias at ``
 w_scale`` (traced as the float it stands for; the delegate gets the int32 itself, see
 ``delegate_to_xnnpack``), calibrated activation qparams. XNNPACK computes on signed int8 (qs8):
 quanta's uint8 value ``q`` with zero point ``z`` is the int8 value ``q - 128`` with zero point
-``z - 128``, exactly.
+``z - 128``, exactly. Every delegated int8 conv/linear then equals quanta's reference bit for
+bit (XNNPACK's requantization is quanta's); XNNPACK's int8 add is fixed-point (20-21-bit integer
+multipliers, ties rounded up) and lands one LSB from quanta's on ~2e-5 of input pairs, which the
+export cannot change (tests/io/test_executorch_export.py pins both).
 
 What XNNPACK cannot run in int8 (``io/delegation.py``: fused SiLU/sigmoid/GELU/hard-swish, float
 outputs) is written with quanta's integer values in float and runs in XNNPACK's fp32 kernels;
