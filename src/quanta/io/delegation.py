@@ -22,7 +22,7 @@ XNNPACK_OPS: dict[str, str] = {
     "convolution": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "linear": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "addmm": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
-    "add": "int8",
+    "add": "int8 (fixed-point: one LSB from quanta's add on ~2e-5 of input pairs)",
     "mul": "int8 (squeeze-excite gate)",
     "cat": "int8 (2 to 5 inputs)",
     "max_pool2d": "int8",

@@ -7,9 +7,13 @@ quanta's plan) with its steps written as torch ops, ``quantized_decomposed.quant
 / ``dequantize_per_tensor`` / ``dequantize_per_channel``. ``torch.export`` captures it and
 XNNPACK's partitioner fuses each ``dequantize -> op -> quantize`` into an int8 op. The numbers are
 quanta's own (no re-calibration): per-channel int8 weights, the int32 bias at ``x_scale *
-w_scale`` (written as the float it stands for; XNNPACK quantizes it back to the same integers),
-calibrated activation qparams. XNNPACK computes on signed int8 (qs8): quanta's uint8 value ``q``
-with zero point ``z`` is the int8 value ``q - 128`` with zero point ``z - 128``, exactly.
+w_scale`` (traced as the float it stands for; the delegate gets the int32 itself, see
+``delegate_to_xnnpack``), calibrated activation qparams. XNNPACK computes on signed int8 (qs8):
+quanta's uint8 value ``q`` with zero point ``z`` is the int8 value ``q - 128`` with zero point
+``z - 128``, exactly. Every delegated int8 conv/linear then equals quanta's reference bit for
+bit (XNNPACK's requantization is quanta's); XNNPACK's int8 add is fixed-point (20-21-bit integer
+multipliers, ties rounded up) and lands one LSB from quanta's on ~2e-5 of input pairs, which the
+export cannot change (tests/io/test_executorch_export.py pins both).
 
 What XNNPACK cannot run in int8 (``io/delegation.py``: fused SiLU/sigmoid/GELU/hard-swish, float
 outputs) is written with quanta's integer values in float and runs in XNNPACK's fp32 kernels;
@@ -79,8 +83,8 @@ class XnnpackSteps(Steps):
             shape = [-1] + [1] * (w_q.dim() - 1)
             m.register_buffer("weight_float", (w_q.double() * m.weight_scale.double().reshape(shape)).float())
         if m.has_bias:
-            # the float the int32 bias stands for; XNNPACK divides by the same f32 scale
-            # (x_scale * w_scale) and rounds back to quanta's integers (exact for |b| < 2^22)
+            # the float the int32 bias stands for, for tracing and for XNNPACK's fp32 kernels; an
+            # int8 op delegated to XNNPACK gets quanta's int32 ``bias`` itself (delegate_to_xnnpack)
             m.register_buffer("bias_float", (q.bias.double() * m.bias_scale.double()).float())
 
     def weight(self, m: _ExportQuantized) -> torch.Tensor:
@@ -109,9 +113,6 @@ def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
 
     ``strict``: raise ``UnsupportedModelError`` naming the layer and op when any op quanta runs
     in int8 would not run in int8 in XNNPACK, or any op stays outside the delegate."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
     steps = XnnpackSteps()
     wrapper, tracker = export_twin(model, "int8", steps)
     info = delegation.Delegation()
@@ -130,7 +131,7 @@ def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
         raise UnsupportedModelError(f"ExecuTorch export: torch.export failed on the model: {e}") from e
     finally:
         tracker.remove()
-    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    edge = delegate_to_xnnpack(wrapper, exported)
     program = edge.exported_program()
     gm = program.graph_module
     for node in gm.graph.nodes:
@@ -146,6 +147,57 @@ def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
         raise UnsupportedModelError(f"ExecuTorch export: XNNPACK cannot take {op!r} in {layer!r} ({why}); "
                                     f"{len(info.portable)} ops outside the delegate")
     return edge.to_executorch(), info
+
+
+def delegate_to_xnnpack(module: torch.nn.Module, exported: Any) -> Any:
+    """``exported`` (``torch.export`` of ``module``, which holds export-twin layers) in the edge
+    dialect with its ops delegated to XNNPACK; every delegated int8 conv/linear of ``module``
+    gets quanta's int32 bias (see ``_int32_bias_lowering``)."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    biases = {f"{name}.bias_float": m.bias for name, m in module.named_modules()
+              if isinstance(m, _ExportQuantized) and m.xnnpack_int8 and m.has_bias}
+    find_program, partitioner = _int32_bias_lowering(biases)
+    return to_edge_transform_and_lower(exported, transform_passes=[find_program], partitioner=[partitioner])
+
+
+def _int32_bias_lowering(biases: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """A pass and XNNPACK's partitioner that hand each delegated int8 conv/linear quanta's int32
+    bias instead of the float it stands for.
+
+    XNNPACK accepts a bias only as a constant parameter, and the graph holds the float one:
+    ExecuTorch quantizes it to int32 at ``x_scale * w_scale`` with ``round(b * f32(1 / scale))``
+    in float32, which gives back quanta's integer only for about ``|b| < 2^22`` (15 % of biases in
+    [2^22, 2^23) come back off by one, larger ones by more; BatchNorm-folded dead channels reach
+    2^30). A parameter that already holds int32 is taken as it is, so once the partitioner has
+    tagged a layer's float bias for XNNPACK, the program's constant is replaced by its int32.
+    The partitioner itself sees a copy with fake constants and the lowering reads the real
+    program's: the pass, run on the real program just before partitioning, hands it over."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+
+    class Int32Bias(XnnpackPartitioner):
+        program: Any = None
+
+        def partition(self, exported_program: Any) -> Any:
+            result = super().partition(exported_program)
+            buffers = exported_program.graph_signature.inputs_to_buffers
+            for node in result.tagged_exported_program.graph.nodes:
+                key = buffers.get(node.name) if node.op == "placeholder" else None
+                if key in biases and "delegation_tag" in node.meta:
+                    if self.program is None or key not in self.program.state_dict:
+                        raise RuntimeError(f"ExecuTorch export: cannot reach the constant {key!r}")
+                    self.program.state_dict[key] = biases[key]
+            return result
+
+    partitioner = Int32Bias()
+
+    class FindProgram(ExportedProgramPassBase):
+        def call(self, exported_program: Any) -> Any:
+            partitioner.program = exported_program
+            return ExportedProgramPassResult(exported_program, False)
+
+    return FindProgram(), partitioner
 
 
 def _layer(name: str) -> str:
