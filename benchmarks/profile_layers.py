@@ -1,0 +1,187 @@
+"""Where the time goes: quanta static int8 against OpenVINO int8 (NNCF), per op kind, one model at
+a time, batch 1 (issue 17, item 1).
+
+    python benchmarks/profile_layers.py                          # the five CNNs of issue 17
+    python benchmarks/profile_layers.py --models mobilenetv2_w1 --batch 8
+
+quanta side: wall time per forward (median), and oneDNN's own execution time per primitive
+(``ONEDNN_VERBOSE=profile_exec``, read in a child process), summed per kind (dense conv,
+depthwise conv, matmul, other); the rest of the wall time is quanta's glue: Python per op,
+native elementwise kernels (residual add, Hardswish/Swish/Sigmoid, SE scale) and torch ops.
+OpenVINO side: its per-node profile (``PERF_COUNT``), summed per node type and execution type
+(which kernel ran), and its wall time per request. Random pytorchcv weights, BatchNorm set
+from the calibration images (as in bench_sweep.py), 2 threads. Writes results/profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = "resnet18,mobilenetv2_w1,mobilenetv3_large_w1,mnasnet_b1,efficientnet_b0"
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=MODELS)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # internal: quanta side, one model
+    return p.parse_args()
+
+
+def _setup(name: str, batch: int) -> tuple:
+    import torch
+
+    from quanta.zoo import architectures as arches
+    from quanta.zoo.vision import calibrate_batchnorm
+
+    torch.set_num_threads(2)
+    arch = next(a for a in arches.SWEEP if a.name == name)
+    model = arches.build(arch)
+    calib = [(arches.images(arch, 4, seed=s),) for s in range(4)]
+    calibrate_batchnorm(model, [c[0] for c in calib])
+    return model, calib, (arches.images(arch, batch, seed=99),)
+
+
+def _wall(run, x: tuple, reps: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _quanta_child(name: str, batch: int, reps: int) -> None:
+    """Runs with ONEDNN_VERBOSE=profile_exec: prints a marker line before each timed forward."""
+    import torch
+
+    import quanta
+
+    model, calib, x = _setup(name, batch)
+    q = quanta.quantize(model, calib, show_progress=False)
+    with torch.no_grad():
+        for _ in range(3):
+            q(*x)
+        for _ in range(reps):
+            print("PROFILE_FORWARD", flush=True)
+            q(*x)
+        print("PROFILE_END", flush=True)
+        os.environ["ONEDNN_VERBOSE"] = "0"
+    print("PROFILE_STATUS", quanta.runtime_status(q), flush=True)
+
+
+def _kind(line: str) -> str:
+    parts = line.split(",")
+    prim, shape = parts[5], parts[-2]
+    if prim == "convolution":
+        # depthwise: groups = channels (oneDNN writes g<N> in the shape)
+        return "depthwise conv" if shape.startswith("g") or "_g" in shape else "conv"
+    return prim
+
+
+def quanta_profile(name: str, batch: int, reps: int) -> dict:
+    env = {**os.environ, "ONEDNN_VERBOSE": "profile_exec"}
+    cmd = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--reps", str(reps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    per_forward: list[collections.Counter] = []
+    for line in out:
+        if line.startswith("PROFILE_FORWARD"):
+            per_forward.append(collections.Counter())
+        elif line.startswith("PROFILE_END"):
+            break
+        elif line.startswith("onednn_verbose") and ",exec," in line and per_forward:
+            per_forward[-1][_kind(line)] += float(line.rsplit(",", 1)[1])
+    kinds = sorted({k for c in per_forward for k in c})
+    status = next((line.split(" ", 1)[1] for line in out if line.startswith("PROFILE_STATUS")), "")
+    return {"onednn_ms": {k: round(statistics.median(c[k] for c in per_forward), 3) for k in kinds},
+            "runtime": status}
+
+
+def quanta_wall(name: str, batch: int, reps: int) -> tuple[float, float]:
+    import torch
+
+    import quanta
+
+    model, calib, x = _setup(name, batch)
+    q = quanta.quantize(model, calib, show_progress=False)
+    with torch.no_grad():
+        q(*x)
+        fp32 = _wall(lambda a: model(*a), x, reps)
+        return _wall(lambda a: q(*a), x, reps), fp32
+
+
+def openvino_profile(name: str, batch: int, reps: int) -> dict:
+    import nncf
+    import openvino as ov
+
+    sys.path.insert(0, HERE)
+    from bench_openvino import _convert
+
+    model, calib, x = _setup(name, batch)
+    ov_model = _convert(model, x)
+    data = nncf.Dataset(calib, lambda b: [t.numpy() for t in b])
+    int8 = nncf.quantize(ov_model, data, subset_size=len(calib))
+    config = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
+    compiled = ov.Core().compile_model(int8, "CPU", config)
+    request = compiled.create_infer_request()
+    inputs = [t.numpy() for t in x]
+    for _ in range(3):
+        request.infer(inputs)
+    by_type: list[collections.Counter] = []
+    kernels: collections.Counter = collections.Counter()
+    walls = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        request.infer(inputs)
+        walls.append(time.perf_counter() - t0)
+        c: collections.Counter = collections.Counter()
+        for info in request.get_profiling_info():
+            us = info.real_time.total_seconds() * 1e6
+            if us > 0:
+                c[info.node_type] += us / 1e3
+                kernels[f"{info.node_type}:{info.exec_type}"] += 1
+        by_type.append(c)
+    types = sorted({k for c in by_type for k in c})
+    return {"wall_ms": round(statistics.median(walls) * 1e3, 3),
+            "node_ms": {k: round(statistics.median(c[k] for c in by_type), 3) for k in types},
+            "kernels": sorted({k.split(":", 1)[1] for k in kernels if k.startswith("Convolution")})}
+
+
+def main() -> None:
+    args = _args()
+    if args.child:
+        return _quanta_child(args.child, args.batch, args.reps)
+    from quanta.kernels.cpu import isa_summary, model_name
+
+    results = []
+    for name in args.models.split(","):
+        wall, fp32 = quanta_wall(name, args.batch, args.reps)
+        prof = quanta_profile(name, args.batch, args.reps)
+        ov = openvino_profile(name, args.batch, args.reps)
+        onednn = sum(prof["onednn_ms"].values())
+        row = {"model": name, "batch": args.batch, "torch_fp32_ms": round(fp32, 3),
+               "quanta": {"wall_ms": round(wall, 3), **prof, "glue_ms": round(wall - onednn, 3)},
+               "openvino_int8": ov}
+        results.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    import torch
+
+    path = os.path.join(HERE, "results", f"profile_b{args.batch}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"cpu": model_name(), "isa": isa_summary(), "machine": platform.machine(),
+                   "torch": torch.__version__, "threads": 2, "results": results}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
