@@ -10,7 +10,8 @@ depthwise conv, matmul, other); the rest of the wall time is quanta's glue: Pyth
 native elementwise kernels (residual add, Hardswish/Swish/Sigmoid, SE scale) and torch ops.
 OpenVINO side: its per-node profile (``PERF_COUNT``), summed per node type and execution type
 (which kernel ran), and its wall time per request. Random pytorchcv weights, BatchNorm set
-from the calibration images (as in bench_sweep.py), 2 threads. Writes results/profile.json.
+from the calibration images (as in bench_sweep.py), 2 threads, glibc's allocator tuned as in
+run_all.py (no page-fault churn on large outputs). Writes results/profile_b<batch>.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+
+_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+if os.environ.get("GLIBC_TUNABLES") != _TUNABLES:  # same allocator settings as run_all.py
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": _TUNABLES})
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = "resnet18,mobilenetv2_w1,mobilenetv3_large_w1,mnasnet_b1,efficientnet_b0"
