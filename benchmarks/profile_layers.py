@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 _TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
 if os.environ.get("GLIBC_TUNABLES") != _TUNABLES:  # same allocator settings as run_all.py
@@ -81,7 +82,6 @@ def _quanta_child(name: str, batch: int, reps: int) -> None:
             print("PROFILE_FORWARD", flush=True)
             q(*x)
         print("PROFILE_END", flush=True)
-        os.environ["ONEDNN_VERBOSE"] = "0"
     print("PROFILE_STATUS", quanta.runtime_status(q), flush=True)
 
 
@@ -112,12 +112,11 @@ def quanta_profile(name: str, batch: int, reps: int) -> dict:
             "runtime": status}
 
 
-def quanta_wall(name: str, batch: int, reps: int) -> tuple[float, float]:
+def quanta_wall(model: Any, calib: list, x: tuple, reps: int) -> tuple[float, float]:
     import torch
 
     import quanta
 
-    model, calib, x = _setup(name, batch)
     q = quanta.quantize(model, calib, show_progress=False)
     with torch.no_grad():
         q(*x)
@@ -125,14 +124,13 @@ def quanta_wall(name: str, batch: int, reps: int) -> tuple[float, float]:
         return _wall(lambda a: q(*a), x, reps), fp32
 
 
-def openvino_profile(name: str, batch: int, reps: int) -> dict:
+def openvino_profile(model: Any, calib: list, x: tuple, reps: int) -> dict:
     import nncf
     import openvino as ov
 
     sys.path.insert(0, HERE)
     from bench_openvino import _convert
 
-    model, calib, x = _setup(name, batch)
     ov_model = _convert(model, x)
     data = nncf.Dataset(calib, lambda b: [t.numpy() for t in b])
     int8 = nncf.quantize(ov_model, data, subset_size=len(calib))
@@ -143,7 +141,7 @@ def openvino_profile(name: str, batch: int, reps: int) -> dict:
     for _ in range(3):
         request.infer(inputs)
     by_type: list[collections.Counter] = []
-    kernels: collections.Counter = collections.Counter()
+    kernels: set[str] = set()
     walls = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -154,12 +152,13 @@ def openvino_profile(name: str, batch: int, reps: int) -> dict:
             us = info.real_time.total_seconds() * 1e6
             if us > 0:
                 c[info.node_type] += us / 1e3
-                kernels[f"{info.node_type}:{info.exec_type}"] += 1
+                if info.node_type == "Convolution":
+                    kernels.add(info.exec_type)
         by_type.append(c)
     types = sorted({k for c in by_type for k in c})
     return {"wall_ms": round(statistics.median(walls) * 1e3, 3),
             "node_ms": {k: round(statistics.median(c[k] for c in by_type), 3) for k in types},
-            "kernels": sorted({k.split(":", 1)[1] for k in kernels if k.startswith("Convolution")})}
+            "kernels": sorted(kernels)}
 
 
 def main() -> None:
@@ -170,9 +169,10 @@ def main() -> None:
 
     results = []
     for name in args.models.split(","):
-        wall, fp32 = quanta_wall(name, args.batch, args.reps)
+        model, calib, x = _setup(name, args.batch)  # the child process builds the same seeded model
+        wall, fp32 = quanta_wall(model, calib, x, args.reps)
         prof = quanta_profile(name, args.batch, args.reps)
-        ov = openvino_profile(name, args.batch, args.reps)
+        ov = openvino_profile(model, calib, x, args.reps)
         onednn = sum(prof["onednn_ms"].values())
         row = {"model": name, "batch": args.batch, "torch_fp32_ms": round(fp32, 3),
                "quanta": {"wall_ms": round(wall, 3), **prof, "glue_ms": round(wall - onednn, 3)},
