@@ -317,3 +317,44 @@ def test_native_max_pool_ceil_mode_equals_torch(cfg):
     got = max_pool_data(torch.nn.functional.max_pool2d, x, (k, s, p), {"ceil_mode": True})
     want = torch.nn.functional.max_pool2d(x.float(), k, s, p, ceil_mode=True).to(torch.uint8)
     assert torch.equal(got, want)
+
+
+def _near_ties(scale: float, count: int, gen: torch.Generator) -> torch.Tensor:
+    """Floats whose quotient by ``scale`` sits on or a few ulps from a half-integer: where a
+    multiply by 1/scale and the division can round to different integers."""
+    k = torch.randint(-300, 300, (count,), generator=gen).double() + 0.5
+    x = (k * scale).float()
+    steps = torch.randint(-4, 5, (count,), generator=gen, dtype=torch.int32)
+    bits = x.view(torch.int32) + steps  # ulp steps away from the tie (same sign, finite)
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("scale", [0.0213, 0.1, 1.0 / 3.0, 0.007843137718737125, 3.7e-5])
+def test_native_quantize_is_exact_at_near_ties(scale):
+    """The quantize pass multiplies by 1/scale where that provably rounds like the division and
+    divides elsewhere: equal to the reference on values a few ulps from every tie, both layouts."""
+    from quanta.kernels.onednn import quantize_uint8
+
+    gen = torch.Generator().manual_seed(int(scale * 1e6))
+    x = _near_ties(scale, 3 * 64 * 64, gen)
+    for zp in (0, 128):
+        assert torch.equal(quantize_uint8(x, scale, zp), R.quantize_per_tensor(x, scale, zp))
+        image = x.reshape(1, 3, 64, 64)
+        got = quantize_uint8(image, scale, zp, channels_last=True)
+        assert torch.equal(got, R.quantize_per_tensor(image, scale, zp))
+
+
+def test_native_channel_gate_mul_is_exact_at_near_ties():
+    """The squeeze-excite multiply's quotient by the output scale, at products a few ulps from a
+    tie (gate = 1, so the product is the dequantized input itself)."""
+    sy = 0.0213
+    sa = sy / 2  # every odd input lands on a half-integer of the output scale
+    a = torch.arange(256, dtype=torch.uint8).repeat(4).reshape(1, 1024, 1, 1)
+    a = a.contiguous(memory_format=torch.channels_last)
+    ones = torch.ones(1, 1024, 1, 1)
+    gates = ones.view(torch.int32) + torch.randint(-3, 4, ones.shape, dtype=torch.int32,
+                                                   generator=torch.Generator().manual_seed(5))
+    for gate in (ones, gates.view(torch.float32)):
+        for za, zy in ((0, 0), (128, 100)):
+            ref = R.mul(a, sa, za, gate, sy, zy)
+            assert torch.equal(eltwise.mul_uint8(a, sa, za, gate, sy, zy), ref)

@@ -63,6 +63,9 @@ QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static int qu
     QK_QUANTIZE_BODY
 }
 
+#define QK_SPAN 512
+#define QK_SPAN_CHANNELS 8
+
 /* Returns 1 if any input is NaN or infinite (the output is then meaningless), else 0. */
 int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
                    int32_t zero_point, int to_channels_last) {
@@ -77,6 +80,35 @@ int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inn
             bad |= fast ? quantize_run_avx2(x + start, y + start, len, scale, zp)
                         : quantize_run(x + start, y + start, len, scale, zp);
         }
+        return bad;
+    }
+    /* NCHW -> NHWC in spans of pixels of one image: each channel plane's run quantized with the
+     * vectorized loop into a buffer, then interleaved (a stem's 3 planes: ~2x faster than a
+     * strided pass per plane). Wide inputs (a conv head's 1x1 maps) walk channel by channel. */
+    if (c <= QK_SPAN_CHANNELS) {
+        int64_t spans = (inner + QK_SPAN - 1) / QK_SPAN;
+        int fast = has_avx2_fma();
+#pragma omp parallel for schedule(static) collapse(2) reduction(| : bad) if (n * c * inner > QK_BLOCK)
+        for (int64_t b = 0; b < n; b++)
+            for (int64_t sp = 0; sp < spans; sp++) {
+                uint8_t plane[QK_SPAN_CHANNELS][QK_SPAN];
+                int64_t p0 = sp * QK_SPAN, len = inner - p0 < QK_SPAN ? inner - p0 : QK_SPAN;
+                for (int64_t ch = 0; ch < c; ch++) {
+                    const float *src = x + (b * c + ch) * inner + p0;
+                    bad |= fast ? quantize_run_avx2(src, plane[ch], len, scale, zp)
+                                : quantize_run(src, plane[ch], len, scale, zp);
+                }
+                uint8_t *dst = y + (b * inner + p0) * c;
+                if (c == 3)  /* RGB: a fixed-stride interleave the compiler unrolls */
+                    for (int64_t p = 0; p < len; p++) {
+                        dst[3 * p] = plane[0][p];
+                        dst[3 * p + 1] = plane[1][p];
+                        dst[3 * p + 2] = plane[2][p];
+                    }
+                else
+                    for (int64_t p = 0; p < len; p++)
+                        for (int64_t ch = 0; ch < c; ch++) dst[p * c + ch] = plane[ch][p];
+            }
         return bad;
     }
 #pragma omp parallel for schedule(static) collapse(2) reduction(| : bad) if (n * c * inner > QK_BLOCK)
