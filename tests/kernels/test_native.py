@@ -358,3 +358,45 @@ def test_native_channel_gate_mul_is_exact_at_near_ties():
         for za, zy in ((0, 0), (128, 100)):
             ref = R.mul(a, sa, za, gate, sy, zy)
             assert torch.equal(eltwise.mul_uint8(a, sa, za, gate, sy, zy), ref)
+
+
+@pytest.mark.parametrize("batch_gate", [True, False], ids=["gate_per_sample", "gate_shared"])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_channel_gate_with_uint8_gate_equals_the_float_gate_path(batch_gate, activation):
+    """The graph runtime's squeeze-excite multiply takes the uint8 gate and dequantizes it in C:
+    equal to dequantizing it in torch and the float-gate multiply, on every uint8 input value;
+    a layout the kernel does not take (NCHW input) falls back to that same path."""
+    from quanta.modules.lowering import _dq
+
+    gen = torch.Generator().manual_seed(17 + int(batch_gate))
+    a = torch.arange(256, dtype=torch.uint8).repeat(2 * 40).reshape(2, 40, 16, 16)
+    a_cl = a.contiguous(memory_format=torch.channels_last)
+    gate = torch.randint(0, 256, (2 if batch_gate else 1, 40, 1, 1), dtype=torch.uint8, generator=gen)
+    gate = gate.contiguous(memory_format=torch.channels_last)
+    for sa, za, sg, zg, sy, zy in [(0.05, 128, 0.0039, 0, 0.04, 100), (0.013, 7, 0.0026, 3, 0.02, 0)]:
+        want = eltwise.mul_uint8(a_cl, sa, za, _dq(gate, sg, zg), sy, zy, activation)
+        run = eltwise.ChannelGate(sa, za, sg, zg, sy, zy, activation)
+        got = run(a_cl, gate)
+        assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+        assert torch.equal(run(a, gate), want)  # the fallback
+
+
+def test_bound_conv_follows_input_shape_and_layout_changes():
+    """The graph runtime's conv keeps the primitive of the last input shape: a call at another
+    shape, or with an NCHW input, takes the general path and still equals the unbound conv."""
+    from quanta.kernels.native.ops import BoundConv2d, NativeConv2d
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(-100, 100, (8, 4, 3, 3), dtype=torch.int8, generator=gen)
+    bias = torch.randint(-500, 500, (8,), dtype=torch.int32, generator=gen)
+    conv = NativeConv2d(w, torch.rand(8, generator=gen) / 50, bias, 0.02, 3, [1, 1], [1, 1], [1, 1], 1)
+    bound = BoundConv2d(conv, "relu", 0.05, 7)
+    shapes = [(1, 4, 9, 9), (2, 4, 6, 5), (1, 4, 9, 9), (1, 4, 9, 9)]
+    for i, shape in enumerate(shapes):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        if i != 3:
+            x = x.contiguous(memory_format=torch.channels_last)
+        got, want = bound(x), conv(x, "relu", 0.05, 7)
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    assert bound.last is not None and bound.last[0] == shapes[-1]

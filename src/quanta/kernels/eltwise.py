@@ -193,3 +193,34 @@ def requantize_uint8(q: torch.Tensor, scale: float, zp: int, out_scale: float, o
         table = _REQUANT[key] = reference.requantize(torch.arange(256, dtype=torch.uint8), *key).numpy()
     out = table.take(q.numpy().ravel(order="K"))
     return torch.from_numpy(out).as_strided(q.shape, q.stride())
+
+
+class ChannelGate:
+    """``a * dequantize(g)`` requantized, for a uint8 squeeze-excite gate ``g`` at (g_scale, g_zp):
+    the graph runtime's lowering of an int8 site ``x * gate``. Equal to ``mul_uint8(a, ...,
+    _dq(g), ...)``; the native pass dequantizes the gate itself (same float32 operations), so a
+    call is one C call instead of four torch ops and a C call. Qparams are fixed at build."""
+
+    def __init__(self, a_scale: float, a_zp: int, g_scale: float, g_zp: int, out_scale: float, out_zp: int,
+                 activation: str = "none") -> None:
+        self.a = (float(a_scale), int(a_zp))
+        self.g = (float(g_scale), int(g_zp))
+        self.out = (float(out_scale), int(out_zp), activation)
+        lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
+        self.lib = native.load()
+        self.args = (float(a_scale), int(a_zp), float(g_scale), int(g_zp), float(out_scale), int(out_zp),
+                     float(lo), float(hi))
+
+    def __call__(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if self.lib is not None and a.dtype == torch.uint8 and g.dtype == torch.uint8 and a.dim() == 4 \
+                and g.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = a.shape
+            gn = g.shape[0]
+            if g.shape[1] == c and g.shape[2] == 1 and g.shape[3] == 1 and gn in (1, n) and _dense(g):
+                y = torch.empty_like(a)
+                if self.lib.qk_mul_channel_gate_u8(a.data_ptr(), g.data_ptr(), y.data_ptr(), n, h * w, c,
+                                                   c if gn > 1 else 0, *self.args):
+                    raise MemoryError("out of memory for the squeeze-excite gate")
+                return y
+        gate = g.to(torch.float32).sub_(self.g[1]).mul_(self.g[0])  # as the graph runtime's _dq
+        return mul_uint8(a, *self.a, gate, *self.out)

@@ -24,7 +24,7 @@ Findings that shape the torch.ops path (torch 2.13, oneDNN 3.12):
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -249,6 +249,14 @@ class PackedConv:
         if isinstance(padding, str):
             raise ValueError(f"unknown padding {padding!r}")
         return _tuple(padding, len(kernel))
+
+    def bound(self, activation: str, out_scale: float | None, out_zero_point: int) -> Callable:
+        """``lambda x: self(x, activation, out_scale, out_zero_point)``, through the native
+        fast path (:class:`native_ops.BoundConv2d`) where it applies."""
+        if self.native is None or self.is_1d:
+            return functools.partial(self, activation=activation, out_scale=out_scale,
+                                     out_zero_point=out_zero_point)
+        return native_ops.BoundConv2d(self.native, activation, out_scale, out_zero_point)
 
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none",

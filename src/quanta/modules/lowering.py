@@ -119,19 +119,21 @@ def _int8_kernel(mod: QuantizedModule) -> Callable[[torch.Tensor], torch.Tensor]
                 return packed()(x, act, *out)
             return _data(mod(QTensor(x, *x_qparams)))
         return run_linear
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return packed()(x, act, *out)
-    return run
+    if isinstance(mod, QuantizedLinear):
+        return lambda x: packed()(x, act, *out)
+    return packed().bound(act, *out)  # a conv: its primitive kept per input shape
 
 
 def _float_input_kernel(mod: QuantizedModule) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mod`` on a float input: its own input check and quantization, then the kernel."""
     act, out, packed = mod.activation, mod.out_args(), mod._packed_kernel
-    linear = isinstance(mod, QuantizedLinear) and not mod.forced
+    if not isinstance(mod, QuantizedLinear):
+        conv, quantize = packed().bound(act, *out), mod.quantize_input
+        return lambda x: conv(quantize(x))
+    forced = mod.forced
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if linear and (x.dim() < 2 or not mod.int8_wins_rows(x.numel() // mod.in_features, False)):
+        if not forced and (x.dim() < 2 or not mod.int8_wins_rows(x.numel() // mod.in_features, False)):
             return _data(mod(x))
         return packed()(mod.quantize_input(x), act, *out)
     return run
@@ -230,9 +232,13 @@ def _site(node: fx.Node, value: Any, gen: Codegen, site: Any) -> int | None:
             a, b, qa, qb = b, a, qb, qa
         if qa is None or not isinstance(b, fx.Node):
             return None
-        mul = eltwise.mul_uint8 if site.backend == "onednn" else reference.mul
-        src = f"{gen.const(mul)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.expr(b, dequantize=True)}, " \
-              f"{scale!r}, {zp!r}, {site.activation!r})"
+        if qb is not None and site.backend == "onednn":  # an int8 gate: dequantized in the kernel
+            gate = eltwise.ChannelGate(*qa, *qb, scale, zp, site.activation)
+            src = f"{gen.const(gate, 'gate')}({gen.var(a)}, {gen.var(b)})"
+        else:
+            mul = eltwise.mul_uint8 if site.backend == "onednn" else reference.mul
+            src = f"{gen.const(mul)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.expr(b, dequantize=True)}, " \
+                  f"{scale!r}, {zp!r}, {site.activation!r})"
     elif qa is None or qb is None:
         return None
     else:

@@ -150,6 +150,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_adaptive_avg_pool_u8.argtypes = [p, p, *[i64] * 6, i32]
     lib.qk_min_max_f32.argtypes = [p, i64, p]
     lib.qk_mul_channel_u8.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, f32, i32, f32, f32]
+    lib.qk_mul_channel_gate_u8.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, f32, i32, f32, i32, f32,
+                                           f32]
+    lib.qk_mul_channel_gate_u8.restype = ctypes.c_int
     lib.qk_effective_isa.restype = ctypes.c_int
     lib.qk_quantize_dynamic_u8.argtypes = [p, p, i64, f32, f32]
     lib.qk_quantize_rows_u8.argtypes = [p, p, p, p, i64, i64, ctypes.c_double]

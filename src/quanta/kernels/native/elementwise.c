@@ -6,6 +6,7 @@
  * already loaded, so there is one thread pool.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -221,4 +222,19 @@ void qk_mul_channel_u8(const uint8_t *a, const float *g, uint8_t *y, int64_t n, 
             else
                 mul_row(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
         }
+}
+
+/* qk_mul_channel_u8 with a uint8 gate gq at (sg, zg), dequantized here as the graph runtime's _dq
+ * does it: f32(f32(q - zg) * sg). Saves the float gate's three torch ops per squeeze-excite.
+ * Returns 1 if out of memory (nothing written), else 0. */
+__attribute__((optimize("fp-contract=off"))) int qk_mul_channel_gate_u8(const uint8_t *a, const uint8_t *gq, uint8_t *y, int64_t n, int64_t hw,
+                            int64_t c, int64_t g_batch_stride, float sa, int32_t za, float sg, int32_t zg,
+                            float sy, int32_t zy, float lo, float hi) {
+    int64_t rows = g_batch_stride ? n : 1;
+    float stack[4096], *g = rows * c <= 4096 ? stack : malloc((size_t)(rows * c) * sizeof(float));
+    if (!g) return 1;
+    for (int64_t i = 0; i < rows * c; i++) g[i] = ((float)gq[i] - (float)zg) * sg;
+    qk_mul_channel_u8(a, g, y, n, hw, c, g_batch_stride, sa, za, sy, zy, lo, hi);
+    if (g != stack) free(g);
+    return 0;
 }
