@@ -32,6 +32,7 @@ if os.environ.get("GLIBC_TUNABLES") != _TUNABLES:  # same allocator settings as 
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": _TUNABLES})
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+_BLOCK = 5  # timed calls per runtime in a row (head_to_head)
 MODELS = "resnet18,mobilenetv2_w1,mobilenetv3_large_w1,mnasnet_b1,efficientnet_b0"
 
 
@@ -56,15 +57,6 @@ def _setup(name: str, batch: int) -> tuple:
     calib = [(arches.images(arch, 4, seed=s),) for s in range(4)]
     calibrate_batchnorm(model, [c[0] for c in calib])
     return model, calib, (arches.images(arch, batch, seed=99),)
-
-
-def _wall(run, x: tuple, reps: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _quanta_child(name: str, batch: int, reps: int) -> None:
@@ -112,19 +104,8 @@ def quanta_profile(name: str, batch: int, reps: int) -> dict:
             "runtime": status}
 
 
-def quanta_wall(model: Any, calib: list, x: tuple, reps: int) -> tuple[float, float]:
-    import torch
-
-    import quanta
-
-    q = quanta.quantize(model, calib, show_progress=False)
-    with torch.no_grad():
-        q(*x)
-        fp32 = _wall(lambda a: model(*a), x, reps)
-        return _wall(lambda a: q(*a), x, reps), fp32
-
-
-def openvino_profile(model: Any, calib: list, x: tuple, reps: int) -> dict:
+def openvino_int8(model: Any, calib: list, x: tuple, profile: bool) -> Any:
+    """An NNCF-quantized OpenVINO infer request, per-node profiling on or off."""
     import nncf
     import openvino as ov
 
@@ -134,19 +115,48 @@ def openvino_profile(model: Any, calib: list, x: tuple, reps: int) -> dict:
     ov_model = _convert(model, x)
     data = nncf.Dataset(calib, lambda b: [t.numpy() for t in b])
     int8 = nncf.quantize(ov_model, data, subset_size=len(calib))
-    config = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
-    compiled = ov.Core().compile_model(int8, "CPU", config)
-    request = compiled.create_infer_request()
+    config = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
+    return ov.Core().compile_model(int8, "CPU", config).create_infer_request()
+
+
+def head_to_head(model: Any, calib: list, x: tuple, reps: int) -> dict[str, float]:
+    """Median wall ms of torch fp32, quanta int8 and OpenVINO int8 (NNCF, profiling off), run in
+    alternating blocks of _BLOCK timed calls (each after one untimed call that warms the caches the
+    other runtimes evicted), so the machine's drift hits all three alike. quanta gets a new input
+    tensor each call, as in use (one equal tensor every call would let it reuse the quantized
+    stem input, which a sibling-layer cache keys on tensor identity)."""
+    import torch
+
+    import quanta
+
+    q = quanta.quantize(model, calib, show_progress=False)
+    request = openvino_int8(model, calib, x, profile=False)
+    inputs = [t.numpy() for t in x]
+    fresh = [tuple(t.clone() for t in x) for _ in range(reps)]
+    times: dict[str, list[float]] = {"fp32": [], "quanta": [], "openvino": []}
+    with torch.no_grad():
+        for _ in range(3):
+            q(*x), model(*x), request.infer(inputs)
+        for block in range(0, reps, _BLOCK):
+            for key, run in (("quanta", q), ("openvino", request.infer), ("fp32", model)):
+                for i in range(block - 1, min(block + _BLOCK, reps)):  # the first call warms up
+                    args = fresh[max(i, 0)] if key == "quanta" else (inputs,) if key == "openvino" else x
+                    t0 = time.perf_counter()
+                    run(*args)
+                    if i >= block:
+                        times[key].append(time.perf_counter() - t0)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+
+
+def openvino_profile(model: Any, calib: list, x: tuple, reps: int) -> dict:
+    request = openvino_int8(model, calib, x, profile=True)
     inputs = [t.numpy() for t in x]
     for _ in range(3):
         request.infer(inputs)
     by_type: list[collections.Counter] = []
     kernels: set[str] = set()
-    walls = []
     for _ in range(reps):
-        t0 = time.perf_counter()
         request.infer(inputs)
-        walls.append(time.perf_counter() - t0)
         c: collections.Counter = collections.Counter()
         for info in request.get_profiling_info():
             us = info.real_time.total_seconds() * 1e6
@@ -156,8 +166,7 @@ def openvino_profile(model: Any, calib: list, x: tuple, reps: int) -> dict:
                     kernels.add(info.exec_type)
         by_type.append(c)
     types = sorted({k for c in by_type for k in c})
-    return {"wall_ms": round(statistics.median(walls) * 1e3, 3),
-            "node_ms": {k: round(statistics.median(c[k] for c in by_type), 3) for k in types},
+    return {"node_ms": {k: round(statistics.median(c[k] for c in by_type), 3) for k in types},
             "kernels": sorted(kernels)}
 
 
@@ -170,13 +179,14 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         model, calib, x = _setup(name, args.batch)  # the child process builds the same seeded model
-        wall, fp32 = quanta_wall(model, calib, x, args.reps)
+        walls = head_to_head(model, calib, x, args.reps)
         prof = quanta_profile(name, args.batch, args.reps)
         ov = openvino_profile(model, calib, x, args.reps)
         onednn = sum(prof["onednn_ms"].values())
-        row = {"model": name, "batch": args.batch, "torch_fp32_ms": round(fp32, 3),
-               "quanta": {"wall_ms": round(wall, 3), **prof, "glue_ms": round(wall - onednn, 3)},
-               "openvino_int8": ov}
+        row = {"model": name, "batch": args.batch, "torch_fp32_ms": walls["fp32"],
+               "quanta": {"wall_ms": walls["quanta"], **prof, "glue_ms": round(walls["quanta"] - onednn, 3)},
+               "openvino_int8": {"wall_ms": walls["openvino"], **ov},
+               "quanta_over_openvino": round(walls["quanta"] / walls["openvino"], 3)}
         results.append(row)
         print(json.dumps(row, indent=1), flush=True)
     import torch

@@ -400,3 +400,20 @@ def test_bound_conv_follows_input_shape_and_layout_changes():
         assert got.shape == want.shape and torch.equal(got, want)
         assert got.is_contiguous(memory_format=torch.channels_last)
     assert bound.last is not None and bound.last[0] == shapes[-1]
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 112, 112), (3, 96, 40, 40), (2, 7, 150, 151)])
+def test_native_global_avg_pool_splits_pixels_exactly(shape):
+    """Global pooling of a large map (a squeeze-excite input) sums each thread's pixels exactly in
+    int32: the same integers as the float rule, on images where every tie and clamp can occur."""
+    import torch.nn.functional as F
+
+    from quanta.qtensor import QTensor
+
+    gen = torch.Generator().manual_seed(shape[1])
+    for zp in (0, 131, 255):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = F.adaptive_avg_pool2d(QTensor(x, 0.1, zp), 1)
+        want = torch.clamp(torch.round(F.adaptive_avg_pool2d(x.float() - zp, 1)) + zp, 0, 255)
+        assert torch.equal(y.int_data, want.to(torch.uint8))

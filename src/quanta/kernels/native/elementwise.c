@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "common.h"
 
 /* uint8 add, the reference's formula: y = clamp(rne(fma(a, ra, fma(b, rb, k))), lo, hi).
@@ -153,30 +155,68 @@ __attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y
             }
 }
 
+/* Sums of (q - zp) over pixels [p0, p1) of one image's NHWC rows into sum[c] (int32: exact). */
+__attribute__((optimize("O3"))) static void pixel_sums(const uint8_t *x, int32_t *restrict sum, int64_t c,
+                                                      int64_t p0, int64_t p1, int32_t zp) {
+    for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0;
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *restrict in = x + p * c;
+        for (int64_t ch = 0; ch < c; ch++) sum[ch] += (int32_t)in[ch] - zp;
+    }
+}
+
 /* uint8 adaptive average pooling on NHWC data, as quanta's QTensor rule: the float average of
- * (q - zp) over torch's adaptive windows (sum exact in float32, then divided by the window
- * size), rounded half to even, + zp, clamped to [0, 255]. */
+ * (q - zp) over torch's adaptive windows (the sum formed exactly, in int32, then divided in float32
+ * by the window size), rounded half to even, + zp, clamped to [0, 255]. */
 __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
     const uint8_t *x, uint8_t *y, int64_t n, int64_t c, int64_t h, int64_t w, int64_t oh, int64_t ow,
     int32_t zero_point) {
     float zp = (float)zero_point;
+    if (oh == 1 && ow == 1 && n * h * w * c > 4 * QK_BLOCK) {
+        /* global pooling (squeeze-excite, a classifier head): one window per image, so split each
+         * image's pixels across the threads and add their exact partial sums */
+        int threads = omp_get_max_threads();
+        int32_t *partial = malloc((size_t)(threads * c) * sizeof(int32_t));
+        if (partial) {
+            for (int64_t b = 0; b < n; b++) {
+                const uint8_t *img = x + b * h * w * c;
+#pragma omp parallel num_threads(threads)
+                {
+                    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+                    int64_t p0 = h * w * t / nt, p1 = h * w * (t + 1) / nt;
+                    pixel_sums(img, partial + t * c, c, p0, p1, zero_point);
+#pragma omp barrier
+#pragma omp for schedule(static)
+                    for (int64_t ch = 0; ch < c; ch++) {
+                        int64_t total = 0;
+                        for (int i = 0; i < nt; i++) total += partial[i * c + ch];
+                        float v = __builtin_rintf((float)total / (float)(h * w)) + zp;
+                        v = v < 0.0f ? 0.0f : v;
+                        y[b * c + ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
+                    }
+                }
+            }
+            free(partial);
+            return;
+        }
+    }
 #pragma omp parallel for schedule(static) collapse(2) if (n * h * w * c > 4 * QK_BLOCK)
     for (int64_t b = 0; b < n; b++)
         for (int64_t oy = 0; oy < oh; oy++) {
-            float sum[c];
+            int32_t sum[c];
             int64_t y0 = oy * h / oh, y1 = ((oy + 1) * h + oh - 1) / oh;
             for (int64_t ox = 0; ox < ow; ox++) {
                 int64_t x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
-                for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0.0f;
-                for (int64_t iy = y0; iy < y1; iy++)
-                    for (int64_t ix = x0; ix < x1; ix++) {
-                        const uint8_t *in = x + ((b * h + iy) * w + ix) * c;
-                        for (int64_t ch = 0; ch < c; ch++) sum[ch] += (float)in[ch] - zp;
-                    }
+                for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0;
+                for (int64_t iy = y0; iy < y1; iy++) {
+                    int32_t part[c];
+                    pixel_sums(x + (b * h + iy) * w * c, part, c, x0, x1, zero_point);
+                    for (int64_t ch = 0; ch < c; ch++) sum[ch] += part[ch];
+                }
                 float count = (float)((y1 - y0) * (x1 - x0));
                 uint8_t *out = y + ((b * oh + oy) * ow + ox) * c;
                 for (int64_t ch = 0; ch < c; ch++) {
-                    float v = __builtin_rintf(sum[ch] / count) + zp;
+                    float v = __builtin_rintf((float)sum[ch] / count) + zp;
                     v = v < 0.0f ? 0.0f : v;
                     out[ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
                 }
