@@ -8,7 +8,7 @@ correct, only slower. Quantized modules read ``int_data`` directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -334,8 +334,25 @@ def avg_pool_data(
         out = _adaptive_avg_pool2d_native(data, rest[0], zero_point)
         if out is not None:
             return out
+    if func is F.avg_pool2d and data.dim() == 4 and _global_window(data.shape[2:], rest, kwargs):
+        out = _adaptive_avg_pool2d_native(data, 1, zero_point)  # one window: the same sum / count
+        if out is not None:
+            return out
     pooled = func(data.float() - zero_point, *rest, **kwargs)
     return torch.clamp(torch.round(pooled) + zero_point, 0, 255).to(data.dtype)
+
+
+def _global_window(hw: Sequence[int], rest: tuple, kwargs: dict) -> bool:
+    """Whether ``F.avg_pool2d(x, *rest, **kwargs)`` on an ``hw`` map averages it whole (the
+    kernel covers it, no padding, no divisor override): ResNet's final ``AvgPool2d(7)``."""
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    args = {**dict(zip(names, rest, strict=False)), **kwargs}
+    if set(args) - set(names) or args.get("divisor_override") is not None:
+        return False
+    kernel, padding = args.get("kernel_size"), args.get("padding", 0)
+    kernel = [kernel] * 2 if isinstance(kernel, int) else list(kernel or ())
+    padding = [padding] * 2 if isinstance(padding, int) else list(padding)
+    return kernel == list(hw) and not any(padding)
 
 
 def _adaptive_avg_pool2d_native(data: torch.Tensor, output_size: Any, zero_point: int) -> torch.Tensor | None:

@@ -417,3 +417,22 @@ def test_native_global_avg_pool_splits_pixels_exactly(shape):
         y = F.adaptive_avg_pool2d(QTensor(x, 0.1, zp), 1)
         want = torch.clamp(torch.round(F.adaptive_avg_pool2d(x.float() - zp, 1)) + zp, 0, 255)
         assert torch.equal(y.int_data, want.to(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 7, 7), (4, 96, 40, 40)])
+def test_global_avg_pool2d_window_equals_the_float_rule(shape):
+    """``F.avg_pool2d`` whose kernel covers the whole map (ResNet's final pool) runs as the native
+    global pool: the same integers as torch's float average of q - zp."""
+    import torch.nn.functional as F
+
+    from quanta.qtensor import QTensor
+
+    gen = torch.Generator().manual_seed(shape[1])
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    k = shape[2:]
+    for zp in (0, 77):
+        for stride in (1, None):
+            y = F.avg_pool2d(QTensor(x, 0.1, zp), k, stride)
+            want = torch.clamp(torch.round(F.avg_pool2d(x.float() - zp, k, stride)) + zp, 0, 255)
+            assert y.shape == want.shape and torch.equal(y.int_data, want.to(torch.uint8))

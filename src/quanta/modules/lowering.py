@@ -203,6 +203,12 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
         src = f"{gen.const(avg_pool_data)}({gen.const(F.adaptive_avg_pool2d)}, {xv}, {qx[1]!r}, " \
               f"{gen.const((mod.output_size,))}, {{}})"
         return _emit(gen, node, src, qx)
+    if kind is nn.AvgPool2d:  # as its forward calls F.avg_pool2d, without the QTensor wrapper
+        rest = (mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                mod.divisor_override)
+        pool = f"{gen.const(avg_pool_data)}({gen.const(F.avg_pool2d)}"
+        src = f"{pool}, {xv}, {qx[1]!r}, {gen.const(rest)}, {{}})"
+        return _emit(gen, node, src, qx)
     if kind is nn.ZeroPad2d:
         return _emit(gen, node, f"{gen.const(F.pad)}({xv}, {gen.const(mod.padding)}, value={qx[1]!r})", qx)
     if kind is nn.Flatten:
