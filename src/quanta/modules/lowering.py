@@ -203,6 +203,10 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
         src = f"{gen.const(avg_pool_data)}({gen.const(F.adaptive_avg_pool2d)}, {xv}, {qx[1]!r}, " \
               f"{gen.const((mod.output_size,))}, {{}})"
         return _emit(gen, node, src, qx)
+    if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):  # identity in eval mode; in training
+        # mode (set on this module alone) the graph raises and the call runs eagerly
+        return _emit(gen, node, f"({xv} if not {gen.const(mod, 'm')}.training else "
+                                f"{gen.const(_dropout_training)}())", qx)
     if kind is nn.AvgPool2d:  # as its forward calls F.avg_pool2d, without the QTensor wrapper
         rest = (mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
                 mod.divisor_override)
@@ -214,6 +218,10 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
     if kind is nn.Flatten:
         return _emit(gen, node, f"{xv}.flatten({mod.start_dim!r}, {mod.end_dim!r})", qx)
     return None
+
+
+def _dropout_training() -> None:
+    raise RuntimeError("a dropout module is in training mode: the graph runtime does not apply")
 
 
 def _clamp(gen: Codegen, node: fx.Node, xv: str, qx: tuple[float, int], value: QTensor,

@@ -80,6 +80,13 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 _LAST_QUANTIZED: list[Any] = [None]  # (input, its version, scale, zero point, uint8 result)
 
 
+def forget_quantized_input() -> None:
+    """Start a forward with no remembered input: the sharing is for sibling layers of one
+    forward, not for the next call with the same tensor (a benchmark repeating one input would
+    skip the stem's quantization), and the last input is not kept alive after its forward."""
+    _LAST_QUANTIZED[0] = None
+
+
 def _quantize_shared(
     x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
 ) -> torch.Tensor:

@@ -25,7 +25,7 @@ from quanta.errors import QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
 from quanta.modules import graph
 from quanta.modules.mapping import KEYED_OPS
-from quanta.modules.quantized import QuantizedModule, bump_generation
+from quanta.modules.quantized import QuantizedModule, bump_generation, forget_quantized_input
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
@@ -170,6 +170,7 @@ class _EagerCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
         state = model.__dict__.get("_quanta")
+        forget_quantized_input()
         if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
             return nn.Module._call_impl(model, *args, **kwargs)
         return graph.run(state, model, args, kwargs, lambda: nn.Module._call_impl(model, *args, **kwargs))
