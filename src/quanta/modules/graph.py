@@ -73,8 +73,8 @@ class GraphRuntime:
         return True
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        if not self.still_valid():
-            return EAGER
+        """The generated forward on these inputs, or EAGER; the caller (:func:`run`) has checked
+        :meth:`still_valid` (once per call: the walk over every child module is not free)."""
         if not kwargs and len(args) == self.n_args and self.positional:
             if all(type(a) is torch.Tensor for a in args):
                 return self.fn(*args)

@@ -267,9 +267,10 @@ void qk_mul_channel_u8(const uint8_t *a, const float *g, uint8_t *y, int64_t n, 
 /* qk_mul_channel_u8 with a uint8 gate gq at (sg, zg), dequantized here as the graph runtime's _dq
  * does it: f32(f32(q - zg) * sg). Saves the float gate's three torch ops per squeeze-excite.
  * Returns 1 if out of memory (nothing written), else 0. */
-__attribute__((optimize("fp-contract=off"))) int qk_mul_channel_gate_u8(const uint8_t *a, const uint8_t *gq, uint8_t *y, int64_t n, int64_t hw,
-                            int64_t c, int64_t g_batch_stride, float sa, int32_t za, float sg, int32_t zg,
-                            float sy, int32_t zy, float lo, float hi) {
+__attribute__((optimize("fp-contract=off"))) int qk_mul_channel_gate_u8(
+    const uint8_t *a, const uint8_t *gq, uint8_t *y, int64_t n, int64_t hw, int64_t c,
+    int64_t g_batch_stride, float sa, int32_t za, float sg, int32_t zg, float sy, int32_t zy, float lo,
+    float hi) {
     int64_t rows = g_batch_stride ? n : 1;
     float stack[4096], *g = rows * c <= 4096 ? stack : malloc((size_t)(rows * c) * sizeof(float));
     if (!g) return 1;
