@@ -193,7 +193,7 @@ def test_disabled_by_environment_falls_back_to_torch_ops():
     ((2, 16, 28, 28), 2, 2, 0), ((1, 8, 9, 11), 3, 1, 1), ((3, 5, 7, 7), (2, 3), (1, 2), (1, 1)),
 ])
 def test_native_max_pool_equals_torch(shape, kernel, stride, padding):
-    from quanta.qtensor import _max_pool2d_int
+    from quanta.kernels.pooling import _max_pool2d_int
 
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
@@ -308,7 +308,7 @@ def test_native_channel_gate_mul_equals_reference(batch_gate, activation):
 @pytest.mark.parametrize("cfg", [(13, 3, 2, 0), (14, 3, 2, 1), (55, 3, 2, 0), (7, 2, 2, 0), (8, 3, 3, 1)])
 def test_native_max_pool_ceil_mode_equals_torch(cfg):
     """SqueezeNet/Inception pool with ceil_mode: windows hanging over the edge skip the taps outside."""
-    from quanta.qtensor import max_pool_data
+    from quanta.kernels.pooling import max_pool_data
 
     h, k, s, p = cfg
     gen = torch.Generator().manual_seed(h * 10 + k)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from quanta.capture.trace import TraceFailed, op_callable
 from quanta.kernels import eltwise, reference
+from quanta.kernels.pooling import avg_pool_data, max_pool_data
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule
 from quanta.qtensor import (
     _NATIVE,
@@ -28,10 +29,8 @@ from quanta.qtensor import (
     _on_data,
     _pad,
     _view,
-    avg_pool_data,
     clamp_bounds,
     dequantize_any,
-    max_pool_data,
     view_data,
 )
 
