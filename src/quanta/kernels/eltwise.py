@@ -198,8 +198,9 @@ def requantize_uint8(q: torch.Tensor, scale: float, zp: int, out_scale: float, o
 class ChannelGate:
     """``a * dequantize(g)`` requantized, for a uint8 squeeze-excite gate ``g`` at (g_scale, g_zp):
     the graph runtime's lowering of an int8 site ``x * gate``. Equal to ``mul_uint8(a, ...,
-    _dq(g), ...)``; the native pass dequantizes the gate itself (same float32 operations), so a
-    call is one C call instead of four torch ops and a C call. Qparams are fixed at build."""
+    dequantize_per_tensor(g), ...)``; the native pass dequantizes the gate itself (the same float32
+    operations), so a call is one C call instead of four torch ops and a C call. Qparams are fixed
+    at build."""
 
     def __init__(self, a_scale: float, a_zp: int, g_scale: float, g_zp: int, out_scale: float, out_zp: int,
                  activation: str = "none") -> None:
@@ -208,8 +209,7 @@ class ChannelGate:
         self.out = (float(out_scale), int(out_zp), activation)
         lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
         self.lib = native.load()
-        self.args = (float(a_scale), int(a_zp), float(g_scale), int(g_zp), float(out_scale), int(out_zp),
-                     float(lo), float(hi))
+        self.args = (*self.a, *self.g, *self.out[:2], float(lo), float(hi))  # the C call's qparams
 
     def __call__(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if self.lib is not None and a.dtype == torch.uint8 and g.dtype == torch.uint8 and a.dim() == 4 \
@@ -222,5 +222,4 @@ class ChannelGate:
                                                    c if gn > 1 else 0, *self.args):
                     raise MemoryError("out of memory for the squeeze-excite gate")
                 return y
-        gate = g.to(torch.float32).sub_(self.g[1]).mul_(self.g[0])  # as the graph runtime's _dq
-        return mul_uint8(a, *self.a, gate, *self.out)
+        return mul_uint8(a, *self.a, reference.dequantize_per_tensor(g, *self.g), *self.out)

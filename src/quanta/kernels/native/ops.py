@@ -146,18 +146,26 @@ class NativeConv2d:
         dst_scale = 1.0 if multiplier or out_scale is None else out_scale
         return handle, (shape[0], out_hw[0], out_hw[1], o), dst_scale
 
+    def primitive(
+        self, shape: torch.Size, activation: str, out_scale: float | None, out_zero_point: int,
+    ) -> tuple[_Primitive, tuple[int, ...], float]:
+        """The kept primitive for this input shape and epilogue (built on first use), its NHWC
+        output shape and the dst scale to pass at run time."""
+        key = (shape, activation, out_scale, out_zero_point != 0)
+        hit = self.handles.items.get(key)  # hot path: a plain dict lookup (eviction is by age)
+        if hit is None:
+            handle, out_shape, dst_scale = self._build(tuple(shape), activation, out_scale, key[3])
+            hit = self.handles.put(key, handle, (out_shape, dst_scale))
+        op, (out_shape, dst_scale) = hit
+        return op, out_shape, dst_scale
+
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none",
         out_scale: float | None = None, out_zero_point: int = 0,
     ) -> torch.Tensor:
         """x_u8 uint8 NCHW (channels_last) -> channels_last float32, or uint8 with ``out_scale``."""
         x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
-        key = (x_u8.shape, activation, out_scale, out_zero_point != 0)
-        hit = self.handles.items.get(key)  # hot path: a plain dict lookup (eviction is by age)
-        if hit is None:
-            handle, out_shape, dst_scale = self._build(tuple(key[0]), activation, out_scale, key[3])
-            hit = self.handles.put(key, handle, (out_shape, dst_scale))
-        op, (out_shape, dst_scale) = hit
+        op, out_shape, dst_scale = self.primitive(x_u8.shape, activation, out_scale, out_zero_point)
         y = torch.empty(out_shape, dtype=torch.float32 if out_scale is None else torch.uint8)
         if op.lib.qk_run(op.handle, x_u8.data_ptr(), y.data_ptr(), 1.0, self.x_zero_point,
                                    dst_scale, out_zero_point):
@@ -168,8 +176,8 @@ class NativeConv2d:
 class BoundConv2d:
     """``conv(x, activation, out_scale, out_zero_point)`` with the epilogue fixed: the graph
     runtime's call of one conv node. It keeps the primitive of the last input shape, so a call is
-    a shape check, an output allocation and the C call (the general path builds a key tuple and
-    looks it up per call: ~8 us of Python per conv at batch 1)."""
+    a shape check, an output allocation and the C call (the general path looks the primitive up
+    by a key tuple per call: ~8 us of Python per conv at batch 1)."""
 
     __slots__ = ("conv", "args", "dtype", "run", "last")
 
@@ -184,14 +192,9 @@ class BoundConv2d:
     def __call__(self, x_u8: torch.Tensor) -> torch.Tensor:
         last = self.last
         if last is None or x_u8.shape != last[0] or not x_u8.is_contiguous(memory_format=torch.channels_last):
-            y = self.conv(x_u8, *self.args)
             x_u8 = x_u8.contiguous(memory_format=torch.channels_last)
-            key = (x_u8.shape, self.args[0], self.args[1], self.args[2] != 0)
-            hit = self.conv.handles.items.get(key)  # None if another thread evicted it meanwhile
-            if hit is not None:
-                op, (out_shape, dst_scale) = hit
-                self.last = (x_u8.shape, op, out_shape, dst_scale)  # one tuple: atomic for other threads
-            return y
+            last = self.last = (x_u8.shape, *self.conv.primitive(x_u8.shape, *self.args))  # one tuple:
+            # atomic for other threads, and it holds the primitive even if the layer's cache evicts it
         _, op, out_shape, dst_scale = last
         y = torch.empty(out_shape, dtype=self.dtype)
         if self.run(op.handle, x_u8.data_ptr(), y.data_ptr(), 1.0, self.conv.x_zero_point, dst_scale,
