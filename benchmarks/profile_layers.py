@@ -137,12 +137,13 @@ def head_to_head(model: Any, calib: list, x: tuple, reps: int) -> dict[str, floa
     with torch.no_grad():
         for _ in range(3):
             q(*x), model(*x), request.infer(inputs)
+        calls = {"quanta": (q, fresh), "openvino": (request.infer, [(inputs,)] * reps),
+                 "fp32": (model, [x] * reps)}
         for block in range(0, reps, _BLOCK):
-            for key, run in (("quanta", q), ("openvino", request.infer), ("fp32", model)):
+            for key, (run, args) in calls.items():
                 for i in range(block - 1, min(block + _BLOCK, reps)):  # the first call warms up
-                    args = fresh[max(i, 0)] if key == "quanta" else (inputs,) if key == "openvino" else x
                     t0 = time.perf_counter()
-                    run(*args)
+                    run(*args[max(i, 0)])
                     if i >= block:
                         times[key].append(time.perf_counter() - t0)
     return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}

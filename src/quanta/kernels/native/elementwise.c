@@ -155,10 +155,9 @@ __attribute__((optimize("O3"))) void qk_max_pool_u8(const uint8_t *x, uint8_t *y
             }
 }
 
-/* Sums of (q - zp) over pixels [p0, p1) of one image's NHWC rows into sum[c] (int32: exact). */
-__attribute__((optimize("O3"))) static void pixel_sums(const uint8_t *x, int32_t *restrict sum, int64_t c,
+/* Adds (q - zp) over pixels [p0, p1) of one image's NHWC rows into sum[c] (int32: exact). */
+__attribute__((optimize("O3"))) static void add_pixels(const uint8_t *x, int32_t *restrict sum, int64_t c,
                                                       int64_t p0, int64_t p1, int32_t zp) {
-    for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0;
     for (int64_t p = p0; p < p1; p++) {
         const uint8_t *restrict in = x + p * c;
         for (int64_t ch = 0; ch < c; ch++) sum[ch] += (int32_t)in[ch] - zp;
@@ -184,7 +183,8 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
                 {
                     int t = omp_get_thread_num(), nt = omp_get_num_threads();
                     int64_t p0 = h * w * t / nt, p1 = h * w * (t + 1) / nt;
-                    pixel_sums(img, partial + t * c, c, p0, p1, zero_point);
+                    memset(partial + t * c, 0, (size_t)c * sizeof(int32_t));
+                    add_pixels(img, partial + t * c, c, p0, p1, zero_point);
 #pragma omp barrier
 #pragma omp for schedule(static)
                     for (int64_t ch = 0; ch < c; ch++) {
@@ -208,11 +208,8 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
             for (int64_t ox = 0; ox < ow; ox++) {
                 int64_t x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
                 for (int64_t ch = 0; ch < c; ch++) sum[ch] = 0;
-                for (int64_t iy = y0; iy < y1; iy++) {
-                    int32_t part[c];
-                    pixel_sums(x + (b * h + iy) * w * c, part, c, x0, x1, zero_point);
-                    for (int64_t ch = 0; ch < c; ch++) sum[ch] += part[ch];
-                }
+                for (int64_t iy = y0; iy < y1; iy++)
+                    add_pixels(x + (b * h + iy) * w * c, sum, c, x0, x1, zero_point);
                 float count = (float)((y1 - y0) * (x1 - x0));
                 uint8_t *out = y + ((b * oh + oy) * ow + ox) * c;
                 for (int64_t ch = 0; ch < c; ch++) {
