@@ -1,14 +1,15 @@
 """quanta's ExecuTorch export (.pte, int8 ops in XNNPACK) against quanta in-process and against
 quanta's ONNX export in ONNX Runtime, batch 1.
 
-For each model the same quantized model (quanta.quantize, default backend) is timed three ways:
+For each model the same quantized model (quanta.quantize, default backend, adds rounded as
+XNNPACK rounds them: ``add_arithmetic="fixed_point"``) is timed three ways:
 the .pte in the ExecuTorch runtime's Python bindings, the model called in-process (graph
 runtime), and quanta.export_onnx in ONNX Runtime (2 intra-op threads). Medians over interleaved
 chunks of calls. Also: the .pte's size, what XNNPACK took (int8 / fp32 / outside), and the .pte's
 agreement with the in-process model (share of outputs within one output quantum, top-1).
 Writes benchmarks/results/executorch.json and prints a markdown table.
 
-    python benchmarks/bench_executorch.py [--size 224] [--models mnist resnet18 mobilenet_v2]
+    python benchmarks/bench_executorch.py [--size 224] [--models mnist resnet18 mobilenet_v2 edge]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import onnxruntime as ort
@@ -26,6 +28,7 @@ import torch
 
 import quanta
 from quanta.io.executorch_export import load_pte, lower_executorch, run_pte
+from quanta.kernels import cpu
 
 REPS = 15
 RESULTS = Path(__file__).parent / "results" / "executorch.json"
@@ -50,6 +53,14 @@ def _models(names: list[str], size: int) -> list[Model]:
             calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
             vision.calibrate_batchnorm(model, calib)
             out.append((name, model, calib, torch.randn(8, 3, size, size, generator=gen)))
+    if "edge" in names:  # the sweep's same-padded depthwise net
+        from quanta.zoo import architectures as arches
+
+        arch = next(a for a in arches.SWEEP if a.name == "efficientnet_edge_small_b")
+        model = arches.build(arch)
+        calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
+        vision.calibrate_batchnorm(model, calib)
+        out.append(("EfficientNet-EdgeTPU-S", model, calib, torch.randn(8, 3, size, size, generator=gen)))
     return out
 
 
@@ -73,14 +84,17 @@ def _time(calls: dict, reps: int = REPS) -> dict[str, float]:
 
 def bench_model(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x: torch.Tensor,
                 workdir: Path) -> dict:
-    q = quanta.quantize(model, calib, show_progress=False)
+    config = quanta.QuantConfig(add_arithmetic="fixed_point")
+    q = quanta.quantize(model, calib, config=config, show_progress=False)
     one = x[:1]
     start = time.perf_counter()
     program, info = lower_executorch(q, one)
     lower_s = time.perf_counter() - start
     pte = workdir / f"{name}.pte"
     pte.write_bytes(program.buffer)
-    onnx_path = quanta.export_onnx(q, one, workdir / f"{name}.onnx")
+    with warnings.catch_warnings():  # timed only: ORT's add rounds one LSB away on a few pairs
+        warnings.filterwarnings("ignore", message=".*add_arithmetic='fixed_point'")
+        onnx_path = quanta.export_onnx(q, one, workdir / f"{name}.onnx")
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -104,7 +118,7 @@ def bench_model(name: str, model: torch.nn.Module, calib: list[torch.Tensor], x:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224, help="vision input side")
-    parser.add_argument("--models", nargs="+", default=["mnist", "resnet18", "mobilenet_v2"])
+    parser.add_argument("--models", nargs="+", default=["mnist", "resnet18", "mobilenet_v2", "edge"])
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +128,9 @@ def main() -> None:
     meta = {"executorch": getattr(executorch, "__version__", "1.5.1"), "onnxruntime": ort.__version__,
             "torch": torch.__version__, "machine": platform.machine(), "threads": 2, "reps": REPS,
             "size": args.size, "batch": 1,
-            "note": "vision models: random weights, BatchNorm statistics from the calibration images"}
+            "cpu": cpu.model_name(),
+            "note": "vision models: random weights, BatchNorm statistics from the calibration images; "
+                    "quantized with add_arithmetic='fixed_point'"}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("| model | .pte ms | quanta ms | ORT ms | .pte KiB | XNNPACK int8/fp32/outside | within 1q "

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch.nn as nn
 
+from quanta.kernels.reference import ADD_ARITHMETICS
+
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
-# corrections (bias_correction, equalize, adaround); older dicts load unchanged
-CONFIG_VERSION = 3
+# corrections (bias_correction, equalize, adaround); version 4 add_arithmetic; older dicts load
+# unchanged
+CONFIG_VERSION = 4
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -175,6 +178,9 @@ class QuantConfig:
     bias_correction: bool = False
     adaround: bool = False
     adaround_seconds: float = 300.0
+    # how int8 adds round: "float32" (ONNX Runtime's QLinearAdd, so a QDQ .onnx agrees bit for bit)
+    # or "fixed_point" (XNNPACK's, so an ExecuTorch .pte agrees bit for bit); see reference.add
+    add_arithmetic: str = "float32"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -188,6 +194,9 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"QuantConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if self.add_arithmetic not in ADD_ARITHMETICS:
+            raise ValueError(f"QuantConfig.add_arithmetic must be one of {ADD_ARITHMETICS}, "
+                             f"got {self.add_arithmetic!r}")
         if not self.adaround_seconds > 0:
             raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
         corrections = [n for n in ("equalize", "bias_correction", "adaround") if getattr(self, n)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,32 @@ def test_reference_add_is_ort_qlinear_add_bit_for_bit() -> None:
         got = _qdq_add_session((sa, za, sb, zb, sy, zy)).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
         ours = reference.add(a, sa, za, b, sb, zb, sy, zy)
         assert np.array_equal(ours.numpy(), got), (sa, za, sb, zb, sy, zy)
+
+
+def test_fixed_point_adds_are_warned_of(tmp_path: Path) -> None:
+    """A model whose adds round as XNNPACK does (for ExecuTorch) is exported, with a warning that
+    ONNX Runtime's add rounds one LSB away on a few pairs; the default model exports silently."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Conv2d(3, 3, 1) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.a(x) + self.b(x))
+
+    x = torch.randn(2, 3, 8, 8)
+    for arithmetic in ("fixed_point", "float32"):
+        config = quanta.QuantConfig(backend="reference", add_arithmetic=arithmetic)
+        q = quanta.quantize(Residual().eval(), [x], config=config, show_progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quanta.export_onnx(q, x, tmp_path / f"{arithmetic}.onnx")
+        said = [str(w.message) for w in caught if "add_arithmetic" in str(w.message)]
+        warned = "1 int8 adds were quantized with add_arithmetic='fixed_point'"
+        expected = [warned] if arithmetic == "fixed_point" else []
+        assert [m.split(" (")[0] for m in said] == expected, said
+        assert (tmp_path / f"{arithmetic}.onnx").exists()
 
 
 def _scope(node: onnx.NodeProto) -> str:

@@ -52,17 +52,26 @@ def float_safetensors_bytes(model: nn.Module) -> int:
     return len(safetensors.torch.save(state))
 
 
+def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
+    """``--config`` with the flags that set its fields (--equalize, --adaround, ...) applied."""
+    config = load_config(args.config, args.mode)
+    fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction") if getattr(args, k)}
+    if args.adaround is not None:
+        fields.update(adaround=True, adaround_seconds=args.adaround)
+    if args.add_arithmetic is not None:
+        fields["add_arithmetic"] = args.add_arithmetic
+    try:
+        return dataclasses.replace(config, **fields)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def quantize(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     if args.nproc > 1:
         if args.max_drop is not None:
             raise UsageError("--max-drop evaluates many variants in one process: drop --nproc")
-        return _quantize_nproc(args)
-    config = load_config(args.config, args.mode)
-    corrections = {"equalize": args.equalize, "bias_correction": args.bias_correction,
-                   "adaround": args.adaround is not None}
-    if any(corrections.values()):
-        extra = {"adaround_seconds": args.adaround} if args.adaround is not None else {}
-        config = dataclasses.replace(config, **{k: True for k, v in corrections.items() if v}, **extra)
+        return _quantize_nproc(args, config)
     factory = load_factory(args.model)
     calib = load_calib(args.calib, args.batch_size) if args.calib else factory.calib
     skip = tuple(args.skip or ())
@@ -91,11 +100,11 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_nproc(args: argparse.Namespace) -> int:
+def _quantize_nproc(args: argparse.Namespace, config: quanta.QuantConfig) -> int:
     from quanta.cli.nproc import quantize_nproc
 
     started = time.perf_counter()
-    lines = quantize_nproc(args)  # rank 0 saved the file and summarized it
+    lines = quantize_nproc(args, config)  # rank 0 saved the file and summarized it
     _print_saved(Path(args.out), f"static, {args.nproc} processes", time.perf_counter() - started, lines)
     return 0
 
@@ -309,7 +318,9 @@ def _export_pte(args: argparse.Namespace, qmodel: torch.nn.Module, example: Any)
     except ImportError as e:  # pragma: no cover - depends on the install
         raise UsageError(f"--pte needs ExecuTorch: pip install 'quanta[executorch]' ({e})") from e
     out = Path(args.pte)
-    program, info = lower_executorch(qmodel, example, strict=args.strict)
+    with warnings.catch_warnings():  # the add-arithmetic warning is a line of the summary below
+        warnings.filterwarnings("ignore", message=".*add_arithmetic='float32'")
+        program, info = lower_executorch(qmodel, example, strict=args.strict)
     atomic_write_bytes(out, program.buffer)
     _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ExecuTorch + XNNPACK)")
     _console().print(info.summary(), markup=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def calibrate_rank(options: dict[str, Any]) -> list[tuple[str, bool]] | None:
     return summary_lines(factory.model, qmodel, Path(options["out"]))
 
 
-def quantize_nproc(args: argparse.Namespace) -> list[tuple[str, bool]]:
+def quantize_nproc(args: argparse.Namespace, config: Any) -> list[tuple[str, bool]]:
     """Run ``calibrate_rank`` on ``args.nproc`` ranks and return rank 0's summary lines; a
     failed rank raises DistributedError."""
     from quanta.distributed import launch
@@ -52,6 +53,7 @@ def quantize_nproc(args: argparse.Namespace) -> list[tuple[str, bool]]:
     if args.mode != "static":
         raise UsageError(f"--nproc calibrates across processes: it needs --mode static, got {args.mode}")
     options = {"model": args.model, "calib": args.calib, "batch_size": args.batch_size,
-               "batches": args.batches, "config": args.config, "skip": tuple(args.skip or ()),
+               "batches": args.batches,
+               "config": json.dumps(config.to_dict()), "skip": tuple(args.skip or ()),
                "out": args.out}
     return launch(calibrate_rank, args.nproc, (options,), timeout=args.timeout)[0]

@@ -22,7 +22,7 @@ XNNPACK_OPS: dict[str, str] = {
     "convolution": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "linear": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "addmm": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
-    "add": "int8 (fixed-point: one LSB from quanta's add on ~2e-5 of input pairs)",
+    "add": "int8 (fixed-point: QuantConfig(add_arithmetic='fixed_point') matches it bit for bit)",
     "mul": "int8 (squeeze-excite gate)",
     "cat": "int8 (2 to 5 inputs)",
     "max_pool2d": "int8",
@@ -40,6 +40,13 @@ XNNPACK_OPS: dict[str, str] = {
 }
 
 
+#: what the summary and the export's warning say of int8 adds quantized with float32 arithmetic
+ADD_MISMATCH = ("{n} int8 adds were quantized with add_arithmetic='float32' (ONNX Runtime's rounding); "
+                "XNNPACK's fixed-point add lands one LSB away on ~2e-5 of input pairs and deep nets fan "
+                "that out. Quantize with QuantConfig(add_arithmetic='fixed_point') for a .pte that "
+                "equals the quantized model bit for bit")
+
+
 def gemm_precision(activation: str, output_int8: bool) -> tuple[str, str]:
     """How XNNPACK runs one of quanta's int8 convs/linears: ("int8", "") or ("fp32", why)."""
     if not output_int8:
@@ -53,12 +60,15 @@ def gemm_precision(activation: str, output_int8: bool) -> tuple[str, str]:
 class Delegation:
     """What the XNNPACK partitioner took. ``int8``/``fp32``: delegated compute ops by target;
     ``portable``: ops left to ExecuTorch's portable kernels, as (layer, op); ``fp32_layers``:
-    quanta's int8 layers XNNPACK runs in fp32, as (layer, why)."""
+    quanta's int8 layers XNNPACK runs in fp32, as (layer, why); ``float32_adds``: the model's int8
+    add call sites that round as ONNX Runtime does, where XNNPACK's fixed-point add differs by one
+    LSB on ~2e-5 of input pairs."""
 
     int8: Counter = field(default_factory=Counter)
     fp32: Counter = field(default_factory=Counter)
     portable: list[tuple[str, str]] = field(default_factory=list)
     fp32_layers: list[tuple[str, str]] = field(default_factory=list)
+    float32_adds: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {"int8": sum(self.int8.values()), "fp32": sum(self.fp32.values()),
@@ -67,7 +77,7 @@ class Delegation:
     def to_dict(self) -> dict[str, Any]:
         return {"counts": self.counts(), "int8": dict(self.int8), "fp32": dict(self.fp32),
                 "portable": [list(p) for p in self.portable],
-                "fp32_layers": [list(p) for p in self.fp32_layers]}
+                "fp32_layers": [list(p) for p in self.fp32_layers], "float32_adds": list(self.float32_adds)}
 
     def summary(self) -> str:
         c = self.counts()
@@ -77,6 +87,8 @@ class Delegation:
             lines.append(f"  fp32 {layer}: {why}")
         for layer, op in self.portable:
             lines.append(f"  not delegated {layer}: {op} ({XNNPACK_OPS.get(op, 'no XNNPACK kernel')})")
+        if self.float32_adds:
+            lines.append(f"  {ADD_MISMATCH.format(n=len(self.float32_adds))}")
         return "\n".join(lines)
 
 

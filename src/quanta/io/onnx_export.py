@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
-from quanta.modules.sites import site_module_key
+from quanta.modules.sites import int8_adds, site_module_key
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
 
 OPSET = 17
@@ -340,6 +341,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     import onnx
 
+    fixed = int8_adds(model, "fixed_point")
+    if fixed:
+        warnings.warn(f"{len(fixed)} int8 adds were quantized with add_arithmetic='fixed_point' (XNNPACK's "
+                      "rounding, for ExecuTorch); ONNX Runtime's QLinearAdd rounds one LSB away on ~2e-5 of "
+                      "input pairs. Quantize with add_arithmetic='float32' (the default) for a bit-exact "
+                      ".onnx",
+                      stacklevel=2)
     wrapper, tracker = export_twin(model, weight_format)
     args, kwargs = _as_args(example_inputs)
     n_inputs = len(batch_tensors((args, kwargs)))

@@ -187,21 +187,52 @@ def add_constants(
     return float(r_a), float(r_b), float(k)
 
 
+#: how an int8 add rounds (``QuantConfig.add_arithmetic``): "float32" is ONNX Runtime's QLinearAdd
+#: (float multiply-adds, ties to even); "fixed_point" is XNNPACK's (integer multipliers, ties up),
+#: what an ExecuTorch .pte runs. They differ by one LSB on ~2e-5 of input pairs.
+ADD_ARITHMETICS = ("float32", "fixed_point")
+
+
 def add(
     a_q: torch.Tensor, a_scale: float, a_zero_point: int,
     b_q: torch.Tensor, b_scale: float, b_zero_point: int,
-    out_scale: float, out_zero_point: int, activation: str = "none",
+    out_scale: float, out_zero_point: int, activation: str = "none", arithmetic: str = "float32",
 ) -> torch.Tensor:
-    """Quantized elementwise add: ``clamp(round_half_even(f32(a * r_a + f32(b * r_b + k))))``.
+    """Quantized elementwise add: ``clamp(round_half_even(f32(a * r_a + f32(b * r_b + k))))``,
+    or with ``arithmetic="fixed_point"`` :func:`add_fixed_point`. Broadcasting as torch.add.
 
     Each multiply-add is rounded to float32 once (a fused multiply-add); float64 holds it
     exactly first (an 8-bit integer times a float32 has at most 32 significant bits, and the
-    sum stays within 53 bits for scale ratios anywhere near 1). Broadcasting as torch.add."""
+    sum stays within 53 bits for scale ratios anywhere near 1)."""
+    lo, hi = activation_bounds(activation, out_scale, out_zero_point)
+    if arithmetic == "fixed_point":
+        y = add_fixed_point(a_q, a_scale, a_zero_point, b_q, b_scale, b_zero_point, out_scale, out_zero_point)
+        return torch.clamp(y, lo, hi).to(torch.uint8)
+    if arithmetic != "float32":
+        raise ValueError(f"add arithmetic must be one of {ADD_ARITHMETICS}, got {arithmetic!r}")
     r_a, r_b, k = add_constants(a_scale, a_zero_point, b_scale, b_zero_point, out_scale, out_zero_point)
     t = (b_q.double() * r_b + k).float()
     y = (a_q.double() * r_a + t.double()).float()
-    lo, hi = activation_bounds(activation, out_scale, out_zero_point)
     return torch.clamp(torch.round(y), lo, hi).to(torch.uint8)
+
+
+def add_fixed_point(
+    a_q: torch.Tensor, a_scale: float, a_zero_point: int,
+    b_q: torch.Tensor, b_scale: float, b_zero_point: int,
+    out_scale: float, out_zero_point: int,
+) -> torch.Tensor:
+    """XNNPACK's int8 add (its qs8/qu8 vadd kernels and their parameter setup), int64 before the
+    clamp: the float32 ratios ``s_a / s_y`` and ``s_b / s_y`` become integer multipliers with 21
+    significant bits for the larger one, ``m = round_half_even(r * 2^shift)``, and
+    ``y = ((a - zp_a) * m_a + (b - zp_b) * m_b + 2^(shift-1)) >> shift`` (ties up) ``+ zp_y``."""
+    f32 = torch.float32
+    ratios = torch.tensor([a_scale, b_scale], dtype=f32) / torch.tensor(out_scale, dtype=f32)
+    shift = 21 - int(torch.frexp(ratios.max()).exponent)  # 20 - floor(log2(larger ratio))
+    if not 1 <= shift <= 31:
+        raise ValueError(f"fixed-point add: scale ratios {ratios.tolist()} are outside XNNPACK's range")
+    m_a, m_b = (int(torch.round(r * 2.0**shift)) for r in ratios)  # exact power-of-two scaling
+    acc = (a_q.long() - a_zero_point) * m_a + (b_q.long() - b_zero_point) * m_b + (1 << (shift - 1))
+    return torch.div(acc, 1 << shift, rounding_mode="floor") + out_zero_point
 
 
 def mul(

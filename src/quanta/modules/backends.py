@@ -118,6 +118,7 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
     state = getattr(model, "_quanta", None)
     for site in getattr(state, "sites", {}).values() if state is not None else ():
         site.nonfinite = config.nonfinite if config is not None else "raise"
+        site.add_arithmetic = config.add_arithmetic if config is not None else "float32"
         asked, source = requested, "config"
         if config is not None:
             override, where = config.backend_for(site.key, site.op)

@@ -35,6 +35,15 @@ def site_module_key(key: str) -> str:
     return key.replace(".", "/")
 
 
+def int8_adds(model: nn.Module, arithmetic: str) -> list[str]:
+    """The converted int8 add call sites of ``model`` that round with ``arithmetic``
+    (``QuantConfig.add_arithmetic``), by key: what an exporter must warn of when its runtime's
+    add rounds the other way."""
+    state = getattr(model, "_quanta", None)
+    return [site.key for site in getattr(state, "sites", {}).values()
+            if site.op == "add" and site.converted and site.add_arithmetic == arithmetic]
+
+
 class QuantizedSite(LeafMarker, nn.Module):
     """One functional call site: observes its output while calibrating, runs int8 after."""
 
@@ -50,6 +59,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
         self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
         self.nonfinite = "raise"  # QuantConfig.nonfinite, set with the backend
+        self.add_arithmetic = "float32"  # QuantConfig.add_arithmetic, set with the backend
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
         self.output_scale.fill_(scale)
@@ -103,7 +113,7 @@ class QuantizedSite(LeafMarker, nn.Module):
             a, b = args
             add = eltwise.add_uint8 if self.backend == "onednn" else reference.add
             return add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
-                                 scale, zp, self.activation)
+                       scale, zp, self.activation, self.add_arithmetic)
         if self.op == "mul":  # an int8 activation times a float (or int8) one: a channel gate
             if kwargs or len(args) != 2:
                 return None

@@ -41,6 +41,7 @@ SWEEP: tuple[Architecture, ...] = (
     Architecture("efficientnet_b0", "efficientnet"),
     Architecture("efficientnet-b0", "efficientnet_pytorch", kwargs=(("image_size", 224),)),
     Architecture("efficientnet-b0 (dynamic same padding)", "efficientnet_pytorch"),
+    Architecture("efficientnet_edge_small_b", "efficientnetedge"),  # TF same padding, ReLU, no SE
     Architecture("mnasnet_b1", "mnasnet"),
     Architecture("fbnet_cb", "fbnet"),
     Architecture("proxylessnas_mobile", "proxylessnas"),
