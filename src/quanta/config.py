@@ -13,10 +13,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from quanta.kernels.reference import ADD_ARITHMETICS
+from quanta.kernels.reference import NUMERICS
 
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
-# corrections (bias_correction, equalize, adaround); version 4 add_arithmetic; older dicts load
+# corrections (bias_correction, equalize, adaround); version 4 numerics; older dicts load
 # unchanged
 CONFIG_VERSION = 4
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
@@ -178,9 +178,10 @@ class QuantConfig:
     bias_correction: bool = False
     adaround: bool = False
     adaround_seconds: float = 300.0
-    # how int8 adds round: "float32" (ONNX Runtime's QLinearAdd, so a QDQ .onnx agrees bit for bit)
-    # or "fixed_point" (XNNPACK's, so an ExecuTorch .pte agrees bit for bit); see reference.add
-    add_arithmetic: str = "float32"
+    # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
+    # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
+    # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
+    numerics: str = "onnxruntime"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -194,9 +195,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"QuantConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
-        if self.add_arithmetic not in ADD_ARITHMETICS:
-            raise ValueError(f"QuantConfig.add_arithmetic must be one of {ADD_ARITHMETICS}, "
-                             f"got {self.add_arithmetic!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:
             raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
         corrections = [n for n in ("equalize", "bias_correction", "adaround") if getattr(self, n)]

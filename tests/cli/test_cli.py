@@ -156,12 +156,21 @@ def test_export_pte_runs_in_executorch(saved: Path, tmp_path: Path,
     result = run("export", str(saved), "--model", MNIST, "--pte", str(out))
     assert result.returncode == 0, result.stderr
     assert "14 int8 ops, 2 fp32 ops" in result.stdout and "fp32 classifier: float output" in result.stdout
+    assert "quantized with numerics='onnxruntime'" in result.stdout  # says how to match XNNPACK
+    assert "UserWarning" not in result.stderr  # said once, in the summary
     images, labels = test_data
     method = load_pte(out)
     logits = torch.cat([run_pte(method, images[i:i + 1]) for i in range(200)])
     assert float((logits.argmax(1) == labels[:200]).float().mean()) >= 0.97
     strict = run("export", str(saved), "--model", MNIST, "--pte", str(tmp_path / "s.pte"), "--strict")
     assert strict.returncode != 0 and "'classifier'" in strict.stderr and not (tmp_path / "s.pte").exists()
+
+
+def test_quantize_for_xnnpack_numerics(tmp_path: Path) -> None:
+    out = tmp_path / "x.quanta.safetensors"
+    result = run("quantize", MNIST, "--batches", "2", "--numerics", "xnnpack", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert quanta.load(out, load_pretrained_mnist_cnn())._quanta.config.numerics == "xnnpack"
 
 
 def test_quantize_from_pt_file_with_skip(tmp_path: Path) -> None:

@@ -176,9 +176,9 @@ def test_reference_add_is_ort_qlinear_add_bit_for_bit() -> None:
         assert np.array_equal(ours.numpy(), got), (sa, za, sb, zb, sy, zy)
 
 
-def test_fixed_point_adds_are_warned_of(tmp_path: Path) -> None:
-    """A model whose adds round as XNNPACK does (for ExecuTorch) is exported, with a warning that
-    ONNX Runtime's add rounds one LSB away on a few pairs; the default model exports silently."""
+def test_xnnpack_numerics_are_warned_of(tmp_path: Path) -> None:
+    """A model quantized with XNNPACK's rounding (for ExecuTorch) is exported, with a warning that
+    ONNX Runtime rounds a few values one LSB away; the default model exports silently."""
 
     class Residual(torch.nn.Module):
         def __init__(self) -> None:
@@ -189,17 +189,16 @@ def test_fixed_point_adds_are_warned_of(tmp_path: Path) -> None:
             return self.c(self.a(x) + self.b(x))
 
     x = torch.randn(2, 3, 8, 8)
-    for arithmetic in ("fixed_point", "float32"):
-        config = quanta.QuantConfig(backend="reference", add_arithmetic=arithmetic)
+    for numerics in reference.NUMERICS:
+        config = quanta.QuantConfig(backend="reference", numerics=numerics)
         q = quanta.quantize(Residual().eval(), [x], config=config, show_progress=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            quanta.export_onnx(q, x, tmp_path / f"{arithmetic}.onnx")
-        said = [str(w.message) for w in caught if "add_arithmetic" in str(w.message)]
-        warned = "1 int8 adds were quantized with add_arithmetic='fixed_point'"
-        expected = [warned] if arithmetic == "fixed_point" else []
+            quanta.export_onnx(q, x, tmp_path / f"{numerics}.onnx")
+        said = [str(w.message) for w in caught if "numerics" in str(w.message)]
+        expected = ["the model was quantized with numerics='xnnpack'"] if numerics == "xnnpack" else []
         assert [m.split(" (")[0] for m in said] == expected, said
-        assert (tmp_path / f"{arithmetic}.onnx").exists()
+        assert (tmp_path / f"{numerics}.onnx").exists()
 
 
 def _scope(node: onnx.NodeProto) -> str:

@@ -28,13 +28,13 @@ def _inputs(shape, channels_last, seed):
 
 @pytest.mark.parametrize("shape,channels_last", SHAPES)
 def test_fixed_point_add_matches_reference(shape, channels_last):
-    """add_arithmetic="fixed_point" (XNNPACK's rounding) is bit-identical to its reference at
+    """numerics="xnnpack" (XNNPACK's fixed-point add) is bit-identical to its reference at
     every size: it never takes the float32-only native or oneDNN paths."""
     a, b = _inputs(shape, channels_last, len(shape))
     for qp in QPARAMS:
         for activation in ("none", "relu", "relu6"):
-            ref = reference.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "fixed_point")
-            out = add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "fixed_point")
+            ref = reference.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "xnnpack")
+            out = add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "xnnpack")
             assert torch.equal(out, ref) and out.stride() == a.stride()
 
 

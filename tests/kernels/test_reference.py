@@ -79,11 +79,11 @@ def test_add_and_requantize_match_float_definition():
 
 
 def test_fixed_point_add_rounds_ties_up_and_stays_within_one_lsb():
-    """XNNPACK's arithmetic: an exact tie (0.5 quantum) rounds up where float32 rounds to even;
+    """XNNPACK's add (numerics="xnnpack"): an exact tie (0.5 quantum) rounds up where float32 rounds to even;
     everywhere it is within one LSB of the exact sum and equal to float32 on all but ~1e-5."""
     one, zero = torch.tensor([1], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8)
     args = (one, 0.5, 0, zero, 0.5, 0, 1.0, 0)
-    assert reference.add(*args, arithmetic="fixed_point").item() == 1
+    assert reference.add(*args, numerics="xnnpack").item() == 1
     assert reference.add(*args).item() == 0
     pairs = torch.arange(256, dtype=torch.uint8)
     a, b = pairs[:, None], pairs[None, :]
@@ -93,15 +93,15 @@ def test_fixed_point_add_rounds_ties_up_and_stays_within_one_lsb():
         sa, sb, sy = (float(torch.tensor(0.01 + 0.1 * float(v), dtype=torch.float32))
                       for v in torch.rand(3, generator=g))
         za, zb, zy = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
-        fixed = reference.add(a, sa, za, b, sb, zb, sy, zy, arithmetic="fixed_point").int()
+        fixed = reference.add(a, sa, za, b, sb, zb, sy, zy, numerics="xnnpack").int()
         exact = torch.clamp(torch.round(((a.double() - za) * sa + (b.double() - zb) * sb) / sy) + zy, 0, 255)
         assert (fixed - exact).abs().max() <= 1
         differ += int((fixed != reference.add(a, sa, za, b, sb, zb, sy, zy).int()).sum())
     assert differ <= 20 * 65536 * 1e-4, differ  # measured: 12 of 1.3 M pairs
     with pytest.raises(ValueError, match="outside XNNPACK's range"):
-        reference.add(one, 1e4, 0, zero, 1.0, 0, 1e-3, 0, arithmetic="fixed_point")
-    with pytest.raises(ValueError, match="add arithmetic must be one of"):
-        reference.add(one, 1.0, 0, zero, 1.0, 0, 1.0, 0, arithmetic="fixed")
+        reference.add(one, 1e4, 0, zero, 1.0, 0, 1e-3, 0, numerics="xnnpack")
+    with pytest.raises(ValueError, match="numerics must be one of"):
+        reference.add(one, 1.0, 0, zero, 1.0, 0, 1.0, 0, numerics="fixed_point")
 
 
 def test_epilogue_rounds_once_with_one_multiplier():

@@ -158,9 +158,9 @@ def build_parser() -> Parser:
                    help="static: learn each layer's weight rounding (AdaRound) within SECONDS (default 300)")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
-    q.add_argument("--add-arithmetic", choices=("float32", "fixed_point"),
-                   help="how int8 adds round: float32 (default; ONNX Runtime's, for --onnx) or "
-                        "fixed_point (XNNPACK's, for a .pte that equals the model bit for bit)")
+    q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),
+                   help="whose int8 rounding the model reproduces bit for bit: onnxruntime (default; "
+                        "for export --onnx) or xnnpack (for export --pte)")
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="accuracy target: keep the fewest MACs float to stay within X of float's metric")
     q.add_argument("--eval", metavar="MODULE:function",

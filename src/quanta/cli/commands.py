@@ -58,8 +58,8 @@ def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
     fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction") if getattr(args, k)}
     if args.adaround is not None:
         fields.update(adaround=True, adaround_seconds=args.adaround)
-    if args.add_arithmetic is not None:
-        fields["add_arithmetic"] = args.add_arithmetic
+    if args.numerics is not None:
+        fields["numerics"] = args.numerics
     try:
         return dataclasses.replace(config, **fields)
     except ValueError as e:
@@ -318,8 +318,8 @@ def _export_pte(args: argparse.Namespace, qmodel: torch.nn.Module, example: Any)
     except ImportError as e:  # pragma: no cover - depends on the install
         raise UsageError(f"--pte needs ExecuTorch: pip install 'quanta[executorch]' ({e})") from e
     out = Path(args.pte)
-    with warnings.catch_warnings():  # the add-arithmetic warning is a line of the summary below
-        warnings.filterwarnings("ignore", message=".*add_arithmetic='float32'")
+    with warnings.catch_warnings():  # the numerics warning is a line of the summary below
+        warnings.filterwarnings("ignore", message="the model was quantized with numerics=")
         program, info = lower_executorch(qmodel, example, strict=args.strict)
     atomic_write_bytes(out, program.buffer)
     _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ExecuTorch + XNNPACK)")

@@ -22,7 +22,7 @@ XNNPACK_OPS: dict[str, str] = {
     "convolution": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "linear": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
     "addmm": "int8 (per-channel int8 weights, int32 bias, fused relu/hardtanh)",
-    "add": "int8 (fixed-point: QuantConfig(add_arithmetic='fixed_point') matches it bit for bit)",
+    "add": "int8 (fixed point: a model quantized with numerics='xnnpack' matches it bit for bit)",
     "mul": "int8 (squeeze-excite gate)",
     "cat": "int8 (2 to 5 inputs)",
     "max_pool2d": "int8",
@@ -40,11 +40,11 @@ XNNPACK_OPS: dict[str, str] = {
 }
 
 
-#: what the summary and the export's warning say of int8 adds quantized with float32 arithmetic
-ADD_MISMATCH = ("{n} int8 adds were quantized with add_arithmetic='float32' (ONNX Runtime's rounding); "
-                "XNNPACK's fixed-point add lands one LSB away on ~2e-5 of input pairs and deep nets fan "
-                "that out. Quantize with QuantConfig(add_arithmetic='fixed_point') for a .pte that "
-                "equals the quantized model bit for bit")
+#: what the summary and the export's warning say of a model not quantized for XNNPACK's rounding
+NUMERICS_MISMATCH = ("the model was quantized with numerics={numerics!r}: XNNPACK quantizes float inputs "
+                     "and rounds int8 adds one LSB away on ~1e-6 / ~2e-5 of values, and deep nets fan that "
+                     "out. Quantize with QuantConfig(numerics='xnnpack') for a .pte that equals the model "
+                     "bit for bit")
 
 
 def gemm_precision(activation: str, output_int8: bool) -> tuple[str, str]:
@@ -60,15 +60,14 @@ def gemm_precision(activation: str, output_int8: bool) -> tuple[str, str]:
 class Delegation:
     """What the XNNPACK partitioner took. ``int8``/``fp32``: delegated compute ops by target;
     ``portable``: ops left to ExecuTorch's portable kernels, as (layer, op); ``fp32_layers``:
-    quanta's int8 layers XNNPACK runs in fp32, as (layer, why); ``float32_adds``: the model's int8
-    add call sites that round as ONNX Runtime does, where XNNPACK's fixed-point add differs by one
-    LSB on ~2e-5 of input pairs."""
+    quanta's int8 layers XNNPACK runs in fp32, as (layer, why); ``numerics``: the model's
+    ``QuantConfig.numerics`` (the .pte equals the model bit for bit only for "xnnpack")."""
 
     int8: Counter = field(default_factory=Counter)
     fp32: Counter = field(default_factory=Counter)
     portable: list[tuple[str, str]] = field(default_factory=list)
     fp32_layers: list[tuple[str, str]] = field(default_factory=list)
-    float32_adds: list[str] = field(default_factory=list)
+    numerics: str = "xnnpack"
 
     def counts(self) -> dict[str, int]:
         return {"int8": sum(self.int8.values()), "fp32": sum(self.fp32.values()),
@@ -77,7 +76,7 @@ class Delegation:
     def to_dict(self) -> dict[str, Any]:
         return {"counts": self.counts(), "int8": dict(self.int8), "fp32": dict(self.fp32),
                 "portable": [list(p) for p in self.portable],
-                "fp32_layers": [list(p) for p in self.fp32_layers], "float32_adds": list(self.float32_adds)}
+                "fp32_layers": [list(p) for p in self.fp32_layers], "numerics": self.numerics}
 
     def summary(self) -> str:
         c = self.counts()
@@ -87,8 +86,8 @@ class Delegation:
             lines.append(f"  fp32 {layer}: {why}")
         for layer, op in self.portable:
             lines.append(f"  not delegated {layer}: {op} ({XNNPACK_OPS.get(op, 'no XNNPACK kernel')})")
-        if self.float32_adds:
-            lines.append(f"  {ADD_MISMATCH.format(n=len(self.float32_adds))}")
+        if self.numerics != "xnnpack":
+            lines.append(f"  {NUMERICS_MISMATCH.format(numerics=self.numerics)}")
         return "\n".join(lines)
 
 

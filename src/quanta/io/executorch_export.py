@@ -12,9 +12,10 @@ w_scale`` (traced as the float it stands for; the delegate gets the int32 itself
 quanta's uint8 value ``q`` with zero point ``z`` is the int8 value ``q - 128`` with zero point
 ``z - 128``, exactly. Every delegated int8 conv/linear then equals quanta's reference bit for
 bit (XNNPACK's requantization is quanta's). XNNPACK's int8 add is fixed-point (21-bit integer
-multipliers, ties rounded up): it equals quanta's add when the model was quantized with
-``QuantConfig(add_arithmetic="fixed_point")``, and lands one LSB away on ~2e-5 of input pairs
-otherwise (the export warns; tests/io/test_executorch_export.py pins both).
+multipliers, ties rounded up) and it quantizes a float input as ``round(x * f32(1 / s))``: both
+equal quanta's when the model was quantized with ``QuantConfig(numerics="xnnpack")``, and land one
+LSB away on ~2e-5 of add pairs and ~1e-6 of float inputs otherwise (the export warns;
+tests/io/test_executorch_export.py pins both).
 
 What XNNPACK cannot run in int8 (``io/delegation.py``: fused SiLU/sigmoid/GELU/hard-swish, float
 outputs) is written with quanta's integer values in float and runs in XNNPACK's fp32 kernels;
@@ -36,7 +37,7 @@ from quanta.io import delegation
 from quanta.io.atomic import atomic_write_bytes
 from quanta.io.onnx_export import Steps, _activation, _as_args, _ExportQuantized, export_twin
 from quanta.modules.quantized import QuantizedModule
-from quanta.modules.sites import int8_adds
+from quanta.modules.sites import numerics_of
 
 
 def _ops() -> Any:
@@ -122,9 +123,9 @@ def lower_executorch(model: torch.nn.Module, example_inputs: Any, *,
     for name, m in wrapper.named_modules():
         if isinstance(m, _ExportQuantized) and not m.xnnpack_int8:
             info.fp32_layers.append((_layer(name), m.xnnpack_why))
-    info.float32_adds = int8_adds(model, "float32")
-    if info.float32_adds:
-        warnings.warn(delegation.ADD_MISMATCH.format(n=len(info.float32_adds)), stacklevel=2)
+    info.numerics = numerics_of(model)
+    if info.numerics != "xnnpack":
+        warnings.warn(delegation.NUMERICS_MISMATCH.format(numerics=info.numerics), stacklevel=2)
     if strict and info.fp32_layers:
         layer, why = info.fp32_layers[0]
         raise UnsupportedModelError(f"ExecuTorch export: layer {layer!r} cannot run int8 in XNNPACK ({why}); "

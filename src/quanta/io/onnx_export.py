@@ -58,7 +58,7 @@ from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
-from quanta.modules.sites import int8_adds, site_module_key
+from quanta.modules.sites import numerics_of, site_module_key
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
 
 OPSET = 17
@@ -341,13 +341,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     import onnx
 
-    fixed = int8_adds(model, "fixed_point")
-    if fixed:
-        warnings.warn(f"{len(fixed)} int8 adds were quantized with add_arithmetic='fixed_point' (XNNPACK's "
-                      "rounding, for ExecuTorch); ONNX Runtime's QLinearAdd rounds one LSB away on ~2e-5 of "
-                      "input pairs. Quantize with add_arithmetic='float32' (the default) for a bit-exact "
-                      ".onnx",
-                      stacklevel=2)
+    if numerics_of(model) != "onnxruntime":
+        warnings.warn(f"the model was quantized with numerics={numerics_of(model)!r} (for ExecuTorch); "
+                      "ONNX Runtime quantizes float inputs and rounds int8 adds one LSB away on ~1e-6 / "
+                      "~2e-5 of values. Quantize with numerics='onnxruntime' (the default) for a bit-exact "
+                      ".onnx", stacklevel=2)
     wrapper, tracker = export_twin(model, weight_format)
     args, kwargs = _as_args(example_inputs)
     n_inputs = len(batch_tensors((args, kwargs)))

@@ -63,12 +63,12 @@ _TABLES: dict[tuple, np.ndarray] = {}
 
 def add_table(
     a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_scale: float, out_zp: int,
-    activation: str = "none", arithmetic: str = "float32",
+    activation: str = "none", numerics: str = "onnxruntime",
 ) -> np.ndarray:
     """``reference.add`` of every uint8 pair as a flat uint8 array indexed by ``a * 256 + b``,
-    cached per qparams, activation and arithmetic."""
+    cached per qparams, activation and numerics."""
     key = (float(a_scale), int(a_zp), float(b_scale), int(b_zp), float(out_scale), int(out_zp), activation,
-           arithmetic)
+           numerics)
     table = _TABLES.get(key)
     if table is None:
         if len(_TABLES) >= 256:  # many distinct qparams (unusual for static sites): start over
@@ -110,12 +110,12 @@ _SMALL_NUMEL = 65536  # below this the lookup beats a oneDNN call (~12 vs 62 us 
 
 def add_lookup(
     a: torch.Tensor, a_scale: float, a_zp: int, b: torch.Tensor, b_scale: float, b_zp: int,
-    out_scale: float, out_zp: int, activation: str = "none", arithmetic: str = "float32",
+    out_scale: float, out_zp: int, activation: str = "none", numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """uint8 add by table lookup in numpy, broadcasting like ``a + b``; equals reference.add.
     Same-layout dense inputs are read in memory order and keep their layout (uint16 index and
     ``take``: 49 vs 74 us for intp fancy indexing at 50k elements); others come out contiguous."""
-    table = add_table(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation, arithmetic)
+    table = add_table(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation, numerics)
     a_np, b_np = a.numpy(), b.numpy()
     if a.shape == b.shape and a.stride() == b.stride() and _dense(a):
         index = a_np.ravel(order="K").astype(np.uint16)
@@ -128,14 +128,15 @@ def add_lookup(
 
 def add_uint8(
     a: torch.Tensor, a_scale: float, a_zp: int, b: torch.Tensor, b_scale: float, b_zp: int,
-    out_scale: float, out_zp: int, activation: str = "none", arithmetic: str = "float32",
+    out_scale: float, out_zp: int, activation: str = "none", numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """uint8 + uint8 -> uint8 at (out_scale, out_zp) with optional fused relu/relu6, equal to
-    ``reference.add``; the fixed-point arithmetic (XNNPACK's) always by table lookup."""
+    ``reference.add``; XNNPACK's fixed-point add always by table lookup (the native and oneDNN
+    adds compute ONNX Runtime's float32 one)."""
     if a.dtype != torch.uint8 or b.dtype != torch.uint8:
-        return reference.add(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, arithmetic)
-    if arithmetic != "float32":
-        return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, arithmetic)
+        return reference.add(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
+    if numerics != "onnxruntime":
+        return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
     if a.shape == b.shape and a.stride() == b.stride() and _dense(a):
         args = _native_add_args(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation)
         if args is not None:

@@ -62,8 +62,10 @@ def _round_clip_cast(y: np.ndarray, zero_point: int) -> np.ndarray:
 
 def quantize_uint8(
     x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
+    numerics: str = "onnxruntime",
 ) -> torch.Tensor:
-    """Float tensor -> uint8 ``clamp(round_half_even(x / scale) + zero_point, 0, 255)``.
+    """Float tensor -> uint8 ``clamp(round_half_even(x / scale) + zero_point, 0, 255)`` (with
+    ``numerics="xnnpack"``: ``x * f32(1 / scale)``).
 
     Bit-identical to ``reference.quantize_per_tensor``. With the native kernels: one C pass (a
     float32 division and round-half-even, like numpy's), threaded for large tensors. Otherwise
@@ -78,34 +80,42 @@ def quantize_uint8(
     x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()
+    inv = reference.reciprocal(scale) if numerics == "xnnpack" else 0.0  # 0: divide by scale
     lib = native.load()
     if lib is not None and not torch.compiler.is_compiling():  # one C pass, same arithmetic
         if channels_last and x.dim() == 4 and x.is_contiguous() \
                 and not x.is_contiguous(memory_format=torch.channels_last):
             n, c, h, w = x.shape
             y = torch.empty((n, h, w, c), dtype=torch.uint8)
-            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), n, c, h * w, scale, zero_point, 1):
+            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), n, c, h * w, scale, zero_point, 1, inv):
                 raise NonFiniteInputError("input holds NaN or Inf")
             return y.permute(0, 3, 1, 2)
         if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
             y = torch.empty_like(x, dtype=torch.uint8)
-            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), 1, 1, x.numel(), scale, zero_point, 0):
+            if lib.qk_quantize_u8(x.data_ptr(), y.data_ptr(), 1, 1, x.numel(), scale, zero_point, 0, inv):
                 raise NonFiniteInputError("input holds NaN or Inf")
             return y
     if x.numel() <= _NUMPY_MAX_NUMEL:
         a = _finite(x.numpy())
         if channels_last and a.ndim == 4 and not x.is_contiguous(memory_format=torch.channels_last):
             y = np.empty((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), dtype=np.float32)
-            np.divide(a.transpose(0, 2, 3, 1), np.float32(scale), out=y)
+            _scale_into(a.transpose(0, 2, 3, 1), scale, inv, y)
             return torch.from_numpy(_round_clip_cast(y, zero_point)).permute(0, 3, 1, 2)
-        return torch.from_numpy(_round_clip_cast(np.divide(a, np.float32(scale)), zero_point))
+        return torch.from_numpy(_round_clip_cast(_scale_into(a, scale, inv), zero_point))
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteInputError("input holds NaN or Inf")
-    y = torch.div(x, scale)
+    y = torch.mul(x, inv) if inv else torch.div(x, scale)
     y.round_().clamp_(float(-zero_point), float(255 - zero_point))
     if zero_point == 0:
         return y.to(torch.uint8)
     return y.to(torch.int16).add_(zero_point).to(torch.uint8)
+
+
+def _scale_into(a: np.ndarray, scale: float, inv: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``a / scale`` in float32, or ``a * inv`` when ``inv`` is set (XNNPACK's quantization)."""
+    if inv:
+        return np.multiply(a, np.float32(inv), out=out)
+    return np.divide(a, np.float32(scale), out=out)
 
 
 def _float_bias(bias_i32: torch.Tensor | None, x_scale: float, w_scale: torch.Tensor) -> torch.Tensor | None:

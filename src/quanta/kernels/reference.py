@@ -28,12 +28,29 @@ ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh", "silu", "hardswish"
 CLAMP_ACTIVATIONS = ("none", "relu", "relu6")  # exact as integer clamps; GELU is not
 
 
+#: whose int8 rounding a model reproduces bit for bit (``QuantConfig.numerics``). "onnxruntime":
+#: float inputs quantized as ``round(x / s)``, adds in float32 multiply-adds, ties to even (ONNX
+#: Runtime's QuantizeLinear and QLinearAdd). "xnnpack": float inputs quantized as
+#: ``round(x * f32(1 / s))`` and adds in fixed point, ties up (:func:`add_fixed_point`), as an
+#: ExecuTorch .pte runs them. The two differ by one LSB on ~1e-6 of float inputs and ~2e-5 of
+#: add input pairs; everything else (conv/linear requantization, pooling) is the same in both.
+NUMERICS = ("onnxruntime", "xnnpack")
+
+
 def quantize_per_tensor(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int = 0, qmax: int = 255,
-    dtype: torch.dtype = torch.uint8,
+    dtype: torch.dtype = torch.uint8, numerics: str = "onnxruntime",
 ) -> torch.Tensor:
-    """clamp(round_half_even(x / scale) + zero_point, qmin, qmax)."""
-    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax).to(dtype)
+    """clamp(round_half_even(x / scale) + zero_point, qmin, qmax), in float32; with
+    ``numerics="xnnpack"`` ``x * f32(1 / scale)`` instead of the division."""
+    x = x.float()
+    y = x * reciprocal(scale) if numerics == "xnnpack" else x / scale
+    return torch.clamp(torch.round(y) + zero_point, qmin, qmax).to(dtype)
+
+
+def reciprocal(scale: float) -> float:
+    """``f32(1 / f32(scale))`` as a python float: XNNPACK's quantization multiplier."""
+    return float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -187,29 +204,23 @@ def add_constants(
     return float(r_a), float(r_b), float(k)
 
 
-#: how an int8 add rounds (``QuantConfig.add_arithmetic``): "float32" is ONNX Runtime's QLinearAdd
-#: (float multiply-adds, ties to even); "fixed_point" is XNNPACK's (integer multipliers, ties up),
-#: what an ExecuTorch .pte runs. They differ by one LSB on ~2e-5 of input pairs.
-ADD_ARITHMETICS = ("float32", "fixed_point")
-
-
 def add(
     a_q: torch.Tensor, a_scale: float, a_zero_point: int,
     b_q: torch.Tensor, b_scale: float, b_zero_point: int,
-    out_scale: float, out_zero_point: int, activation: str = "none", arithmetic: str = "float32",
+    out_scale: float, out_zero_point: int, activation: str = "none", numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """Quantized elementwise add: ``clamp(round_half_even(f32(a * r_a + f32(b * r_b + k))))``,
-    or with ``arithmetic="fixed_point"`` :func:`add_fixed_point`. Broadcasting as torch.add.
+    or with ``numerics="xnnpack"`` :func:`add_fixed_point`. Broadcasting as torch.add.
 
     Each multiply-add is rounded to float32 once (a fused multiply-add); float64 holds it
     exactly first (an 8-bit integer times a float32 has at most 32 significant bits, and the
     sum stays within 53 bits for scale ratios anywhere near 1)."""
     lo, hi = activation_bounds(activation, out_scale, out_zero_point)
-    if arithmetic == "fixed_point":
+    if numerics == "xnnpack":
         y = add_fixed_point(a_q, a_scale, a_zero_point, b_q, b_scale, b_zero_point, out_scale, out_zero_point)
         return torch.clamp(y, lo, hi).to(torch.uint8)
-    if arithmetic != "float32":
-        raise ValueError(f"add arithmetic must be one of {ADD_ARITHMETICS}, got {arithmetic!r}")
+    if numerics != "onnxruntime":
+        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
     r_a, r_b, k = add_constants(a_scale, a_zero_point, b_scale, b_zero_point, out_scale, out_zero_point)
     t = (b_q.double() * r_b + k).float()
     y = (a_q.double() * r_a + t.double()).float()

@@ -69,12 +69,15 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
     if config is None:
         config = getattr(getattr(model, "_quanta", None), "config", None)
     nonfinite = config.nonfinite if config is not None else "raise"
+    numerics = config.numerics if config is not None else "onnxruntime"
     state = getattr(model, "_quanta", None)
     op_sites = [(lp.name, state.sites_by_key[lp.name]) for lp in plan.op_sites()] if state is not None else []
     for name, module in [*model.named_modules(), *op_sites]:
         lp = plan.layers.get(name)
         if isinstance(module, (DynamicModule, QuantizedModule)):
             module.nonfinite = nonfinite
+        if isinstance(module, QuantizedModule):
+            module.numerics = numerics
         if isinstance(module, DynamicModule) and lp is not None:
             lp.backend, lp.backend_reason = module.backend_label(), module.backend_reason()
             lp.float_macs = lp.macs if lp.backend == "float" else 0
@@ -118,7 +121,7 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
     state = getattr(model, "_quanta", None)
     for site in getattr(state, "sites", {}).values() if state is not None else ():
         site.nonfinite = config.nonfinite if config is not None else "raise"
-        site.add_arithmetic = config.add_arithmetic if config is not None else "float32"
+        site.numerics = config.numerics if config is not None else "onnxruntime"
         asked, source = requested, "config"
         if config is not None:
             override, where = config.backend_for(site.key, site.op)

@@ -257,7 +257,7 @@ def _site(node: fx.Node, value: Any, gen: Codegen, site: Any) -> int | None:
     else:
         add = eltwise.add_uint8 if site.backend == "onednn" else reference.add
         src = f"{gen.const(add)}({gen.var(a)}, {qa[0]!r}, {qa[1]!r}, {gen.var(b)}, {qb[0]!r}, {qb[1]!r}, " \
-              f"{scale!r}, {zp!r}, {site.activation!r}, {site.add_arithmetic!r})"
+              f"{scale!r}, {zp!r}, {site.activation!r}, {site.numerics!r})"
     if site.output_int8:
         return _emit(gen, node, src, (scale, zp)) if _passes_qparams(value, (scale, zp)) else None
     if type(value) is not torch.Tensor:

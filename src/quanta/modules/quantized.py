@@ -89,19 +89,19 @@ def forget_quantized_input() -> None:
 
 def _quantize_shared(
     x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
+    numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """``onednn.quantize_uint8`` remembering the last call: sibling layers fed the same float
     tensor at the same qparams (attention query/key/value after a LayerNorm) quantize it once.
     Keyed on tensor identity and its version counter, so an in-place change invalidates it;
     inference-mode tensors have no version counter and are always quantized afresh."""
     if x.is_inference():
-        return onednn.quantize_uint8(x, scale, zero_point, channels_last)
+        return onednn.quantize_uint8(x, scale, zero_point, channels_last, numerics)
     last = _LAST_QUANTIZED[0]
-    if last is not None and last[0] is x and last[1] == x._version and last[2] == scale \
-            and last[3] == zero_point:
-        return last[4]
-    q = onednn.quantize_uint8(x, scale, zero_point, channels_last)
-    _LAST_QUANTIZED[0] = (x, x._version, scale, zero_point, q)
+    if last is not None and last[0] is x and last[1:5] == (x._version, scale, zero_point, numerics):
+        return last[5]
+    q = onednn.quantize_uint8(x, scale, zero_point, channels_last, numerics)
+    _LAST_QUANTIZED[0] = (x, x._version, scale, zero_point, numerics, q)
     return q
 
 
@@ -133,6 +133,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         self.backend = "reference"
         self.forced = False  # True: run oneDNN on every call (config asked for it), no per-call choice
         self.nonfinite = "raise"  # QuantConfig.nonfinite, set with the backend
+        self.numerics = "onnxruntime"  # QuantConfig.numerics: how a float input is quantized
         self.layer_name = ""
         self._sync()
 
@@ -271,8 +272,8 @@ class QuantizedModule(LeafMarker, nn.Module):
         if self.backend == "reference":
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteInputError("input holds NaN or Inf")
-            return reference.quantize_per_tensor(x, scale, zero_point)
-        return _quantize_shared(x, scale, zero_point, self.channels_last_input)
+            return reference.quantize_per_tensor(x, scale, zero_point, numerics=self.numerics)
+        return _quantize_shared(x, scale, zero_point, self.channels_last_input, self.numerics)
 
     def dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The float value the int8 op would see: a QTensor dequantized, a float tensor
@@ -292,7 +293,7 @@ class QuantizedModule(LeafMarker, nn.Module):
         y = _activate(y, self.activation)
         if not self.output_int8:
             return y
-        return QTensor(onednn.quantize_uint8(y, *self._out), *self._out)
+        return QTensor(onednn.quantize_uint8(y, *self._out, numerics=self.numerics), *self._out)
 
     def out_args(self) -> tuple[float | None, int]:
         return (self._out if self.output_int8 else (None, 0))

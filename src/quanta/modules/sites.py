@@ -35,13 +35,11 @@ def site_module_key(key: str) -> str:
     return key.replace(".", "/")
 
 
-def int8_adds(model: nn.Module, arithmetic: str) -> list[str]:
-    """The converted int8 add call sites of ``model`` that round with ``arithmetic``
-    (``QuantConfig.add_arithmetic``), by key: what an exporter must warn of when its runtime's
-    add rounds the other way."""
+def numerics_of(model: nn.Module) -> str:
+    """The ``QuantConfig.numerics`` a quantized model was converted with ("onnxruntime" for a
+    model quanta did not quantize): what an exporter checks against its runtime's rounding."""
     state = getattr(model, "_quanta", None)
-    return [site.key for site in getattr(state, "sites", {}).values()
-            if site.op == "add" and site.converted and site.add_arithmetic == arithmetic]
+    return getattr(getattr(state, "config", None), "numerics", "onnxruntime")
 
 
 class QuantizedSite(LeafMarker, nn.Module):
@@ -59,7 +57,7 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
         self.fake_quant = False  # QAT: the observer is a FakeQuantize and its output is returned
         self.nonfinite = "raise"  # QuantConfig.nonfinite, set with the backend
-        self.add_arithmetic = "float32"  # QuantConfig.add_arithmetic, set with the backend
+        self.numerics = "onnxruntime"  # QuantConfig.numerics, set with the backend
 
     def set_qparams(self, scale: float, zero_point: int) -> None:
         self.output_scale.fill_(scale)
@@ -92,8 +90,8 @@ class QuantizedSite(LeafMarker, nn.Module):
                 # (differs from the reference by < 1/2 output quantum, or less where it clamps).
                 if not self.output_int8:
                     return y
-                return QTensor(onednn.quantize_uint8(y, scale, zp), scale, zp)
-            q = reference.quantize_per_tensor(y, scale, zp)
+                return QTensor(onednn.quantize_uint8(y, scale, zp, numerics=self.numerics), scale, zp)
+            q = reference.quantize_per_tensor(y, scale, zp, numerics=self.numerics)
         out = QTensor(q, scale, zp)
         return out if self.output_int8 else out.dequantize()
 
@@ -113,7 +111,7 @@ class QuantizedSite(LeafMarker, nn.Module):
             a, b = args
             add = eltwise.add_uint8 if self.backend == "onednn" else reference.add
             return add(a.int_data, a.scale, a.zero_point, b.int_data, b.scale, b.zero_point,
-                       scale, zp, self.activation, self.add_arithmetic)
+                       scale, zp, self.activation, self.numerics)
         if self.op == "mul":  # an int8 activation times a float (or int8) one: a channel gate
             if kwargs or len(args) != 2:
                 return None

@@ -42,27 +42,34 @@ void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float 
 }
 
 /* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
- * (a float32 division, then rounding half to even). x is [n, c, inner] contiguous; with
- * to_channels_last the result is [n, inner, c] (NCHW -> NHWC in the same pass). */
+ * (a float32 division, then rounding half to even), or with inv != 0 rne(x * inv) (XNNPACK's
+ * quantization, inv = f32(1 / scale)). x is [n, c, inner] contiguous; with to_channels_last the
+ * result is [n, inner, c] (NCHW -> NHWC in the same pass). */
 /* Also counts non-finite inputs: x - x is 0 for a finite x and NaN for NaN or +-inf. */
-#define QK_QUANTIZE_BODY                                                                     \
-    int bad = 0;                                                                             \
+#define QK_QUANTIZE_LOOP(SCALED)                                                             \
     for (int64_t i = 0; i < len; i++) {                                                      \
-        float v = __builtin_rintf(x[i] / scale) + zp;                                        \
+        float v = __builtin_rintf(SCALED) + zp;                                              \
         bad |= (x[i] - x[i]) != 0.0f;                                                        \
         v = v < 0.0f ? 0.0f : v;                                                             \
         v = v > 255.0f ? 255.0f : v;                                                         \
         y[i] = (uint8_t)v;                                                                   \
+    }
+#define QK_QUANTIZE_BODY                                                                     \
+    int bad = 0;                                                                             \
+    if (inv != 0.0f) {                                                                       \
+        QK_QUANTIZE_LOOP(x[i] * inv)                                                         \
+    } else {                                                                                 \
+        QK_QUANTIZE_LOOP(x[i] / scale)                                                       \
     }                                                                                        \
     return bad;
 
 __attribute__((optimize("O3", "no-math-errno"))) static int quantize_run(
-    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
+    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float inv, float zp) {
     QK_QUANTIZE_BODY
 }
 
 QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static int quantize_run_avx2(
-    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float zp) {
+    const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float inv, float zp) {
     QK_QUANTIZE_BODY
 }
 
@@ -71,7 +78,7 @@ QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static int qu
 
 /* Returns 1 if any input is NaN or infinite (the output is then meaningless), else 0. */
 int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inner, float scale,
-                   int32_t zero_point, int to_channels_last) {
+                   int32_t zero_point, int to_channels_last, float inv) {
     float zp = (float)zero_point;
     int bad = 0;
     if (!to_channels_last || c == 1) {
@@ -80,8 +87,8 @@ int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inn
 #pragma omp parallel for schedule(static) reduction(| : bad) if (blocks > 1)
         for (int64_t i = 0; i < blocks; i++) {
             int64_t start = i * QK_BLOCK, len = total - start < QK_BLOCK ? total - start : QK_BLOCK;
-            bad |= fast ? quantize_run_avx2(x + start, y + start, len, scale, zp)
-                        : quantize_run(x + start, y + start, len, scale, zp);
+            bad |= fast ? quantize_run_avx2(x + start, y + start, len, scale, inv, zp)
+                        : quantize_run(x + start, y + start, len, scale, inv, zp);
         }
         return bad;
     }
@@ -98,8 +105,8 @@ int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inn
                 int64_t p0 = sp * QK_SPAN, len = inner - p0 < QK_SPAN ? inner - p0 : QK_SPAN;
                 for (int64_t ch = 0; ch < c; ch++) {
                     const float *src = x + (b * c + ch) * inner + p0;
-                    bad |= fast ? quantize_run_avx2(src, plane[ch], len, scale, zp)
-                                : quantize_run(src, plane[ch], len, scale, zp);
+                    bad |= fast ? quantize_run_avx2(src, plane[ch], len, scale, inv, zp)
+                                : quantize_run(src, plane[ch], len, scale, inv, zp);
                 }
                 uint8_t *dst = y + (b * inner + p0) * c;
                 if (c == 3)  /* RGB: a fixed-stride interleave the compiler unrolls */
@@ -120,7 +127,7 @@ int qk_quantize_u8(const float *x, uint8_t *y, int64_t n, int64_t c, int64_t inn
             const float *src = x + (b * c + ch) * inner;
             uint8_t *dst = y + b * c * inner + ch;
             for (int64_t i = 0; i < inner; i++) {
-                float v = __builtin_rintf(src[i] / scale) + zp;
+                float v = __builtin_rintf(inv != 0.0f ? src[i] * inv : src[i] / scale) + zp;
                 bad |= (src[i] - src[i]) != 0.0f;
                 v = v < 0.0f ? 0.0f : v;
                 v = v > 255.0f ? 255.0f : v;
