@@ -23,6 +23,16 @@ def test_static_mnist_example():
 
 
 @pytest.mark.slow
+def test_executorch_mnist_example():
+    pytest.importorskip("executorch")
+    out = _run("executorch_mnist.py")
+    assert "XNNPACK: 14 int8 ops, 2 fp32 ops delegated; 0 ops outside the delegate" in out
+    assert "100.0 % of outputs within one quantum, top-1 agreement 1.000" in out
+    assert float(out.split(".pte accuracy ")[1].split(" %")[0]) >= 98.5
+    assert "numerics=" not in out  # quantized for XNNPACK: no mismatch line
+
+
+@pytest.mark.slow
 def test_dynamic_minilm_example():
     out = _run("dynamic_minilm.py")
     line = next(ln for ln in out.splitlines() if ln.startswith("cosine"))
