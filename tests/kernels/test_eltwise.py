@@ -29,9 +29,10 @@ def _inputs(shape, channels_last, seed):
 @pytest.mark.parametrize("shape,channels_last", SHAPES)
 def test_fixed_point_add_matches_reference(shape, channels_last):
     """numerics="xnnpack" (XNNPACK's fixed-point add) is bit-identical to its reference at
-    every size: it never takes the float32-only native or oneDNN paths."""
+    every size: the native integer loop for same-layout inputs, never the float32 adds. Extra
+    qparams at the ends of XNNPACK's range (shift 31 and 13)."""
     a, b = _inputs(shape, channels_last, len(shape))
-    for qp in QPARAMS:
+    for qp in QPARAMS + [(0.0006, 3, 0.0005, 250, 1.0, 128), (2.0, 0, 0.01, 255, 0.01, 0)]:
         for activation in ("none", "relu", "relu6"):
             ref = reference.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "xnnpack")
             out = add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, "xnnpack")

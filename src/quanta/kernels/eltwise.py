@@ -131,12 +131,22 @@ def add_uint8(
     out_scale: float, out_zp: int, activation: str = "none", numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """uint8 + uint8 -> uint8 at (out_scale, out_zp) with optional fused relu/relu6, equal to
-    ``reference.add``; XNNPACK's fixed-point add always by table lookup (the native and oneDNN
-    adds compute ONNX Runtime's float32 one)."""
+    ``reference.add``. XNNPACK's fixed-point add (numerics="xnnpack") runs in its own integer C
+    loop for same-layout dense inputs, else by table lookup (never the float32 native/oneDNN adds)."""
     if a.dtype != torch.uint8 or b.dtype != torch.uint8:
         return reference.add(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
     if numerics != "onnxruntime":
-        return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
+        m_a, m_b, shift = reference.fixed_point_multipliers(a_scale, b_scale, out_scale)
+        bias = (1 << (shift - 1)) - (int(a_zp) - 128) * m_a - (int(b_zp) - 128) * m_b
+        lib = native.load()
+        if lib is None or a.shape != b.shape or a.stride() != b.stride() or not _dense(a) \
+                or abs(bias) + 128 * (m_a + m_b) >= 2**31:  # the C loop sums in int32
+            return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
+        lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
+        y = torch.empty_like(a)
+        lib.qk_add_fixed_u8(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), m_a, m_b, bias, shift,
+                            int(out_zp), int(lo), int(hi))
+        return y
     if a.shape == b.shape and a.stride() == b.stride() and _dense(a):
         args = _native_add_args(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation)
         if args is not None:

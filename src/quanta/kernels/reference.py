@@ -11,6 +11,9 @@ an exported QDQ model runs bit for bit like this reference in ONNX Runtime:
 - add: float32 scale ratios ``r_a = s_a / s_y``, ``r_b = s_b / s_y`` with the zero points
   folded into one constant, each multiply-add rounded once (fused multiply-add, as ONNX
   Runtime's x86 QLinearAdd): ``round_half_even(a * r_a + (b * r_b + k))``.
+- ``numerics="xnnpack"`` (``NUMERICS``) swaps in XNNPACK's two differences, so an ExecuTorch .pte
+  runs bit for bit like the reference: float inputs quantized by a reciprocal multiply, adds in
+  fixed point (:func:`add_fixed_point`).
 oneDNN scales the accumulator and adds a float bias in its own order: its uint8 outputs differ
 from these at about 1e-6 of elements (ties), by one LSB (tests/kernels/test_onednn.py).
 
@@ -20,6 +23,8 @@ scale ``x_scale * w_scale``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -236,14 +241,22 @@ def add_fixed_point(
     clamp: the float32 ratios ``s_a / s_y`` and ``s_b / s_y`` become integer multipliers with 21
     significant bits for the larger one, ``m = round_half_even(r * 2^shift)``, and
     ``y = ((a - zp_a) * m_a + (b - zp_b) * m_b + 2^(shift-1)) >> shift`` (ties up) ``+ zp_y``."""
+    m_a, m_b, shift = fixed_point_multipliers(a_scale, b_scale, out_scale)
+    acc = (a_q.long() - a_zero_point) * m_a + (b_q.long() - b_zero_point) * m_b + (1 << (shift - 1))
+    return torch.div(acc, 1 << shift, rounding_mode="floor") + out_zero_point
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of three floats, read on every add call
+def fixed_point_multipliers(a_scale: float, b_scale: float, out_scale: float) -> tuple[int, int, int]:
+    """(m_a, m_b, shift) of :func:`add_fixed_point`: ``m = round_half_even(f32(s / s_y) * 2^shift)``
+    with the larger multiplier in [2^20, 2^21)."""
     f32 = torch.float32
     ratios = torch.tensor([a_scale, b_scale], dtype=f32) / torch.tensor(out_scale, dtype=f32)
     shift = 21 - int(torch.frexp(ratios.max()).exponent)  # 20 - floor(log2(larger ratio))
     if not 1 <= shift <= 31:
         raise ValueError(f"fixed-point add: scale ratios {ratios.tolist()} are outside XNNPACK's range")
     m_a, m_b = (int(torch.round(r * 2.0**shift)) for r in ratios)  # exact power-of-two scaling
-    acc = (a_q.long() - a_zero_point) * m_a + (b_q.long() - b_zero_point) * m_b + (1 << (shift - 1))
-    return torch.div(acc, 1 << shift, rounding_mode="floor") + out_zero_point
+    return m_a, m_b, shift
 
 
 def mul(

@@ -144,6 +144,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_run.argtypes = [p, p, p, f32, i32, f32, i32]
     lib.qk_destroy.argtypes = [p]
     lib.qk_add_u8.argtypes = [p, p, p, i64, f32, f32, f32, f32, f32]
+    lib.qk_add_fixed_u8.argtypes = [p, p, p, i64, *[i32] * 7]
     lib.qk_quantize_u8.argtypes = [p, p, i64, i64, i64, f32, i32, ctypes.c_int, f32]
     lib.qk_quantize_u8.restype = ctypes.c_int
     lib.qk_max_pool_u8.argtypes = [p, p, *[i64] * 12]

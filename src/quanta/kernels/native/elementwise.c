@@ -41,6 +41,37 @@ void qk_add_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, float 
     QK_BLOCKS(n, add_avx2, add_scalar, (a + start, b + start, y + start, len, ra, rb, k, lo, hi));
 }
 
+/* uint8 add in XNNPACK's fixed point, reference.add_fixed_point: y = clamp(((bias + (a - 128) * ma +
+ * (b - 128) * mb) >> shift) + zp, lo, hi), bias = 2^(shift-1) - (za - 128) * ma - (zb - 128) * mb
+ * folded by the caller, in int32 as XNNPACK computes it (the caller checks the sum cannot
+ * overflow); >> on a negative value is GCC's arithmetic shift (floor). Integer only: exact by
+ * construction. Same-layout dense inputs of n elements. */
+#define QK_ADD_FIXED_BODY                                                                    \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        int32_t v = ((bias + ((int32_t)a[i] - 128) * ma + ((int32_t)b[i] - 128) * mb) >> shift) + zp; \
+        v = v < lo ? lo : v;                                                                 \
+        v = v > hi ? hi : v;                                                                 \
+        y[i] = (uint8_t)v;                                                                   \
+    }
+
+QK_TARGET("avx2,fma") __attribute__((optimize("O3"))) static void add_fixed_avx2(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, int32_t ma,
+    int32_t mb, int32_t bias, int32_t shift, int32_t zp, int32_t lo, int32_t hi) {
+    QK_ADD_FIXED_BODY
+}
+
+__attribute__((optimize("O3"))) static void add_fixed_scalar(
+    const uint8_t *restrict a, const uint8_t *restrict b, uint8_t *restrict y, int64_t n, int32_t ma,
+    int32_t mb, int32_t bias, int32_t shift, int32_t zp, int32_t lo, int32_t hi) {
+    QK_ADD_FIXED_BODY
+}
+
+void qk_add_fixed_u8(const uint8_t *a, const uint8_t *b, uint8_t *y, int64_t n, int32_t ma, int32_t mb,
+                     int32_t bias, int32_t shift, int32_t zp, int32_t lo, int32_t hi) {
+    QK_BLOCKS(n, add_fixed_avx2, add_fixed_scalar,
+              (a + start, b + start, y + start, len, ma, mb, bias, shift, zp, lo, hi));
+}
+
 /* float32 -> uint8 clamp(rne(x / scale) + zp, 0, 255), as quanta.kernels.onednn.quantize_uint8
  * (a float32 division, then rounding half to even), or with inv != 0 rne(x * inv) (XNNPACK's
  * quantization, inv = f32(1 / scale)). x is [n, c, inner] contiguous; with to_channels_last the
