@@ -131,35 +131,42 @@ def test_input_sizes_that_do_not_fit_the_weights_are_refused():
         NativeLinear(lw, lws, None, 0.1, 0)(torch.zeros(4, 1, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("numerics", R.NUMERICS)
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_native_add_equals_reference(activation, layout):
+def test_native_add_equals_reference(activation, layout, numerics):
     gen = torch.Generator().manual_seed(len(activation) + len(layout))
     shape = (2, 24, 17, 9)
     a, b = (torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen) for _ in range(2))
     if layout == "channels_last":
         a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
     qp = (0.05, 120, 0.07, 131, 0.09, 50)
-    assert eltwise._native_add_args(*qp, activation) is not None
-    y = eltwise.add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation)
-    assert torch.equal(y, R.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation))
+    assert eltwise._native_add(*qp, activation, numerics) is not None
+    y = eltwise.add_uint8(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, numerics)
+    assert torch.equal(y, R.add(a, *qp[:2], b, *qp[2:4], *qp[4:], activation, numerics))
     assert y.stride() == a.stride()
 
 
-def test_native_add_not_used_where_it_differs(monkeypatch):
+@pytest.mark.parametrize("numerics", R.NUMERICS)
+def test_native_add_not_used_where_it_differs(monkeypatch, numerics):
     """The exhaustive check rejects a kernel that differs on even one pair."""
     lib = native.load()
 
-    class Off:  # the real kernel, then its first output changed by one
-        def qk_add_u8(self, a, b, y, n, *args):
-            lib.qk_add_u8(a, b, y, n, *args)
+    def off(kernel):  # the real kernel, then its first output changed by one
+        def run(a, b, y, n, *args):
+            getattr(lib, kernel)(a, b, y, n, *args)
             ctypes.memset(y, ctypes.string_at(y, 1)[0] ^ 1, 1)
+        return run
+
+    class Off:
+        qk_add_u8, qk_add_fixed_u8 = staticmethod(off("qk_add_u8")), staticmethod(off("qk_add_fixed_u8"))
 
     monkeypatch.setattr(native, "load", lambda: Off())
     qp = (0.031, 3, 0.029, 250, 0.05, 9, "none")
-    assert eltwise._native_add_args(*qp) is None
+    assert eltwise._native_add(*qp, numerics) is None
     a = torch.randint(0, 256, (70000,), dtype=torch.uint8)
-    assert torch.equal(eltwise.add_uint8(a, *qp[:2], a, *qp[2:]), R.add(a, *qp[:2], a, *qp[2:]))
+    got = eltwise.add_uint8(a, *qp[:2], a, *qp[2:], numerics)
+    assert torch.equal(got, R.add(a, *qp[:2], a, *qp[2:], numerics))
 
 
 def test_elf_reader_rejects_non_elf_and_missing_names(tmp_path):

@@ -341,8 +341,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     import onnx
 
-    if numerics_of(model) != "onnxruntime":
-        warnings.warn(f"the model was quantized with numerics={numerics_of(model)!r} (for ExecuTorch); "
+    numerics = numerics_of(model)
+    if numerics != "onnxruntime":
+        warnings.warn(f"the model was quantized with numerics={numerics!r} (for ExecuTorch); "
                       "ONNX Runtime quantizes float inputs and rounds int8 adds one LSB away on ~1e-6 / "
                       "~2e-5 of values. Quantize with numerics='onnxruntime' (the default) for a bit-exact "
                       ".onnx", stacklevel=2)

@@ -81,28 +81,39 @@ def add_table(
 _NATIVE_EXACT: dict[tuple, tuple | None] = {}
 
 
-def _native_add_args(
+def _native_add(
     a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_scale: float, out_zp: int, activation: str,
+    numerics: str,
 ) -> tuple | None:
-    """The native add's float32 constants for these qparams if it reproduces ``add_table`` on
-    all 65536 input pairs (checked once per qparams), else None."""
-    key = (float(a_scale), int(a_zp), float(b_scale), int(b_zp), float(out_scale), int(out_zp), activation)
+    """(C function, its constants) of the native add for these qparams and numerics (ORT's float32
+    loop, or XNNPACK's int32 fixed-point loop) if it reproduces ``add_table`` on all 65536 input
+    pairs (checked once per qparams), else None."""
+    key = (float(a_scale), int(a_zp), float(b_scale), int(b_zp), float(out_scale), int(out_zp), activation,
+           numerics)
     if key in _NATIVE_EXACT:
         return _NATIVE_EXACT[key]
-    lib, args = native.load(), None
+    lib, found = native.load(), None
     if lib is not None:
-        r_a, r_b, k = reference.add_constants(*key[:6])
         lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
+        if numerics == "xnnpack":
+            m_a, m_b, shift = reference.fixed_point_multipliers(a_scale, b_scale, out_scale)
+            bias = (1 << (shift - 1)) - (int(a_zp) - 128) * m_a - (int(b_zp) - 128) * m_b
+            fits = abs(bias) + 128 * (m_a + m_b) < 2**31  # the C loop sums in int32, as XNNPACK does
+            fn, args = lib.qk_add_fixed_u8, (m_a, m_b, bias, shift, int(out_zp), int(lo), int(hi))
+        else:
+            fits = True
+            fn, args = lib.qk_add_u8, (*reference.add_constants(*key[:6]), float(lo), float(hi))
         v = torch.arange(256, dtype=torch.uint8)
         a, b = v.repeat_interleave(256), v.repeat(256)
         y = torch.empty_like(a)
-        lib.qk_add_u8(a.data_ptr(), b.data_ptr(), y.data_ptr(), y.numel(), r_a, r_b, k, float(lo), float(hi))
-        if np.array_equal(y.numpy(), add_table(*key)):
-            args = (r_a, r_b, k, float(lo), float(hi))
+        if fits:
+            fn(a.data_ptr(), b.data_ptr(), y.data_ptr(), y.numel(), *args)
+            if np.array_equal(y.numpy(), add_table(*key)):
+                found = (fn, args)
     if len(_NATIVE_EXACT) >= 256:
         _NATIVE_EXACT.clear()
-    _NATIVE_EXACT[key] = args
-    return args
+    _NATIVE_EXACT[key] = found
+    return found
 
 
 _SMALL_NUMEL = 65536  # below this the lookup beats a oneDNN call (~12 vs 62 us at 3k elements)
@@ -131,28 +142,20 @@ def add_uint8(
     out_scale: float, out_zp: int, activation: str = "none", numerics: str = "onnxruntime",
 ) -> torch.Tensor:
     """uint8 + uint8 -> uint8 at (out_scale, out_zp) with optional fused relu/relu6, equal to
-    ``reference.add``. XNNPACK's fixed-point add (numerics="xnnpack") runs in its own integer C
-    loop for same-layout dense inputs, else by table lookup (never the float32 native/oneDNN adds)."""
+    ``reference.add``. Same-layout dense inputs run the native loop of the numerics (float32 or
+    XNNPACK's int32 fixed point) where it is exact; XNNPACK's add otherwise by table lookup, never
+    the oneDNN add (float32 arithmetic)."""
     if a.dtype != torch.uint8 or b.dtype != torch.uint8:
         return reference.add(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
-    if numerics != "onnxruntime":
-        m_a, m_b, shift = reference.fixed_point_multipliers(a_scale, b_scale, out_scale)
-        bias = (1 << (shift - 1)) - (int(a_zp) - 128) * m_a - (int(b_zp) - 128) * m_b
-        lib = native.load()
-        if lib is None or a.shape != b.shape or a.stride() != b.stride() or not _dense(a) \
-                or abs(bias) + 128 * (m_a + m_b) >= 2**31:  # the C loop sums in int32
-            return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
-        lo, hi = reference.activation_bounds(activation, out_scale, out_zp)
-        y = torch.empty_like(a)
-        lib.qk_add_fixed_u8(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), m_a, m_b, bias, shift,
-                            int(out_zp), int(lo), int(hi))
-        return y
     if a.shape == b.shape and a.stride() == b.stride() and _dense(a):
-        args = _native_add_args(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation)
-        if args is not None:
+        found = _native_add(a_scale, a_zp, b_scale, b_zp, out_scale, out_zp, activation, numerics)
+        if found is not None:
+            fn, args = found
             y = torch.empty_like(a)
-            native.load().qk_add_u8(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), *args)
+            fn(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), *args)
             return y
+    if numerics != "onnxruntime":  # the oneDNN add below computes ORT's float32 arithmetic
+        return add_lookup(a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, activation, numerics)
     if a.shape == b.shape and a.numel() > _SMALL_NUMEL and a.stride() == b.stride() \
             and activation in _ONEDNN_ACT:
         a4 = _as_channels_last_4d(a)

@@ -24,8 +24,6 @@ scale ``x_scale * w_scale``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -246,7 +244,6 @@ def add_fixed_point(
     return torch.div(acc, 1 << shift, rounding_mode="floor") + out_zero_point
 
 
-@functools.lru_cache(maxsize=1024)  # a pure function of three floats, read on every add call
 def fixed_point_multipliers(a_scale: float, b_scale: float, out_scale: float) -> tuple[int, int, int]:
     """(m_a, m_b, shift) of :func:`add_fixed_point`: ``m = round_half_even(f32(s / s_y) * 2^shift)``
     with the larger multiplier in [2^20, 2^21)."""
