@@ -260,7 +260,8 @@ def test_resnet18_pte(tmp_path: Path) -> None:
     # residual outputs one LSB the other way and the blocks compound them
     assert r["per_op_equal"] == 1.0, r
     assert r["within"] >= 0.99 and r["top1"] == 1.0 and r["cosine"] >= 0.9999, r
-    assert r["onnxruntime_top1"] == 1.0 and r["onnxruntime_cosine"] >= 0.999, r
+    assert r["onnxruntime_within"] >= 0.9 and r["onnxruntime_top1"] == 1.0, r
+    assert r["onnxruntime_cosine"] >= 0.999, r
 
 
 @pytest.mark.slow

@@ -13,9 +13,12 @@ import argparse
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quanta.cli.specs import UsageError
+
+if TYPE_CHECKING:
+    from quanta.config import QuantConfig
 
 
 def calibrate_rank(options: dict[str, Any]) -> list[tuple[str, bool]] | None:
@@ -45,7 +48,7 @@ def calibrate_rank(options: dict[str, Any]) -> list[tuple[str, bool]] | None:
     return summary_lines(factory.model, qmodel, Path(options["out"]))
 
 
-def quantize_nproc(args: argparse.Namespace, config: Any) -> list[tuple[str, bool]]:
+def quantize_nproc(args: argparse.Namespace, config: QuantConfig) -> list[tuple[str, bool]]:
     """Run ``calibrate_rank`` on ``args.nproc`` ranks and return rank 0's summary lines; a
     failed rank raises DistributedError."""
     from quanta.distributed import launch
