@@ -34,6 +34,8 @@ ROWS = {
     "bias_correction": {"bias_correction": True},
     "adaround": {"adaround": True},
     "adaround+bias_correction": {"adaround": True, "bias_correction": True},
+    "learn_ranges": {"learn_ranges": True},
+    "all": {"bias_correction": True, "adaround": True, "learn_ranges": True},
 }
 
 
@@ -42,6 +44,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--bits", default="8,7", help="weight bit widths (default: 8,7)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, of: {', '.join(ROWS)}")
     p.add_argument("--adaround-seconds", type=float, default=300.0)
+    p.add_argument("--learn-ranges-seconds", type=float, default=300.0)
     p.add_argument("--crops", type=int, default=256, help="evaluation crops")
     p.add_argument("--calib", type=int, default=64, help="calibration crops")
     return p.parse_args()
@@ -61,7 +64,8 @@ def main() -> None:
         for row in args.rows.split(","):
             base = quanta.QuantConfig()
             config = dataclasses.replace(base, weight=dataclasses.replace(base.weight, bits=bits),
-                                         adaround_seconds=args.adaround_seconds, **ROWS[row])
+                                         adaround_seconds=args.adaround_seconds,
+                                         learn_ranges_seconds=args.learn_ranges_seconds, **ROWS[row])
             start = time.perf_counter()
             qmodel = quanta.quantize(model, calib, config=config)
             seconds = time.perf_counter() - start

@@ -299,8 +299,9 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
         from quanta.accuracy_target import quantize_to_target
 
         resolved = _resolve_config(config, "static", skip)
-        if resolved.equalize or resolved.adaround or resolved.bias_correction:
-            raise ValueError("max_drop= does not combine with equalize/adaround/bias_correction yet: its "
+        if resolved.corrections():
+            raise ValueError("max_drop= does not combine with the post-training corrections "
+                             f"({', '.join(resolved.corrections())}) yet: its "
                              "variants share one calibration and are not corrected; use one or the other")
         return quantize_to_target(model, calibration_data, eval_fn, max_drop, resolved, order=order,
                                   example_inputs=example_inputs, max_batches=max_batches,
@@ -333,10 +334,11 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
         if iterator is calibration_data:  # a one-shot iterator: keep the batch we took
             calibration_data = itertools.chain([example_inputs], iterator)
     resolved = _resolve_config(config, "static", skip)
-    if resolved.equalize or resolved.adaround or resolved.bias_correction:
+    if resolved.corrections():
         if inplace:
-            raise ValueError("QuantConfig(equalize=/adaround=/bias_correction=True) compares against the "
-                             "float model: quantize a copy (inplace=False)")
+            flags = ", ".join(n + "=True" for n in resolved.corrections())
+            raise ValueError(f"QuantConfig({flags}) compares against the float model: quantize a copy "
+                             "(inplace=False)")
         from quanta.ptq import quantize_corrected
 
         return quantize_corrected(model, calibration_data, resolved, example_inputs=example_inputs,

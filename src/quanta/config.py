@@ -16,9 +16,9 @@ import torch.nn as nn
 from quanta.kernels.reference import NUMERICS
 
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
-# corrections (bias_correction, equalize, adaround); version 4 numerics; older dicts load
-# unchanged
-CONFIG_VERSION = 4
+# corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
+# older dicts load unchanged
+CONFIG_VERSION = 5
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -178,6 +178,10 @@ class QuantConfig:
     bias_correction: bool = False
     adaround: bool = False
     adaround_seconds: float = 300.0
+    # learned activation ranges (and biases) for the model's output error, through the QAT
+    # simulation, after calibration and before the other corrections (quanta.ptq.range_learning)
+    learn_ranges: bool = False
+    learn_ranges_seconds: float = 300.0
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -199,7 +203,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:
             raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
-        corrections = [n for n in ("equalize", "bias_correction", "adaround") if getattr(self, n)]
+        if not self.learn_ranges_seconds > 0:
+            raise ValueError("QuantConfig.learn_ranges_seconds must be positive, "
+                             f"got {self.learn_ranges_seconds}")
+        corrections = self.corrections()
         if corrections and self.mode != "static":
             raise ValueError(f"QuantConfig({', '.join(f'{n}=True' for n in corrections)}) needs calibration "
                              f"data: static mode only, not {self.mode!r}")
@@ -207,6 +214,10 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"
             )
+
+    def corrections(self) -> list[str]:
+        """The post-training corrections this config turns on (``quanta.ptq``), by field name."""
+        return [n for n in ("equalize", "learn_ranges", "bias_correction", "adaround") if getattr(self, n)]
 
     def for_module(self, name: str, module: nn.Module) -> tuple[bool, QuantSpec, QuantSpec, str]:
         """(skipped, weight spec, activation spec, reason) for one module, overrides applied."""

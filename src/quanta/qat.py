@@ -64,6 +64,23 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QuantConfig | Non
     return model.train()
 
 
+def simulate_static(model: nn.Module, example_inputs: Any, config: QuantConfig) -> nn.Module:
+    """A copy of ``model`` that fake-quantizes exactly what static quantization with ``config``
+    quantizes (the static plan: BatchNorm folded at weight op call sites too), for post-training
+    corrections that learn through the int8 simulation (``quanta.ptq.range_learning``)."""
+    static = _resolve_config(config, "static", None)
+    model = _copy(model, False).eval()
+    record = capture(model, example_inputs, static.mode)
+    plan = plan_static(model, record, static)
+    _apply_qat(model, plan, static, record)
+    for m in [*model.modules(), *get_state(model).modules()]:
+        if isinstance(m, QATModule) and m.bn is not None:
+            m.bn_frozen.fill_(True)
+    with torch.no_grad():
+        call_with(model, example_inputs)
+    return model
+
+
 def _apply_qat(model: nn.Module, plan: Plan, config: QuantConfig, record: DataflowRecord) -> None:
     """Swap int8 layers for QAT modules (their BatchNorm moves inside them)."""
 

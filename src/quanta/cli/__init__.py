@@ -156,6 +156,9 @@ def build_parser() -> Parser:
                    help="static: cross-layer equalization before calibration")
     q.add_argument("--adaround", nargs="?", type=float, const=300.0, metavar="SECONDS",
                    help="static: learn each layer's weight rounding (AdaRound) within SECONDS (default 300)")
+    q.add_argument("--learn-ranges", nargs="?", type=float, const=300.0, metavar="SECONDS",
+                   help="static: learn the activation ranges and biases for the model's output error "
+                        "within SECONDS (default 300)")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
     q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),

@@ -58,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
     fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction") if getattr(args, k)}
     if args.adaround is not None:
         fields.update(adaround=True, adaround_seconds=args.adaround)
+    if args.learn_ranges is not None:
+        fields.update(learn_ranges=True, learn_ranges_seconds=args.learn_ranges)
     if args.numerics is not None:
         fields["numerics"] = args.numerics
     try:

@@ -50,9 +50,20 @@ class FakeQuantize(MovingAverageMinMaxObserver):
         if not self.observed or (self.training and bool(self.observer_enabled)):
             super().forward(x)
 
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        learned = self._modules.get("learned_range")  # set by quanta.ptq.range_learning
+        if learned is not None:
+            lo, hi = learned.bounds()
+            return lo.detach(), hi.detach()
+        return super().range()
+
     def fake_quant(self, x: torch.Tensor, qparams_from: FakeQuantize | None = None) -> torch.Tensor:
         """Fake-quantize ``x`` with this observer's qparams (or ``qparams_from``'s)."""
-        scale, zero_point = (self if qparams_from is None else qparams_from).calculate_qparams()
+        source = self if qparams_from is None else qparams_from
+        learned = source._modules.get("learned_range")
+        if learned is not None:
+            return learned.fake_quant(x, source.spec)
+        scale, zero_point = source.calculate_qparams()
         return fake_quantize(x, scale, zero_point, self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 - ``equalize``: cross-layer equalization of conv/linear pairs, on a copy of the float model,
   before calibration (:mod:`quanta.ptq.equalization`);
+- ``learn_ranges``: the activation ranges (and biases) learned for the model's output error
+  through the int8 simulation, last, keeping the int8 weights (:mod:`.range_learning`);
 - ``bias_correction``: the mean output error of each layer moved into its bias, after conversion
   (:mod:`.bias_correction`);
 - ``adaround``: learned weight rounding, layer by layer, last (:mod:`.adaround`).
@@ -25,8 +27,10 @@ from quanta.errors import CalibrationError
 from quanta.ptq.adaround import RoundingResult, adaround
 from quanta.ptq.bias_correction import BiasShift, correct_bias
 from quanta.ptq.equalization import EqualizationResult, equalize
+from quanta.ptq.range_learning import RangeLearningResult, learn_ranges
 
-__all__ = ["Corrections", "adaround", "correct_bias", "corrections_of", "equalize", "quantize_corrected"]
+__all__ = ["Corrections", "adaround", "correct_bias", "corrections_of", "equalize", "learn_ranges",
+           "quantize_corrected"]
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Corrections:
     """What the post-training corrections of one quantized model did."""
 
     equalization: EqualizationResult | None = None
+    ranges: RangeLearningResult | None = None
     rounding: list[RoundingResult] = field(default_factory=list)
     bias: list[BiasShift] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -43,6 +48,8 @@ class Corrections:
         lines = []
         if self.equalization is not None:
             lines.append(self.equalization.table().splitlines()[0])
+        if self.ranges is not None:
+            lines.append(self.ranges.summary())
         if self.bias:
             worst = max(self.bias, key=lambda b: b.relative)
             lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
@@ -93,5 +100,9 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
         done.rounding = adaround(float_model, qmodel, batches, seconds=config.adaround_seconds,
                                  show_progress=show_progress)
         done.seconds["adaround"] = time.monotonic() - start
+    if config.learn_ranges:  # last: it keeps the weights the corrections above chose
+        qmodel, done.ranges = learn_ranges(float_model, qmodel, batches, seconds=config.learn_ranges_seconds,
+                                           show_progress=show_progress)
+        done.seconds["learn_ranges"] = done.ranges.seconds
     qmodel._quanta.__dict__["corrections"] = done
     return qmodel

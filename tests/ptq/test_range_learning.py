@@ -1,0 +1,107 @@
+"""Learned activation ranges (quanta.ptq.range_learning): the learned fake quantization is exactly
+the int8 quantization of its range, the int8 model takes the learned qparams, and on the real
+MNIST CNN with 4-bit weights the learned ranges and biases lower the output error on held-out
+images (EfficientNet-Lite1 figures: docs/ptq.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import quanta
+from quanta.api import get_state
+from quanta.config import ACTIVATION_UINT8
+from quanta.debug.sqnr import sqnr
+from quanta.modules.qat import FakeQuantize
+from quanta.numerics.qparams import choose_qparams, fake_quantize
+from quanta.ptq.range_learning import LearnedRange, learn_ranges
+from quanta.zoo import mnist
+
+FOUR_BIT = quanta.QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=4)
+
+
+@pytest.mark.parametrize("lo,hi", [(-1.3, 2.7), (0.0, 6.0), (-0.01, 0.02)])
+def test_learned_fake_quant_is_the_int8_quantization_of_its_range(lo: float, hi: float) -> None:
+    learned = LearnedRange(torch.tensor(lo), torch.tensor(hi))
+    with torch.no_grad():
+        learned.log_factors.copy_(torch.tensor([0.1, -0.2]))
+    x = torch.linspace(-2 * abs(lo) - 0.1, 2 * hi, 5001).requires_grad_(True)
+    got = learned.fake_quant(x, ACTIVATION_UINT8)
+    a, b = learned.bounds()
+    scale, zero_point = choose_qparams(a.detach(), b.detach(), ACTIVATION_UINT8)
+    want = fake_quantize(x.detach(), scale, zero_point, ACTIVATION_UINT8)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(scale)), float((got - want).abs().max())
+    got.pow(2).sum().backward()  # the range gets a gradient (clipped values pull it outward)
+    assert learned.log_factors.grad is not None and learned.log_factors.grad[1].abs() > 0
+    if lo < 0:
+        assert learned.log_factors.grad[0].abs() > 0
+
+
+def test_fake_quantize_follows_a_learned_range() -> None:
+    fq = FakeQuantize(ACTIVATION_UINT8, "site")
+    fq(torch.linspace(-1, 1, 100))
+    fq.learned_range = LearnedRange(torch.tensor(-0.5), torch.tensor(3.0))
+    assert [float(v) for v in fq.range()] == [-0.5, 3.0]
+    scale, zero_point = fq.calculate_qparams()
+    assert torch.equal(scale, choose_qparams(torch.tensor(-0.5), torch.tensor(3.0), ACTIVATION_UINT8)[0])
+    assert int(zero_point) == 36
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    train, _ = mnist.load_mnist("train")
+    x, y = mnist.load_mnist("test")
+    model = mnist.load_pretrained_mnist_cnn()
+    with torch.no_grad():
+        ref = model(x[:1000])
+    calib = [train[i * 100:(i + 1) * 100] for i in range(2)]
+    return {"model": model, "calib": calib, "x": x[:1000], "y": y[:1000], "ref": ref}
+
+
+def test_learned_ranges_lower_the_output_error_and_convert_to_their_qparams(data: dict) -> None:
+    plain = quanta.quantize(data["model"], data["calib"], config=quanta.QuantConfig(weight=FOUR_BIT),
+                            show_progress=False)
+    learned, result = learn_ranges(data["model"], plain, data["calib"], seconds=8, show_progress=False)
+    with torch.no_grad():
+        plain_db, learned_db = sqnr(data["ref"], plain(data["x"])), sqnr(data["ref"], learned(data["x"]))
+    acc = mnist.evaluate(learned, data["x"], data["y"])
+    plain_acc = mnist.evaluate(plain, data["x"], data["y"])
+    print(f"4-bit MNIST: plain {plain_acc:.1f} % {plain_db:.2f} dB, learned ranges {acc:.1f} % "
+          f"{learned_db:.2f} dB; {result.summary()}")
+    assert result.steps > 5 and result.ranges >= 8 and result.biases == 8
+    assert result.error_after < 0.8 * result.error_before
+    assert learned_db > plain_db + 1.0 and acc >= plain_acc
+    report = quanta.report(learned)
+    assert report.coverage.share == 1.0  # every conv/linear still int8
+    # the int8 model runs the learned ranges: its qparams are not the calibrated ones
+    plan, plain_plan = get_state(learned).plan, get_state(plain).plan
+    moved = [n for n, lp in plan.layers.items()
+             if lp.output_qparams and lp.output_qparams != plain_plan.layers[n].output_qparams]
+    assert len(moved) >= 3, moved
+
+
+def test_quantize_with_learn_ranges_reports_it_and_survives_save_load(data: dict, tmp_path) -> None:
+    config = quanta.QuantConfig(weight=FOUR_BIT, learn_ranges=True, learn_ranges_seconds=3,
+                                bias_correction=True)
+    q = quanta.quantize(data["model"], data["calib"], config=config, show_progress=False)
+    done = quanta.ptq.corrections_of(q)
+    assert done.ranges is not None and done.bias and "range learning" in done.summary()
+    assert get_state(q).config.learn_ranges
+    path = tmp_path / "m.quanta.safetensors"
+    quanta.save(q, path)
+    loaded = quanta.load(path, data["model"])
+    with torch.no_grad():
+        assert torch.equal(q(data["x"][:64]), loaded(data["x"][:64]))
+
+
+def test_learn_ranges_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="learn_ranges_seconds"):
+        quanta.QuantConfig(learn_ranges=True, learn_ranges_seconds=0)
+    with pytest.raises(ValueError, match="static mode only"):
+        quanta.QuantConfig(mode="dynamic", learn_ranges=True)
+    old = dataclasses.asdict(quanta.QuantConfig())
+    del old["learn_ranges"], old["learn_ranges_seconds"]
+    old["version"] = 4
+    assert not quanta.QuantConfig.from_dict(old).learn_ranges
