@@ -178,8 +178,9 @@ class QuantConfig:
     bias_correction: bool = False
     adaround: bool = False
     adaround_seconds: float = 300.0
-    # learned activation ranges (and biases) for the model's output error, through the QAT
-    # simulation, after calibration and before the other corrections (quanta.ptq.range_learning)
+    # learned activation ranges (and biases) for the model's output error, through a fake-quantized
+    # copy of the int8 model, after the other corrections, keeping their int8 weights
+    # (quanta.ptq.range_learning)
     learn_ranges: bool = False
     learn_ranges_seconds: float = 300.0
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
@@ -217,7 +218,7 @@ class QuantConfig:
 
     def corrections(self) -> list[str]:
         """The post-training corrections this config turns on (``quanta.ptq``), by field name."""
-        return [n for n in ("equalize", "learn_ranges", "bias_correction", "adaround") if getattr(self, n)]
+        return [n for n in ("equalize", "bias_correction", "adaround", "learn_ranges") if getattr(self, n)]
 
     def for_module(self, name: str, module: nn.Module) -> tuple[bool, QuantSpec, QuantSpec, str]:
         """(skipped, weight spec, activation spec, reason) for one module, overrides applied."""

@@ -24,15 +24,10 @@ THREE_BIT = quanta.QuantSpec(dtype="int8", symmetric=True, per_channel=True, bit
 
 
 @pytest.fixture(scope="module")
-def data() -> dict:
-    train, _ = mnist.load_mnist("train")
-    x, y = mnist.load_mnist("test")
-    model = mnist.load_pretrained_mnist_cnn()
-    with torch.no_grad():
-        ref = model(x[:1000])
-    calib = [train[i * 100:(i + 1) * 100] for i in range(2)]
-    plain = quanta.quantize(model, calib, config=quanta.QuantConfig(weight=THREE_BIT), show_progress=False)
-    return {"model": model, "calib": calib, "x": x[:1000], "y": y[:1000], "ref": ref, "plain": plain}
+def data(mnist_data: dict) -> dict:
+    config = quanta.QuantConfig(weight=THREE_BIT)
+    plain = quanta.quantize(mnist_data["model"], mnist_data["calib"], config=config, show_progress=False)
+    return {**mnist_data, "plain": plain}
 
 
 def _figures(q: nn.Module, data: dict) -> tuple[float, float]:

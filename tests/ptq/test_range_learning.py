@@ -50,14 +50,8 @@ def test_fake_quantize_follows_a_learned_range() -> None:
 
 
 @pytest.fixture(scope="module")
-def data() -> dict:
-    train, _ = mnist.load_mnist("train")
-    x, y = mnist.load_mnist("test")
-    model = mnist.load_pretrained_mnist_cnn()
-    with torch.no_grad():
-        ref = model(x[:1000])
-    calib = [train[i * 100:(i + 1) * 100] for i in range(2)]
-    return {"model": model, "calib": calib, "x": x[:1000], "y": y[:1000], "ref": ref}
+def data(mnist_data: dict) -> dict:
+    return mnist_data
 
 
 def test_learned_ranges_lower_the_output_error_and_convert_to_their_qparams(data: dict) -> None:

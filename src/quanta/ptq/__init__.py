@@ -2,11 +2,11 @@
 
 - ``equalize``: cross-layer equalization of conv/linear pairs, on a copy of the float model,
   before calibration (:mod:`quanta.ptq.equalization`);
-- ``learn_ranges``: the activation ranges (and biases) learned for the model's output error
-  through the int8 simulation, last, keeping the int8 weights (:mod:`.range_learning`);
 - ``bias_correction``: the mean output error of each layer moved into its bias, after conversion
   (:mod:`.bias_correction`);
-- ``adaround``: learned weight rounding, layer by layer, last (:mod:`.adaround`).
+- ``adaround``: learned weight rounding, layer by layer (:mod:`.adaround`);
+- ``learn_ranges``: the activation ranges (and biases) learned for the model's output error
+  through the int8 simulation, last, keeping the int8 weights (:mod:`.range_learning`).
 
 ``quanta.quantize(model, data, config=QuantConfig(adaround=True, ...))`` runs them in that order;
 ``corrections_of(qmodel)`` says what each did. Measured on real models in docs/ptq.md.
@@ -48,8 +48,6 @@ class Corrections:
         lines = []
         if self.equalization is not None:
             lines.append(self.equalization.table().splitlines()[0])
-        if self.ranges is not None:
-            lines.append(self.ranges.summary())
         if self.bias:
             worst = max(self.bias, key=lambda b: b.relative)
             lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
@@ -60,6 +58,8 @@ class Corrections:
             lines.append(f"AdaRound: learned rounding kept in {len(kept)} of {len(self.rounding)} layers "
                          f"(output error on the calibration rows {gain:.2f}x lower than round-to-nearest; "
                          f"{self.seconds.get('adaround', 0):.0f} s)")
+        if self.ranges is not None:
+            lines.append(self.ranges.summary())
         return "\n".join(lines)
 
 

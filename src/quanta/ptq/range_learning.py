@@ -5,16 +5,16 @@ minimizes its own quantization error). In a deep net the errors of ~100 such cho
 and the range best for one tensor is not the one best for the logits: a wider range rounds
 coarser, a narrower one clips. This correction starts from the calibrated ranges and learns
 them (and, optionally, the biases) by gradient descent on the error of the model's output
-against the float model on the calibration data, through the QAT simulation of the int8 model
-(``quanta.prepare_qat``: the same plan, the same fake-quantized tensors, BatchNorm folded from
-its running statistics). Weights stay as calibrated: AdaRound and bias correction run after it
-on the converted model. A learned-step-size estimator (LSQ, Esser et al. 2020) gives each
-range its gradient; the forward uses exactly the scale and zero point ``convert`` bakes in.
+against the float model on the calibration data, through a fake-quantized copy of the int8 model
+(``quanta.qat.simulate_static``: the static plan, the same quantized tensors, BatchNorm folded).
+It runs last: the int8 weights that calibration, bias correction and AdaRound chose stay as they
+are, and the model is converted again at the learned qparams. A learned-step-size estimator
+(LSQ, Esser et al. 2020) gives each range its gradient; the forward uses exactly the scale and
+zero point ``convert`` bakes in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -44,7 +44,7 @@ class RangeLearningResult:
         gain = self.error_before / max(self.error_after, 1e-30)
         what = f"{self.ranges} activation ranges" + (f" and {self.biases} biases" if self.biases else "")
         return (f"range learning: {what} tuned in {self.steps} steps (output error on the calibration "
-                f"data {gain:.2f}x lower than the calibrated ranges; {self.seconds:.0f} s)")
+                f"data {gain:.2f}x lower than with the ranges it started from; {self.seconds:.0f} s)")
 
 
 class LearnedRange(nn.Module):
@@ -93,9 +93,8 @@ def _layers(model: nn.Module, layer_type: type) -> dict[str, Any]:
     call sites, by a key all three share."""
     from quanta.api import get_state
 
-    sites = get_state(model).op_sites.items()
-    named = [*model.named_modules(), *((k.replace("/", "."), m) for k, m in sites)]
-    return {name: m for name, m in named if isinstance(m, layer_type)}
+    named = {**dict(model.named_modules()), **get_state(model).sites_by_key}
+    return {name: m for name, m in named.items() if isinstance(m, layer_type)}
 
 
 def _observers(model: nn.Module, layer_type: type) -> dict[str, Any]:
@@ -174,10 +173,8 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
 
     began = time.monotonic()
     config = get_state(qmodel).config
-    plain = dataclasses.replace(config, equalize=False, bias_correction=False, adaround=False,
-                                learn_ranges=False)
     float_model.eval()
-    sim = simulate_static(float_model, batches[0], plain)
+    sim = simulate_static(float_model, batches[0], config)
     _adopt_weights(sim, qmodel)
     layers = list(_layers(sim, QATModule).values())
     for layer in layers:
