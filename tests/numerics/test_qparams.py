@@ -1,7 +1,7 @@
 """Property tests of choose_qparams / quantize / dequantize."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quanta.config import QuantSpec
@@ -21,6 +21,7 @@ finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 @settings(max_examples=200, deadline=None)
 @given(lo=finite, hi=finite, spec=st.sampled_from(SPECS), seed=st.integers(0, 2**16))
+@example(lo=0.0, hi=313.0, spec=SPECS[0], seed=9884)  # a CI failure of the float32 rounding term
 def test_round_trip_within_half_scale_inside_range(lo, hi, spec, seed):
     lo, hi = min(lo, hi), max(lo, hi)
     scale, zp = choose_qparams(torch.tensor(lo), torch.tensor(hi), spec)
@@ -30,7 +31,10 @@ def test_round_trip_within_half_scale_inside_range(lo, hi, spec, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(256, generator=g) * (rhi - rlo) + rlo
     err = (dequantize(quantize(x, scale, zp, spec), scale, zp) - x).abs()
-    assert float(err.max()) <= float(scale) / 2 * (1 + 1e-5) + 1e-6
+    # plus float32 rounding of x / scale and q * scale, a few ulps of the largest magnitude
+    # (lo=0, hi=313 missed scale/2 by 1.4e-5: one ulp at 313 is 3.1e-5)
+    ulps = 4 * torch.finfo(torch.float32).eps * max(abs(rlo), abs(rhi))
+    assert float(err.max()) <= float(scale) / 2 * (1 + 1e-5) + ulps + 1e-6
 
 
 @settings(max_examples=200, deadline=None)
