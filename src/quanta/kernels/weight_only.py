@@ -11,7 +11,8 @@ Formats (what :class:`quanta.modules.weight_only.WeightOnlyLinear` stores):
 :func:`reference_linear` is the specification: the integer weights times their scales in
 float64. :func:`linear` is the fast path: the native GEMV (``native/weight_only.c``, weights
 dequantized in registers inside the dot product) for few rows (decode), and for many rows
-(prefill) the weights dequantized once by a native pass followed by one float32 matmul.
+(prefill) the weights dequantized by a native pass followed by a float32 matmul (tile by tile
+when the matrix is larger than the cache).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from quanta.kernels import native
 
 PREFILL_ROWS = 8  # rows from which dequantize + one sgemm beats the GEMV (measured, 2 threads)
+TILED_FROM_WEIGHTS = 1 << 22  # a matrix this large (16 MiB as float32) is dequantized tile by tile
+TILE_WEIGHTS = 1 << 18  # weights per tile (1 MiB as float32: stays in L2 for its sgemm)
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -123,9 +126,10 @@ def native_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
     return y
 
 
-def native_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int
-                      ) -> torch.Tensor:
-    """:func:`dequantize` by one threaded native pass (float32)."""
+def native_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                      *, plain: bool = False) -> torch.Tensor:
+    """:func:`dequantize` by one threaded native pass (float32; ``plain``: the loops without AVX2,
+    as on CPUs without it)."""
     lib = native.load()
     if lib is None:
         raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
@@ -133,18 +137,42 @@ def native_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     k = q.shape[1] if offset is None else q.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.float32)
     if offset is None:
-        lib.qk_wo_dequant_s8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr())
+        lib.qk_wo_dequant_s8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), int(plain))
     else:
-        lib.qk_wo_dequant_u4(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n, k, out.data_ptr())
+        lib.qk_wo_dequant_u4(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n, k, out.data_ptr(),
+                             int(plain))
     return out
+
+
+def _tiled_prefill(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                   group: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Many rows times a matrix larger than the cache: dequantize TILE_WEIGHTS at a time and
+    multiply while the tile is in cache, instead of writing and re-reading the whole float32
+    matrix (an LM head, 49152 x 576 at 128 rows: 99 -> 41 ms, fp32 59 ms; AMD EPYC, 2 threads).
+    Returns [M, N] as a transposed view of a [N, M] tensor."""
+    n, k = q.shape[0], x.shape[1]
+    rows = max(16, TILE_WEIGHTS // k)
+    out = torch.empty(n, x.shape[0], dtype=torch.float32)  # y transposed: each tile's rows are contiguous
+    xt = x.t()
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        tile = native_dequantize(q[start:stop], scale[start:stop],
+                                 None if offset is None else offset[start:stop], group)
+        torch.mm(tile, xt, out=out[start:stop])
+    if bias is not None:
+        out += bias[:, None]
+    return out.t()  # a transposed view: a copy to [M, N] order costs a fifth of the whole call
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
            bias: torch.Tensor | None) -> torch.Tensor:
-    """float32 x [M, K] (contiguous) -> [M, N]: GEMV for few rows, dequantize + sgemm for many,
-    torch ops when the native kernels are unavailable."""
+    """float32 x [M, K] (contiguous) -> [M, N]: GEMV for few rows; for many, dequantize + sgemm
+    (tile by tile for matrices larger than the cache, whose result is a transposed view); torch
+    ops when the native kernels are unavailable."""
     if native.load() is None:
         return F.linear(x, dequantize(q, scale, offset, group), bias)
     if x.shape[0] < PREFILL_ROWS:
         return native_linear(x, q, scale, offset, group, bias)
+    if q.shape[0] * x.shape[1] >= TILED_FROM_WEIGHTS:
+        return _tiled_prefill(x, q, scale, offset, group, bias)
     return F.linear(x, native_dequantize(q, scale, offset, group), bias)

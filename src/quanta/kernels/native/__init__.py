@@ -161,8 +161,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_rows_epilogue.argtypes = [p, i64, i64, p, p, p, p]
     lib.qk_wo_linear_s8.argtypes = [p, i64, i64, p, p, i64, p, p, ctypes.c_int]
     lib.qk_wo_linear_u4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
-    lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p]
-    lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p]
+    lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p, ctypes.c_int]
+    lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p, ctypes.c_int]
 
 
 def _load() -> ctypes.CDLL:
