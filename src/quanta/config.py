@@ -17,8 +17,8 @@ from quanta.kernels.reference import NUMERICS
 
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
-# older dicts load unchanged
-CONFIG_VERSION = 5
+# version 6 smoothquant; older dicts load unchanged
+CONFIG_VERSION = 6
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -183,6 +183,10 @@ class QuantConfig:
     # (quanta.ptq.range_learning)
     learn_ranges: bool = False
     learn_ranges_seconds: float = 300.0
+    # SmoothQuant: each Linear's input outliers moved into its weight columns before calibration
+    # (quanta.ptq.smoothquant); smoothquant_alpha None chooses alpha per layer (or none at all)
+    smoothquant: bool = False
+    smoothquant_alpha: float | None = None
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -207,6 +211,9 @@ class QuantConfig:
         if not self.learn_ranges_seconds > 0:
             raise ValueError("QuantConfig.learn_ranges_seconds must be positive, "
                              f"got {self.learn_ranges_seconds}")
+        if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
+            raise ValueError("QuantConfig.smoothquant_alpha must be in (0, 1) or None, "
+                             f"got {self.smoothquant_alpha}")
         corrections = self.corrections()
         if corrections and self.mode != "static":
             raise ValueError(f"QuantConfig({', '.join(f'{n}=True' for n in corrections)}) needs calibration "
@@ -218,7 +225,8 @@ class QuantConfig:
 
     def corrections(self) -> list[str]:
         """The post-training corrections this config turns on (``quanta.ptq``), by field name."""
-        return [n for n in ("equalize", "bias_correction", "adaround", "learn_ranges") if getattr(self, n)]
+        return [n for n in ("equalize", "smoothquant", "bias_correction", "adaround", "learn_ranges")
+                if getattr(self, n)]
 
     def for_module(self, name: str, module: nn.Module) -> tuple[bool, QuantSpec, QuantSpec, str]:
         """(skipped, weight spec, activation spec, reason) for one module, overrides applied."""

@@ -250,6 +250,26 @@ def check_tensors(model: nn.Module, table: dict[str, tuple[str, tuple[int, ...],
                               f"{fmt.dtype_name(t.dtype)} {list(t.shape)}")
 
 
+def _wrap_smoothed(model: nn.Module, names: Any) -> None:
+    """Re-create the SmoothQuant wrappers the saved model had (their scales come from the file)."""
+    from quanta.ptq.smoothquant import SmoothedLinear
+
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError("the manifest's 'smoothed' entry is not a list of layer names")
+    for name in names:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"the model does not match the file: smoothed layer {name!r} is not in "
+                              "the model") from None
+        if type(linear) is not nn.Linear:
+            raise FormatError(f"the model does not match the file: smoothed layer {name!r} is a "
+                              f"{type(linear).__name__}, not an nn.Linear")
+        parent, _, leaf = name.rpartition(".")
+        scale = torch.ones(linear.in_features, dtype=linear.weight.dtype)
+        setattr(model.get_submodule(parent) if parent else model, leaf, SmoothedLinear(scale, linear))
+
+
 def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on a copy of ``float_model``'s architecture.
 
@@ -267,6 +287,7 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
     fmt.check_blobs(table, blobs, manifest.get("data_sha256"))
     config, plan = parse_manifest(manifest)
     model = copy.deepcopy(float_model).eval()
+    _wrap_smoothed(model, manifest.get("smoothed", []))
     check_architecture(model, plan)
     try:
         for lp in plan.layers.values():

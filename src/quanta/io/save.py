@@ -62,6 +62,8 @@ def build_manifest(model: nn.Module, table: dict[str, list[Any]], digest: str) -
         "config": state.config.to_dict(),
         "plan": state.plan.to_dict(),
         "modules": modules,
+        # Linears SmoothQuant wrapped (quanta.ptq.smoothquant): load wraps them again
+        "smoothed": [n for n, m in model.named_modules() if type(m).__name__ == "SmoothedLinear"],
         "tensors": table,
         "data_sha256": digest,
     }

@@ -2,6 +2,8 @@
 
 - ``equalize``: cross-layer equalization of conv/linear pairs, on a copy of the float model,
   before calibration (:mod:`quanta.ptq.equalization`);
+- ``smoothquant``: each Linear's input outliers migrated into its weight columns, on that copy,
+  before calibration (:mod:`.smoothquant`);
 - ``bias_correction``: the mean output error of each layer moved into its bias, after conversion
   (:mod:`.bias_correction`);
 - ``adaround``: learned weight rounding, layer by layer (:mod:`.adaround`);
@@ -24,13 +26,15 @@ import torch.nn as nn
 
 from quanta.config import QuantConfig
 from quanta.errors import CalibrationError
+from quanta.kernels.cpu import weight_bits_for_cpu
 from quanta.ptq.adaround import RoundingResult, adaround
 from quanta.ptq.bias_correction import BiasShift, correct_bias
 from quanta.ptq.equalization import EqualizationResult, equalize
 from quanta.ptq.range_learning import RangeLearningResult, learn_ranges
+from quanta.ptq.smoothquant import SmoothedLinear, SmoothingResult, smooth
 
-__all__ = ["Corrections", "adaround", "correct_bias", "corrections_of", "equalize", "learn_ranges",
-           "quantize_corrected"]
+__all__ = ["Corrections", "SmoothedLinear", "adaround", "correct_bias", "corrections_of", "equalize",
+           "learn_ranges", "quantize_corrected", "smooth"]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Corrections:
     """What the post-training corrections of one quantized model did."""
 
     equalization: EqualizationResult | None = None
+    smoothing: SmoothingResult | None = None
     ranges: RangeLearningResult | None = None
     rounding: list[RoundingResult] = field(default_factory=list)
     bias: list[BiasShift] = field(default_factory=list)
@@ -48,6 +53,8 @@ class Corrections:
         lines = []
         if self.equalization is not None:
             lines.append(self.equalization.table().splitlines()[0])
+        if self.smoothing is not None:
+            lines.append(self.smoothing.summary())
         if self.bias:
             worst = max(self.bias, key=lambda b: b.relative)
             lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
@@ -87,6 +94,14 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
         start = time.monotonic()
         done.equalization = equalize(float_model, example_inputs)
         done.seconds["equalize"] = time.monotonic() - start
+    if config.smoothquant:
+        if float_model is model:
+            float_model = copy.deepcopy(model)
+        start = time.monotonic()
+        bits = config.weight.bits if config.weight.bits is not None else weight_bits_for_cpu()
+        done.smoothing = smooth(float_model, batches, config, alpha=config.smoothquant_alpha,
+                                weight_bits=bits, show_progress=show_progress)
+        done.seconds["smoothquant"] = time.monotonic() - start
     prepared = prepare(float_model, example_inputs, config)
     calibrate(prepared, batches, show_progress=show_progress)
     qmodel = convert(prepared, inplace=True)

@@ -1,0 +1,158 @@
+"""SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before calibration.
+
+A Linear's input often has a few channels far larger than the rest (transformers' GELU outputs
+and LayerNorm outputs do), and one uint8 scale per tensor spends its levels on them. For a
+positive per-input-channel factor ``s``, ``linear(x) == linear_s(x / s)`` where ``linear_s``'s
+weight columns are multiplied by ``s``: with ``s_j = max|x_j| ** alpha / max|W_:,j| ** (1 -
+alpha)`` the input's channel ranges even out and the weight, quantized per output channel,
+takes the spread. Each smoothed Linear becomes a :class:`SmoothedLinear`: a per-channel multiply
+by ``1 / s`` (a float op, kept in the model as data) followed by the rescaled Linear, which is
+quantized as any other.
+
+``alpha`` is chosen per layer when not given: for each candidate on :data:`ALPHAS` (and "no
+smoothing"), the layer's output on the calibration inputs is computed with a uint8 input
+(min/max of the smoothed input) and int8 per-channel weights, and the candidate with the least
+error against the float output is kept, so a layer smoothing would hurt stays as it was.
+Rewrites a copy of the model (``quanta.quantize`` passes it one); measured in docs/ptq.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quanta.capture.record import call_with
+from quanta.config import QuantConfig
+from quanta.progress import progress
+
+ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)  # searched per layer when QuantConfig.smoothquant_alpha is None
+_MAX_ROWS = 8192  # calibration rows kept per layer for the search (evenly subsampled)
+
+
+class SmoothedLinear(nn.Module):
+    """``linear(x * inverse_scale)``: the smoothed form of a Linear (``inverse_scale`` is 1 / s
+    over the input's last dimension; ``linear``'s weight columns carry s)."""
+
+    def __init__(self, inverse_scale: torch.Tensor, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("inverse_scale", inverse_scale.detach().clone())
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.inverse_scale)
+
+
+@dataclass(frozen=True)
+class SmoothedLayer:
+    name: str
+    alpha: float | None  # None: left unsmoothed (no candidate beat plain quantization)
+    error_plain: float  # relative L2 error of the layer's output, plain int8 / smoothed int8
+    error_smoothed: float
+    input_range_ratio: float  # largest channel range / median channel range of the input, before
+
+
+@dataclass
+class SmoothingResult:
+    layers: list[SmoothedLayer] = field(default_factory=list)
+
+    def summary(self) -> str:
+        done = [lay for lay in self.layers if lay.alpha is not None]
+        if not self.layers:
+            return "SmoothQuant: no Linear layer to smooth"
+        gain = sum(lay.error_plain for lay in done) / max(1e-30, sum(lay.error_smoothed for lay in done))
+        alphas = sorted({lay.alpha for lay in done})
+        return (f"SmoothQuant: {len(done)} of {len(self.layers)} Linear layers smoothed (alpha "
+                f"{', '.join(f'{a:g}' for a in alphas) or '-'}; their output error on the calibration "
+                f"rows {gain:.2f}x lower)")
+
+
+def _fake_quant_input(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = max(hi - lo, 1e-12) / 255.0
+    zero = round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel factor, clamped away from zero for dead channels."""
+    return (x_absmax.clamp_min(1e-5) ** alpha / w_absmax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-4, 1e4)
+
+
+def _choose(x: torch.Tensor, linear: nn.Linear, alphas: Sequence[float], bits: int
+            ) -> tuple[float | None, float, float, torch.Tensor | None]:
+    w = linear.weight.detach().double()
+    x = x.double()
+    reference = x @ w.T
+    norm = float(reference.norm()) or 1.0
+
+    def error(xq: torch.Tensor, wq: torch.Tensor) -> float:
+        return float((xq @ wq.T - reference).norm()) / norm
+
+    plain = error(_fake_quant_input(x), _fake_quant_weight(w, bits))
+    best: tuple[float | None, float, torch.Tensor | None] = (None, plain, None)
+    x_absmax, w_absmax = x.abs().amax(0), w.abs().amax(0)
+    for alpha in alphas:
+        s = smoothing_factor(x_absmax, w_absmax, alpha)
+        e = error(_fake_quant_input(x / s), _fake_quant_weight(w * s, bits))
+        if e < best[1]:
+            best = (alpha, e, s)
+    return best[0], plain, best[1], best[2]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def smooth(model: nn.Module, batches: Sequence[Any], config: QuantConfig, *, alpha: float | None = None,
+           weight_bits: int = 8, show_progress: bool = False) -> SmoothingResult:
+    """Smooth, in place, every ``nn.Linear`` of ``model`` that ``config`` quantizes, from its
+    inputs on ``batches`` (``alpha`` fixed, or chosen per layer when None)."""
+    targets = {name: m for name, m in model.named_modules()
+               if type(m) is nn.Linear and not config.for_module(name, m)[0]}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+
+    def keep(name: str):  # noqa: ANN202 - a forward pre-hook
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                inputs[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(name)) for name, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_with(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    result = SmoothingResult()
+    alphas = ALPHAS if alpha is None else (alpha,)
+    for name in progress(list(targets), total=len(targets), description="SmoothQuant", enabled=show_progress):
+        if not inputs[name]:
+            continue  # not called on the calibration data
+        x = torch.cat(inputs[name])
+        if x.shape[0] > _MAX_ROWS:
+            x = x[torch.linspace(0, x.shape[0] - 1, _MAX_ROWS).long()]
+        linear = targets[name]
+        chosen, plain, smoothed, s = _choose(x, linear, alphas, weight_bits)
+        ranges = x.abs().amax(0)
+        ratio = float(ranges.max() / ranges.median().clamp_min(1e-12))
+        result.layers.append(SmoothedLayer(name, chosen, plain, smoothed, ratio))
+        if s is None:
+            continue
+        with torch.no_grad():
+            linear.weight.mul_(s.to(linear.weight.dtype))
+        _set_module(model, name, SmoothedLinear((1.0 / s).to(linear.weight.dtype), linear))
+    return result

@@ -1,0 +1,90 @@
+"""SmoothQuant (quanta.ptq.smoothquant): an exact float rewrite, chosen per layer, that makes static
+int8 of the real all-MiniLM-L6-v2 encoder as close to float as dynamic int8 is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quanta
+from quanta.config import QuantConfig
+from quanta.ptq import SmoothedLinear, corrections_of, smooth
+from quanta.zoo.minilm import (
+    MiniLMConfig,
+    embed,
+    load_minilm,
+    load_polarity_sentences,
+    minilm_encoder_random,
+    tokenize,
+)
+
+SMALL = MiniLMConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     max_position_embeddings=32)
+
+
+def _small_model_and_batches() -> tuple[nn.Module, list[torch.Tensor]]:
+    model = minilm_encoder_random(SMALL, seed=3)
+    with torch.no_grad():  # outlier input channels, as trained transformers have
+        model.embeddings.norm.weight[:4] = 20.0
+    gen = torch.Generator().manual_seed(0)
+    return model, [torch.randint(1, 100, (2, 12), generator=gen) for _ in range(3)]
+
+
+def test_smoothing_is_an_exact_rewrite_of_the_float_model():
+    model, batches = _small_model_and_batches()
+    smoothed = minilm_encoder_random(SMALL, seed=3)
+    smoothed.load_state_dict(model.state_dict())
+    result = smooth(smoothed, batches, QuantConfig(), alpha=0.5)
+    assert len(result.layers) == 12 and all(lay.alpha == 0.5 for lay in result.layers)
+    assert isinstance(smoothed.layers[0].query, SmoothedLinear)
+    with torch.no_grad():
+        for ids in batches:
+            torch.testing.assert_close(smoothed(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_skipped_layers_are_not_smoothed_and_the_search_can_decline():
+    model, batches = _small_model_and_batches()
+    result = smooth(model, batches, QuantConfig(skip=("layers.1",)))
+    assert {lay.name.split(".")[1] for lay in result.layers} == {"0"}
+    assert all(type(m) is nn.Linear for m in model.layers[1].modules() if isinstance(m, nn.Linear))
+    for lay in result.layers:  # the chosen candidate (or none) never does worse than plain int8
+        assert lay.error_smoothed <= lay.error_plain
+
+
+def test_config_checks_and_save_load_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="smoothquant_alpha"):
+        QuantConfig(smoothquant=True, smoothquant_alpha=1.5)
+    with pytest.raises(ValueError, match="static mode only"):
+        QuantConfig(mode="dynamic", smoothquant=True)
+    model, batches = _small_model_and_batches()
+    config = QuantConfig(smoothquant=True, backend="reference")  # int8 even where float is faster
+    qmodel = quanta.quantize(model, batches, config=config, show_progress=False)
+    assert "SmoothQuant:" in corrections_of(qmodel).summary()
+    path = quanta.save(qmodel, tmp_path / "smoothed.quanta")
+    again = quanta.load(path, model)
+    with torch.no_grad():
+        assert torch.equal(again(batches[0]), qmodel(batches[0]))
+    assert again._quanta.config == qmodel._quanta.config and again._quanta.config.smoothquant
+
+
+@pytest.mark.slow
+@pytest.mark.isa  # the weights are 7-bit on AVX2 without VNNI: .ci/run's capped step checks that case
+def test_static_minilm_with_smoothquant_is_as_close_as_dynamic():
+    model, tokenizer = load_minilm()
+    sentences, _ = load_polarity_sentences()
+    calib, held_out = sentences[:64], sentences[64:]  # measured on sentences calibration never saw
+    batches = [tokenize(tokenizer, calib[i:i + 8]) for i in range(0, len(calib), 8)]
+    reference = embed(model, tokenizer, held_out)
+
+    def min_cosine(qmodel: nn.Module) -> float:
+        return float((reference * embed(qmodel, tokenizer, held_out)).sum(1).min())
+
+    plain = quanta.quantize(model, batches, show_progress=False)
+    smoothed = quanta.quantize(model, batches, config=QuantConfig(smoothquant=True), show_progress=False)
+    rows = quanta.report(smoothed).to_dict()["layers"]
+    linears = [r for r in rows if r["op"] == "Linear"]
+    assert len(linears) == 36 and all(r["precision"] == "int8" for r in linears)  # every Linear stays int8
+    # measured on the Xeon (8-bit weights): plain 0.9848, smoothed 0.9952 (issue 13's target: >= 0.99)
+    before, after = min_cosine(plain), min_cosine(smoothed)
+    assert after >= 0.99 and after > before + 0.004, (before, after)
