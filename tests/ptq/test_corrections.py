@@ -123,12 +123,14 @@ def test_cli_flags_turn_corrections_on(tmp_path: Path) -> None:
     out = tmp_path / "m.quanta.safetensors"
     result = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", "quanta.zoo.mnist:cli_factory",
                              "--batches", "2", "--adaround", "2", "--bias-correction", "--learn-ranges", "2",
-                             "--out", str(out)],
+                             "--smoothquant", "0.5", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "AdaRound: learned rounding kept in" in result.stdout
     assert "bias correction: 8 layers" in result.stdout
     assert "range learning: " in result.stdout
+    assert "SmoothQuant: " in result.stdout
     config = dataclasses.asdict(quanta.load(out, mnist.load_pretrained_mnist_cnn())._quanta.config)
     assert config["adaround"] and config["bias_correction"] and config["adaround_seconds"] == 2.0
     assert config["learn_ranges"] and config["learn_ranges_seconds"] == 2.0
+    assert config["smoothquant"] and config["smoothquant_alpha"] == 0.5

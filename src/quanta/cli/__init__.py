@@ -159,6 +159,9 @@ def build_parser() -> Parser:
     q.add_argument("--learn-ranges", nargs="?", type=float, const=300.0, metavar="SECONDS",
                    help="static: learn the activation ranges and biases for the model's output error "
                         "within SECONDS (default 300)")
+    q.add_argument("--smoothquant", nargs="?", const="auto", metavar="ALPHA",
+                   help="static: SmoothQuant, each Linear's input outliers moved into its weights before "
+                        "calibration; ALPHA in (0, 1), or chosen per layer when left out")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
     q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),

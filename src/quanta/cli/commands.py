@@ -60,6 +60,12 @@ def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
         fields.update(adaround=True, adaround_seconds=args.adaround)
     if args.learn_ranges is not None:
         fields.update(learn_ranges=True, learn_ranges_seconds=args.learn_ranges)
+    if args.smoothquant is not None:
+        try:
+            alpha = None if args.smoothquant == "auto" else float(args.smoothquant)
+        except ValueError:
+            raise UsageError(f"--smoothquant takes a number in (0, 1), got {args.smoothquant!r}") from None
+        fields.update(smoothquant=True, smoothquant_alpha=alpha)
     if args.numerics is not None:
         fields["numerics"] = args.numerics
     try:
