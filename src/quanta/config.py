@@ -184,7 +184,8 @@ class QuantConfig:
     learn_ranges: bool = False
     learn_ranges_seconds: float = 300.0
     # SmoothQuant: each Linear's input outliers moved into its weight columns before calibration
-    # (quanta.ptq.smoothquant); smoothquant_alpha None chooses alpha per layer (or none at all)
+    # (quanta.ptq.smoothquant; static, or dynamic given data); smoothquant_alpha None chooses
+    # alpha per layer (or none at all)
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
@@ -214,10 +215,11 @@ class QuantConfig:
         if self.smoothquant_alpha is not None and not 0.0 < self.smoothquant_alpha < 1.0:
             raise ValueError("QuantConfig.smoothquant_alpha must be in (0, 1) or None, "
                              f"got {self.smoothquant_alpha}")
-        corrections = self.corrections()
+        corrections = [n for n in self.corrections() if n != "smoothquant" or self.mode != "dynamic"]
         if corrections and self.mode != "static":
+            also = " (smoothquant: static or dynamic)" if "smoothquant" in corrections else ""
             raise ValueError(f"QuantConfig({', '.join(f'{n}=True' for n in corrections)}) needs calibration "
-                             f"data: static mode only, not {self.mode!r}")
+                             f"data: static mode only{also}, not {self.mode!r}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this quanta ({CONFIG_VERSION})"

