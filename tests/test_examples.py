@@ -66,3 +66,13 @@ def test_llm_weight_only_example():
     assert set(ppl) == {"float", "int8", "int4 g32"}
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01 and abs(ppl["int4 g32"] / ppl["float"] - 1) < 0.05
     assert "int4 asymmetric groups of 32" in out and "reloaded generation identical: True" in out
+
+
+@pytest.mark.slow
+def test_static_minilm_smoothquant_example():
+    out = _run("static_minilm_smoothquant.py")
+    lines = {ln.split(":")[0]: ln for ln in out.splitlines() if ln.startswith(("plain:", "smoothquant:"))}
+    plain, smoothed = (float(lines[k].split("min ")[1].split(",")[0]) for k in ("plain", "smoothquant"))
+    assert all("36 of 36 Linear layers int8" in line for line in lines.values())
+    assert smoothed >= 0.99 and smoothed > plain, (plain, smoothed)
+    assert "SmoothQuant: " in out
