@@ -31,7 +31,7 @@ from quanta.config import QuantConfig
 from quanta.progress import progress
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)  # searched per layer when QuantConfig.smoothquant_alpha is None
-_MAX_ROWS = 8192  # calibration rows kept per layer for the search (evenly subsampled)
+_MAX_ROWS = 8192  # calibration rows (tokens) kept per layer for the search: the first ones
 
 
 class SmoothedLinear(nn.Module):
@@ -140,19 +140,26 @@ def smooth(model: nn.Module, batches: Sequence[Any], config: QuantConfig, *, alp
     result = SmoothingResult(tied=sorted(set(candidates) - set(targets)))
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
 
+    kept = dict.fromkeys(targets, 0)
+
     def keep(name: str):  # noqa: ANN202 - a forward pre-hook
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                inputs[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and kept[name] < _MAX_ROWS:
+                rows = x.detach().reshape(-1, x.shape[-1])[:_MAX_ROWS - kept[name]].float()
+                inputs[name].append(rows)  # at most _MAX_ROWS per layer: memory stays bounded
+                kept[name] += rows.shape[0]
         return hook
 
     handles = [m.register_forward_pre_hook(keep(name)) for name, m in targets.items()]
+    training = model.training
+    model.eval()  # the inputs inference will see (no dropout)
     try:
         with torch.no_grad():
             for batch in batches:
                 call_with(model, batch)
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     alphas = ALPHAS if alpha is None else (alpha,)
@@ -160,8 +167,6 @@ def smooth(model: nn.Module, batches: Sequence[Any], config: QuantConfig, *, alp
         if not inputs[name]:
             continue  # not called on the calibration data
         x = torch.cat(inputs[name])
-        if x.shape[0] > _MAX_ROWS:
-            x = x[torch.linspace(0, x.shape[0] - 1, _MAX_ROWS).long()]
         linear = targets[name]
         chosen, plain, smoothed, s = _choose(x, linear, alphas, weight_bits)
         ranges = x.abs().amax(0)
