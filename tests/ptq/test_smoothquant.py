@@ -103,3 +103,31 @@ def test_dynamic_mode_smooths_from_calibration_data(tmp_path):
         assert float((got - want).norm() / want.norm()) < 0.05
         again = quanta.load(quanta.save(qmodel, tmp_path / "dynamic.quanta"), model)
         assert torch.equal(again(batches[0]), got)
+
+
+def test_unused_tied_and_top_level_linears():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+            self.unused = nn.Linear(16, 16)  # never called: nothing to learn its inputs from
+            self.head = nn.Linear(16, 16)
+            self.tail = nn.Linear(16, 16)
+            self.tail.weight = self.head.weight  # tied: smoothing one would change the other
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tail(self.head(self.body(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.body[0].weight[:, :2] *= 30.0  # outlier input columns
+    x = torch.randn(64, 16)
+    x[:, 3] *= 25.0  # an outlier input channel
+    want = model(x)
+    result = smooth(model, [x], QuantConfig(), alpha=0.6)
+    assert [lay.name for lay in result.layers] == ["body.0", "body.2"]
+    assert result.tied == ["head", "tail"] and "2 left alone" in result.summary()
+    assert isinstance(model.body[0], SmoothedLinear) and type(model.unused) is nn.Linear
+    assert model.tail.weight is model.head.weight
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
