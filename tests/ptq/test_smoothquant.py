@@ -131,3 +131,16 @@ def test_unused_tied_and_top_level_linears():
     assert isinstance(model.body[0], SmoothedLinear) and type(model.unused) is nn.Linear
     assert model.tail.weight is model.head.weight
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothed_model_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, batches = _small_model_and_batches()
+    qmodel = quanta.quantize(model, batches, config=QuantConfig(smoothquant=True, backend="reference"),
+                             show_progress=False)
+    path = quanta.export_onnx(qmodel, (batches[0],), tmp_path / "smoothed.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: batches[0].numpy()})[0]
+    with torch.no_grad():
+        want = qmodel(batches[0]).numpy()
+    assert abs(got - want).max() <= 1e-5 * max(1.0, abs(want).max())  # measured 1e-6 on MiniLM-size
