@@ -70,3 +70,30 @@ def test_minilm_dynamic_fuses_query_key_value():
     with torch.no_grad():
         assert torch.equal(q(**batch), eager(**batch))
     assert q._quanta._graph.lowered == 18  # 6 layers x query, key, value
+
+
+def _runners(q: nn.Module) -> list[str]:
+    return [type(v).__name__ for k, v in q._quanta._graph.fn.__globals__.items() if k.startswith("fl")]
+
+
+class Attention(nn.Module):
+    """q, k, v read one tensor and feed float matmuls: static int8 Linears with float outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 8.0, dim=-1)
+        return self.out(scores @ self.v(x))
+
+
+def test_static_siblings_with_float_outputs_fuse_and_equal_eager():
+    torch.manual_seed(2)
+    q = quanta.quantize(Attention().eval(), [torch.randn(4, 40, 64) for _ in range(3)], show_progress=False)
+    eager = _eager(q)
+    with torch.no_grad():
+        for shape in ((2, 40, 64), (1, 3, 64), (3, 30, 64)):  # (1, 3): too small for int8, one by one
+            x = torch.randn(*shape)
+            assert torch.equal(q(x), eager(x)), shape
+    assert _runners(q) == ["FusedStaticLinears"], graph.runtime_status(q)

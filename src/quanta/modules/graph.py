@@ -193,12 +193,17 @@ def _emit_node(node: fx.Node, values: dict[fx.Node, Any], keys: dict[fx.Node, st
 
 def _emit_fused(node: fx.Node, fused: dict[fx.Node, tuple[int, int]], gen: lowering.Codegen,
                 model: nn.Module) -> str:
-    """One member of a group of sibling dynamic Linears: the first runs the group's GEMM."""
+    """One member of a group of sibling int8 Linears: the first runs the group's GEMM."""
     group, position = fused[node]
     members = sorted((n for n, (g, _) in fused.items() if g == group), key=lambda n: fused[n][1])
     result = f"fused_{group}"
     if position == 0:
-        runner = fused_linears.FusedDynamicLinears([model.get_submodule(n.target) for n in members])
+        modules = [model.get_submodule(n.target) for n in members]
+        if isinstance(modules[0], fused_linears.QuantizedLinear):
+            kernels = [lowering.float_input_kernel(m) for m in modules]
+            runner = fused_linears.FusedStaticLinears(modules, kernels)
+        else:
+            runner = fused_linears.FusedDynamicLinears(modules)
         gen.lines.append(f"{result} = {gen.const(runner, 'fl')}({gen.var(node.args[0])})")
     gen.lines.append(f"{gen.var(node)} = {result}[{position}]")
     if position == len(members) - 1:

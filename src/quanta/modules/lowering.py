@@ -123,7 +123,7 @@ def _int8_kernel(mod: QuantizedModule) -> Callable[[torch.Tensor], torch.Tensor]
     return packed().bound(act, *out)  # a conv: its primitive kept per input shape
 
 
-def _float_input_kernel(mod: QuantizedModule) -> Callable[[torch.Tensor], torch.Tensor]:
+def float_input_kernel(mod: QuantizedModule) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mod`` on a float input: its own input check and quantization, then the kernel."""
     act, out, packed = mod.activation, mod.out_args(), mod._packed_kernel
     if not isinstance(mod, QuantizedLinear):
@@ -175,7 +175,7 @@ def _layer(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], gen: Codegen,
     if qx is not None:
         kernel = _int8_kernel(mod) if qx == mod._in else None
     else:
-        kernel = _float_input_kernel(mod) if type(values[x]) is torch.Tensor else None
+        kernel = float_input_kernel(mod) if type(values[x]) is torch.Tensor else None
     return None if kernel is None else _emit(gen, node, f"{gen.const(kernel, 'k')}({xv})", out_q)
 
 
