@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from quanta.api import _set_module
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import MODES, QuantConfig, QuantSpec
 from quanta.errors import FormatError, UnsupportedModelError
@@ -186,11 +187,6 @@ def _build_op_sites(model: nn.Module, plan: Plan, state: QuantaState, table: dic
     opsites.share_parameters(model, plan, layers)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 def _build_quantized(model: nn.Module, plan: Plan, config: QuantConfig, modules: Any,
                      table: dict[str, Any]) -> None:
     if not isinstance(modules, dict):
@@ -265,9 +261,8 @@ def _wrap_smoothed(model: nn.Module, names: Any) -> None:
         if type(linear) is not nn.Linear:
             raise FormatError(f"the model does not match the file: smoothed layer {name!r} is a "
                               f"{type(linear).__name__}, not an nn.Linear")
-        parent, _, leaf = name.rpartition(".")
         scale = torch.ones(linear.in_features, dtype=linear.weight.dtype)
-        setattr(model.get_submodule(parent) if parent else model, leaf, SmoothedLinear(scale, linear))
+        _set_module(model, name, SmoothedLinear(scale, linear))
 
 
 def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:

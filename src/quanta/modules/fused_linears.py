@@ -78,49 +78,34 @@ class FusedStaticLinears:
         return tuple(kernel(x) for kernel in self.kernels)
 
 
-def _static(node: fx.Node, module: nn.Module, values: dict[fx.Node, Any]) -> tuple | None:
-    """The grouping key of a static int8 Linear with a float input and a float output."""
-    if type(module) is not QuantizedLinear or module.backend != "onednn" or module.output_int8:
+def _key(node: fx.Node, model: nn.Module, values: dict[fx.Node, Any]) -> tuple | None:
+    """What a sibling must share with this int8 Linear to join its GEMM (None: not fusable): a
+    call on one float32 tensor, with a float output; the input, its size and bias presence; for a
+    dynamic Linear how it quantizes (per row or not), for a static one its input qparams,
+    activation, per-call choice and numerics."""
+    if node.op != "call_module" or node.kwargs or len(node.args) != 1 or type(node.args[0]) is not fx.Node:
         return None
     x, y = values.get(node.args[0]), values.get(node)
     if type(x) is not torch.Tensor or x.dtype != torch.float32 or type(y) is not torch.Tensor:
-        return None
-    return ("static", node.args[0], module.in_features, module._in, module.activation, module.forced,
-            module.numerics, module.bias is None)
-
-
-def _fusable(node: fx.Node, model: nn.Module, values: dict[fx.Node, Any]) -> DynamicQuantizedLinear | None:
-    if node.op != "call_module" or node.kwargs or len(node.args) != 1:
-        return None
-    if not isinstance(node.args[0], fx.Node):
         return None
     module = model.get_submodule(node.target)
-    if type(module) is not DynamicQuantizedLinear or module.kernel("weight").backend != "onednn":
+    if type(module) is DynamicQuantizedLinear and module.kernel("weight").backend == "onednn":
+        own = ("dynamic", module.per_row)
+    elif type(module) is QuantizedLinear and module.backend == "onednn" and not module.output_int8:
+        own = ("static", module._in, module.activation, module.forced, module.numerics)
+    else:
         return None
-    x, y = values.get(node.args[0]), values.get(node)
-    if type(x) is not torch.Tensor or x.dtype != torch.float32 or type(y) is not torch.Tensor:
-        return None
-    return module
+    return (node.args[0], module.in_features, module.bias is None, *own)
 
 
-def groups(graph: fx.Graph, model: nn.Module, values: dict[fx.Node, Any]) -> dict[fx.Node, tuple[int, int]]:
-    """node -> (group, position) for each int8 Linear that shares its input with another of the
-    same kind, input size and quantization (dynamic: per row or not; static: input qparams,
-    activation, float output) and bias presence."""
-    by_input: dict[tuple, list[tuple[fx.Node, nn.Module]]] = {}
+def groups(graph: fx.Graph, model: nn.Module, values: dict[fx.Node, Any]
+           ) -> dict[fx.Node, tuple[list[fx.Node], int]]:
+    """node -> (its group's nodes in graph order, its position) for each int8 Linear that
+    shares its input and the rest of :func:`_key` with another."""
+    by_key: dict[tuple, list[fx.Node]] = {}
     for node in graph.nodes:
-        module = _fusable(node, model, values)
-        if module is not None:
-            key = ("dynamic", node.args[0], module.in_features, module.per_row, module.bias is None)
-            by_input.setdefault(key, []).append((node, module))
-        elif node.op == "call_module" and not node.kwargs and len(node.args) == 1 \
-                and isinstance(node.args[0], fx.Node):
-            key = _static(node, model.get_submodule(node.target), values)
-            if key is not None:
-                by_input.setdefault(key, []).append((node, model.get_submodule(node.target)))
-    found: dict[fx.Node, tuple[int, int]] = {}
-    for members in by_input.values():
-        if len(members) > 1:
-            group = len({g for g, _ in found.values()})
-            found.update({node: (group, i) for i, (node, _) in enumerate(members)})
-    return found
+        key = _key(node, model, values)
+        if key is not None:
+            by_key.setdefault(key, []).append(node)
+    return {node: (members, i) for members in by_key.values() if len(members) > 1
+            for i, node in enumerate(members)}

@@ -191,12 +191,11 @@ def _emit_node(node: fx.Node, values: dict[fx.Node, Any], keys: dict[fx.Node, st
     return "generic"
 
 
-def _emit_fused(node: fx.Node, fused: dict[fx.Node, tuple[int, int]], gen: lowering.Codegen,
+def _emit_fused(node: fx.Node, fused: dict[fx.Node, tuple[list[fx.Node], int]], gen: lowering.Codegen,
                 model: nn.Module) -> str:
     """One member of a group of sibling int8 Linears: the first runs the group's GEMM."""
-    group, position = fused[node]
-    members = sorted((n for n, (g, _) in fused.items() if g == group), key=lambda n: fused[n][1])
-    result = f"fused_{group}"
+    members, position = fused[node]
+    result = f"fused_{gen.var(members[0])}"
     if position == 0:
         modules = [model.get_submodule(n.target) for n in members]
         if isinstance(modules[0], fused_linears.QuantizedLinear):

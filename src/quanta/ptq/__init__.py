@@ -85,9 +85,7 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
 
     from quanta.api import calibrate, convert, prepare
 
-    batches = list(itertools.islice(calibration_data, max_batches) if max_batches else calibration_data)
-    if not batches:
-        raise CalibrationError("calibration data is empty: it yielded no batch")
+    batches = _batches(calibration_data, max_batches)
     done = Corrections()
     float_model = model
     if config.equalize:  # on a copy: the user's model is left as it was
@@ -98,11 +96,7 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
     if config.smoothquant:
         if float_model is model:
             float_model = copy.deepcopy(model)
-        start = time.monotonic()
-        bits = config.weight.bits if config.weight.bits is not None else weight_bits_for_cpu()
-        done.smoothing = smooth(float_model, batches, config, alpha=config.smoothquant_alpha,
-                                weight_bits=bits, show_progress=show_progress)
-        done.seconds["smoothquant"] = time.monotonic() - start
+        _smooth(float_model, batches, config, done, show_progress)
     prepared = prepare(float_model, example_inputs, config)
     calibrate(prepared, batches, show_progress=show_progress)
     qmodel = convert(prepared, inplace=True)
@@ -130,8 +124,6 @@ def smooth_for_dynamic(model: nn.Module, calibration_data: Iterable[Any] | None,
     """Dynamic quantization of ``model`` smoothed first (``QuantConfig(smoothquant=True)``): the
     inputs each Linear sees on ``calibration_data`` choose its smoothing (``quanta.quantize``
     calls this)."""
-    import time
-
     from quanta.dynamic import quantize_dynamic
 
     if calibration_data is None:
@@ -139,15 +131,30 @@ def smooth_for_dynamic(model: nn.Module, calibration_data: Iterable[Any] | None,
                                "inputs of each Linear choose its smoothing")
     if isinstance(calibration_data, torch.Tensor):
         calibration_data = [calibration_data]
-    batches = list(itertools.islice(calibration_data, max_batches) if max_batches else calibration_data)
-    if not batches:
-        raise CalibrationError("calibration data is empty: it yielded no batch")
+    batches = _batches(calibration_data, max_batches)
     smoothed = model if inplace else copy.deepcopy(model)
-    start = time.monotonic()
-    bits = config.weight.bits if config.weight.bits is not None else weight_bits_for_cpu()
-    done = Corrections(smoothing=smooth(smoothed, batches, config, alpha=config.smoothquant_alpha,
-                                        weight_bits=bits, show_progress=show_progress))
-    done.seconds["smoothquant"] = time.monotonic() - start
+    done = Corrections()
+    _smooth(smoothed, batches, config, done, show_progress)
     qmodel = quantize_dynamic(smoothed, config=config, inplace=True, **kwargs)
     qmodel._quanta.__dict__["corrections"] = done
     return qmodel
+
+
+def _batches(calibration_data: Iterable[Any], max_batches: int | None) -> list[Any]:
+    """The calibration batches held in memory (each correction reads them again)."""
+    batches = list(itertools.islice(calibration_data, max_batches) if max_batches else calibration_data)
+    if not batches:
+        raise CalibrationError("calibration data is empty: it yielded no batch")
+    return batches
+
+
+def _smooth(model: nn.Module, batches: list[Any], config: QuantConfig, done: Corrections,
+            show_progress: bool) -> None:
+    """SmoothQuant on ``model`` in place, at this CPU's weight bits, recorded in ``done``."""
+    import time
+
+    start = time.monotonic()
+    bits = config.weight.bits if config.weight.bits is not None else weight_bits_for_cpu()
+    done.smoothing = smooth(model, batches, config, alpha=config.smoothquant_alpha, weight_bits=bits,
+                            show_progress=show_progress)
+    done.seconds["smoothquant"] = time.monotonic() - start

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from quanta.api import _set_module
 from quanta.capture.record import call_with
 from quanta.config import QuantConfig
 from quanta.progress import progress
@@ -115,11 +116,6 @@ def _choose(x: torch.Tensor, linear: nn.Linear, alphas: Sequence[float], bits: i
         if e < best[1]:
             best = (alpha, e, s)
     return best[0], plain, best[1], best[2]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
