@@ -16,7 +16,7 @@ replaced, qparams or backends reset) runs eagerly; ``runtime_status(model)`` say
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
 from quanta.errors import NonFiniteInputError
-from quanta.modules import fused_linears, lowering
+from quanta.modules import fused_linears, graph_guards, lowering, native_lowering
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import generation
 from quanta.qtensor import QTensor
@@ -41,8 +41,9 @@ class GraphRuntime:
 
     def __init__(self, model: nn.Module, fn: Callable, tensor_names: list[str], inputs: dict[str, Any],
                  positional: bool, n_args: int, kw_names: tuple[str, ...], lowered: int,
-                 generic: int) -> None:
+                 generic: int, native: Any = None) -> None:
         self.fn, self.tensor_names, self.lowered, self.generic = fn, tensor_names, lowered, generic
+        self.native = native  # native_lowering.Programs: the forward as one C call, per input shape
         self.fixed = {k: v for k, v in inputs.items() if k not in tensor_names}
         # the building call passed only tensors, positionally (model(x)): a call like it takes
         # no binding step, its other inputs are the same defaults
@@ -52,7 +53,7 @@ class GraphRuntime:
         self.generation = generation()
         self._stamped = [m for m in modules if isinstance(m, LeafMarker)]  # quantized modules, sites
         self._stamps = [m.__dict__.get("_generation") for m in self._stamped]
-        self._hook_dicts = _hook_dicts(modules)
+        self._hook_dicts = graph_guards.hook_dicts(modules)
         self._hook_count = sum(map(len, self._hook_dicts))
         edges = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
         self._parents = [e[0] for e in edges]
@@ -77,7 +78,8 @@ class GraphRuntime:
         :meth:`still_valid` (once per call: the walk over every child module is not free)."""
         if not kwargs and len(args) == self.n_args and self.positional:
             if all(type(a) is torch.Tensor for a in args):
-                return self.fn(*args)
+                out = self.native(args[0]) if self.native is not None else None
+                return self.fn(*args) if out is None else out
             return EAGER
         if tuple(sorted(kwargs)) != self.kw_names or len(args) != self.n_args:
             return EAGER
@@ -93,24 +95,9 @@ class GraphRuntime:
         return self.fn(*tensors)
 
     def status(self) -> str:
-        return f"graph ({self.lowered} ops lowered to int8 kernels, {self.generic} run as in eager mode)"
-
-
-_HOOK_KINDS = (("forward ", "_forward_hooks"), ("forward pre-", "_forward_pre_hooks"),
-               ("backward ", "_backward_hooks"), ("backward pre-", "_backward_pre_hooks"))
-
-
-def _hook_dicts(modules: Iterable[nn.Module]) -> list[dict]:
-    """Every hook dict that eager mode would consult for these modules, the global ones too."""
-    return [getattr(m, attr) for m in modules for _, attr in _HOOK_KINDS] + _global_hook_dicts()
-
-
-def _global_hook_dicts() -> list[dict]:
-    import torch.nn.modules.module as module_mod
-
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
-    return [getattr(module_mod, n) for n in names if isinstance(getattr(module_mod, n, None), dict)]
+        note = self.native.note if self.native else "off: not one positional tensor input"
+        return f"graph ({self.lowered} ops lowered to int8 kernels, {self.generic} run as in eager mode; " \
+               f"native program {note})"
 
 
 def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, expected: Any,
@@ -158,8 +145,12 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
             return build(model, sites, args, kwargs, expected, fuse=False)
         raise
     positional = not kwargs and list(inputs)[:len(args)] == tensor_names
+    native = None
+    if positional and len(args) == 1 and len(tensor_names) == 1:
+        rerun = lambda x: _interpret(model, graph, {**inputs, tensor_names[0]: x}, sites)[0]  # noqa: E731
+        native = native_lowering.Programs(graph, keys, sites, model, fn, rerun, args[0], values, got)
     return GraphRuntime(model, fn, tensor_names, inputs, positional, len(args), tuple(sorted(kwargs)),
-                        lowered, generic)
+                        lowered, generic, native)
 
 
 def _emit_node(node: fx.Node, values: dict[fx.Node, Any], keys: dict[fx.Node, str], sites: dict[str, Any],
@@ -311,37 +302,17 @@ def run(state: Any, model: nn.Module, args: tuple, kwargs: dict, eager: Callable
             return out
         state._graph = None
     elif type(rt) is Off:
-        if rt.hooks is None or rt.hooks == _hook_total(model):
+        if rt.hooks is None or rt.hooks == graph_guards.hook_total(model):
             return eager()
         state._graph = None
-    before = _python_state(model)
+    before = graph_guards.python_state(model)
     out = eager()
-    if _python_state(model) != before:
+    if graph_guards.python_state(model) != before:
         state._graph = Off("the forward changes Python attributes of its modules (a counter, a cache), "
                            "which a traced graph would do only once")
         return out
     state._graph = _try_build(state, model, args, kwargs, out)
     return out
-
-
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training"})
-
-
-def _python_state(model: nn.Module) -> list[dict[str, Any]]:
-    """A cheap fingerprint of the plain Python attributes of the traced (non-leaf) modules:
-    values for scalars, lengths and identities for containers and other objects."""
-    from quanta.capture.callsites import is_leaf
-
-    def mark(v: Any) -> Any:
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (list, dict, set)):
-            return (id(v), len(v))
-        return id(v)
-
-    traced = [m for m in model.modules() if m is model or not is_leaf(m)]
-    return [{k: mark(v) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS and "hooks" not in k}
-            for m in traced]
 
 
 def _try_build(state: Any, model: nn.Module, args: tuple, kwargs: dict, out: Any) -> GraphRuntime | Off:
@@ -353,34 +324,15 @@ def _try_build(state: Any, model: nn.Module, args: tuple, kwargs: dict, out: Any
     if any(not site.converted for site in state.sites.values()) \
             or any(isinstance(m, ObservedModule) for m in [*model.modules(), *state.op_sites.values()]):
         return Off("the model is prepared, not converted")
-    foreign = _foreign_hook(state, model)
+    foreign = graph_guards.foreign_hook(state, model)
     if foreign:
-        return Off(f"{foreign} (eager mode runs it)", _hook_total(model))
+        return Off(f"{foreign} (eager mode runs it)", graph_guards.hook_total(model))
     try:
         return build(model, state.sites_by_key, args, kwargs, out)
     except tracing.TraceFailed as exc:
         return Off(str(exc))
     except Exception as exc:  # noqa: BLE001 - the runtime is an optimization: never fail the call
         return Off(f"{type(exc).__name__} while building: {exc}")
-
-
-def _hook_total(model: nn.Module) -> int:
-    return sum(map(len, _hook_dicts(model.modules())))
-
-
-def _foreign_hook(state: Any, model: nn.Module) -> str | None:
-    """The first hook quanta did not install (the runtime would skip it), described."""
-    from quanta.capture.callsites import _LeafPost, _LeafPre, _Pop, _Push
-
-    ours = (_Push, _Pop, _LeafPre, _LeafPost)
-    if any(_global_hook_dicts()):
-        return "a global module hook is registered"
-    for name, m in model.named_modules():
-        for kind, attr in _HOOK_KINDS:
-            for hook in getattr(m, attr).values():
-                if not isinstance(hook, ours) and getattr(hook, "__self__", None) is not state:
-                    return f"a {kind}hook on {name or 'the model'}"
-    return None
 
 
 def runtime_status(model: nn.Module) -> str:

@@ -1,6 +1,7 @@
 """Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
 (``primitives.c``), elementwise loops (``elementwise.c``), dynamic quantization passes
-(``dynamic.c``) and weight-only GEMV (``weight_only.c``), one shared library.
+(``dynamic.c``), weight-only GEMV (``weight_only.c``) and the executor that runs a whole converted
+forward in one call (``program.c``), one shared library.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
 ~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("primitives.c", "elementwise.c", "dynamic.c", "weight_only.c")]
+            for name in ("primitives.c", "elementwise.c", "dynamic.c", "weight_only.c", "program.c")]
 _HEADERS = [Path(__file__).with_name("common.h")]  # in the build key, not on the command line
 _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
@@ -163,6 +164,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_wo_linear_u4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
     lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p, ctypes.c_int]
     lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p, ctypes.c_int]
+    lib.qk_program_run.argtypes = [p, i64, p, p]
 
 
 def _load() -> ctypes.CDLL:

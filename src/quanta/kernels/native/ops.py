@@ -233,6 +233,17 @@ class NativeLinear:
             raise RuntimeError(f"oneDNN matmul for {rows} rows: {native.last_error()}")
         return handle, 1.0 if multiplier or out_scale is None else out_scale
 
+    def primitive(
+        self, rows: int, activation: str, out_scale: float | None, out_zero_point: int,
+    ) -> tuple[_Primitive, float]:
+        """The kept primitive for ``rows`` input rows and this epilogue (built on first use) and
+        the dst scale to pass at run time."""
+        key = (rows, activation, out_scale, out_zero_point != 0)
+        hit = self.handles.items.get(key)
+        if hit is None:
+            hit = self.handles.put(key, *self._build(*key))
+        return hit
+
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none", out_scale: float | None = None,
         out_zero_point: int = 0, x_scale: float = 1.0, x_zero_point: int | None = None,
@@ -243,12 +254,8 @@ class NativeLinear:
             x_u8 = x_u8.contiguous()
         if x_u8.dim() == 0 or x_u8.shape[-1] != self.in_features:
             raise ValueError(f"matmul input {list(x_u8.shape)}: expected {self.in_features} features last")
-        rows = x_u8.numel() // self.in_features
-        key = (rows, activation, out_scale, out_zero_point != 0)
-        hit = self.handles.items.get(key)
-        if hit is None:
-            hit = self.handles.put(key, *self._build(*key))
-        op, dst_scale = hit
+        op, dst_scale = self.primitive(x_u8.numel() // self.in_features, activation, out_scale,
+                                       out_zero_point)
         y = torch.empty((*x_u8.shape[:-1], self.out_features),
                         dtype=torch.float32 if out_scale is None else torch.uint8)
         zp = self.x_zero_point if x_zero_point is None else x_zero_point
