@@ -392,6 +392,23 @@ def test_native_channel_gate_mul_is_exact_at_near_ties():
             assert torch.equal(eltwise.mul_uint8(a, sa, za, gate, sy, zy), ref)
 
 
+@pytest.mark.parametrize("channels", [40, 96, 672])
+def test_native_channel_gate_vector_loops_equal_reference_on_random_products(channels):
+    """The squeeze-excite multiply's division-free vector loops (AVX2: 32 channels per step,
+    AVX-512: 16, a scalar tail) and their exact division where a quotient is near a half-integer
+    or large: random inputs, gates and qparams, every element the reference's."""
+    gen = torch.Generator().manual_seed(channels)
+    for trial in range(6):
+        a = torch.randint(0, 256, (2, channels, 5, 7), dtype=torch.uint8, generator=gen)
+        a = a.contiguous(memory_format=torch.channels_last)
+        gate = torch.rand(2, channels, 1, 1, generator=gen) * 3 - 1
+        sa = float(torch.rand(1, generator=gen)) * 0.1 + 1e-3
+        sy = sa / 1000 if trial == 5 else float(torch.rand(1, generator=gen)) * 0.1 + 1e-3  # |q| > 512
+        za, zy = (int(v) for v in torch.randint(0, 256, (2,), generator=gen))
+        want = R.mul(a, sa, za, gate, sy, zy)
+        assert torch.equal(eltwise.mul_uint8(a, sa, za, gate, sy, zy), want), (trial, sa, sy)
+
+
 @pytest.mark.parametrize("batch_gate", [True, False], ids=["gate_per_sample", "gate_shared"])
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_channel_gate_with_uint8_gate_equals_the_float_gate_path(batch_gate, activation):

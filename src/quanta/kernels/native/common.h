@@ -21,6 +21,16 @@ static inline int has_avx2_fma(void) {
 #endif
 }
 
+static inline int has_avx512bw(void) {
+#if QK_X86
+    static int fast = -1;
+    if (fast < 0) fast = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return fast;
+#else
+    return 0;
+#endif
+}
+
 #define QK_BLOCK 32768 /* elements per block handed to one OpenMP thread */
 
 /* Runs fast(...) or plain(...) on [start, start + len) blocks of [0, n) across OpenMP threads;

@@ -12,6 +12,9 @@
 #include <omp.h>
 
 #include "common.h"
+#if QK_X86
+#include <immintrin.h>
+#endif
 
 /* uint8 add, the reference's formula: y = clamp(rne(fma(a, ra, fma(b, rb, k))), lo, hi).
  * Same-layout dense inputs of n elements. kernels/eltwise.py checks it against reference.add on
@@ -262,16 +265,80 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
 /* uint8 NHWC a [n, hw, c] times a float gate g[n * g_batch_stride + c] (a squeeze-excite block's
  * channel scale), requantized like reference.mul: each float32 operation rounded once, in this
  * order (no FMA contraction), then rounding half to even and the activation's clamp. */
+#if QK_X86
+/* mul_row without the division on the common path. For |q| <= 512, q = f32(p * f32(1 / sy))
+ * differs from f32(p / sy) (p = f32(v * g)) by less than 512 * 2^-22 = 2^-13, so both round to
+ * the same integer unless q lies within 2^-12 of a half-integer; such vectors (~1e-3 of them),
+ * and any |q| > 512, divide as the reference does. Same bits as mul_row: the division bounded
+ * the plain loop (measured 1.5x faster with AVX2, 2x with AVX-512, one thread). */
+#define QK_GATE_LIMIT (0.5f - 0x1p-12f)
+#define QK_NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
 QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void
 mul_row_avx2(const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c,
              float sa, float za, float sy, float zy, float lo, float hi) {
-    for (int64_t i = 0; i < c; i++) {
+    const __m256 vsa = _mm256_set1_ps(sa), vza = _mm256_set1_ps(za), vsy = _mm256_set1_ps(sy);
+    const __m256 vinv = _mm256_set1_ps(1.0f / sy), vzy = _mm256_set1_ps(zy);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), sign = _mm256_set1_ps(-0.0f);
+    const __m256 limit = _mm256_set1_ps(QK_GATE_LIMIT), big = _mm256_set1_ps(512.0f);
+    int64_t i = 0;
+    for (; i + 32 <= c; i += 32) {  /* four vectors per branch on the rare exact division */
+        __m256 p[4], t[4], bad = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            __m256i a32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a + i + 8 * k)));
+            __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(a32), vza), vsa);
+            p[k] = _mm256_mul_ps(v, _mm256_loadu_ps(g + i + 8 * k));
+            __m256 q = _mm256_mul_ps(p[k], vinv);
+            t[k] = _mm256_round_ps(q, QK_NEAREST);
+            __m256 off = _mm256_andnot_ps(sign, _mm256_sub_ps(q, t[k]));
+            bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(off, limit, _CMP_GE_OQ),
+                                                 _mm256_cmp_ps(_mm256_andnot_ps(sign, q), big, _CMP_GT_OQ)));
+        }
+        if (_mm256_movemask_ps(bad))
+            for (int k = 0; k < 4; k++) t[k] = _mm256_round_ps(_mm256_div_ps(p[k], vsy), QK_NEAREST);
+        __m256i r[4];
+        for (int k = 0; k < 4; k++)
+            r[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t[k], vzy), vlo), vhi));
+        __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(r[0], r[1]), _mm256_packus_epi32(r[2], r[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(y + i), bytes);
+    }
+    for (; i < c; i++) {
         float v = ((float)a[i] - za) * sa;
         v = __builtin_rintf((v * g[i]) / sy) + zy;
         v = v < lo ? lo : v;
         y[i] = (uint8_t)(v > hi ? hi : v);
     }
 }
+
+QK_TARGET("avx512f,avx512bw") __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void
+mul_row_avx512(const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c,
+               float sa, float za, float sy, float zy, float lo, float hi) {
+    const __m512 vsa = _mm512_set1_ps(sa), vza = _mm512_set1_ps(za), vsy = _mm512_set1_ps(sy);
+    const __m512 vinv = _mm512_set1_ps(1.0f / sy), vzy = _mm512_set1_ps(zy);
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const __m512 limit = _mm512_set1_ps(QK_GATE_LIMIT), big = _mm512_set1_ps(512.0f);
+    int64_t i = 0;
+    for (; i + 16 <= c; i += 16) {
+        __m512i a32 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a + i)));
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a32), vza), vsa);
+        __m512 p = _mm512_mul_ps(v, _mm512_loadu_ps(g + i));
+        __m512 q = _mm512_mul_ps(p, vinv);
+        __m512 t = _mm512_roundscale_ps(q, QK_NEAREST);
+        if (_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(q, t)), limit, _CMP_GE_OQ)
+            | _mm512_cmp_ps_mask(_mm512_abs_ps(q), big, _CMP_GT_OQ))
+            t = _mm512_roundscale_ps(_mm512_div_ps(p, vsy), QK_NEAREST);
+        __m512i r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, vzy), vlo), vhi));
+        _mm_storeu_si128((__m128i *)(y + i), _mm512_cvtusepi32_epi8(r));
+    }
+    for (; i < c; i++) {
+        float v = ((float)a[i] - za) * sa;
+        v = __builtin_rintf((v * g[i]) / sy) + zy;
+        v = v < lo ? lo : v;
+        y[i] = (uint8_t)(v > hi ? hi : v);
+    }
+}
+#endif
 
 __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void mul_row(
     const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c, float sa,
@@ -287,15 +354,18 @@ __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void 
 void qk_mul_channel_u8(const uint8_t *a, const float *g, uint8_t *y, int64_t n, int64_t hw, int64_t c,
                        int64_t g_batch_stride, float sa, int32_t za, float sy, int32_t zy, float lo,
                        float hi) {
-    int fast = has_avx2_fma();
+    __typeof__(&mul_row) row = mul_row;
+#if QK_X86
+    if (has_avx512bw())
+        row = mul_row_avx512;
+    else if (has_avx2_fma())
+        row = mul_row_avx2;
+#endif
 #pragma omp parallel for schedule(static) collapse(2) if (n * hw * c > QK_BLOCK)
     for (int64_t b = 0; b < n; b++)
         for (int64_t p = 0; p < hw; p++) {
             const int64_t at = (b * hw + p) * c;
-            if (fast)
-                mul_row_avx2(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
-            else
-                mul_row(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
+            row(a + at, g + b * g_batch_stride, y + at, c, sa, (float)za, sy, (float)zy, lo, hi);
         }
 }
 
