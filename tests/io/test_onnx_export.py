@@ -333,3 +333,29 @@ def test_mobilenet_v2_runs_in_ort_close_to_reference(tmp_path: Path) -> None:
     assert r["per_op_within"] >= 0.999 and r["per_op_exact"] >= 0.9999, r
     assert r["end_to_end_within"] >= 0.999 and r["end_to_end_exact"] >= 0.999, r
     assert r["cosine"] >= 0.9999 and r["top1"] == 1.0, r
+
+
+def test_requantize_pairs_at_equal_qparams_are_dropped_without_changing_a_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The export twin writes DQ -> Q -> DQ where an int8 value passes between int8 ops at one
+    qparams; the file keeps no such Q(DQ(q)) (OpenVINO ran each as a float detour), and ONNX
+    Runtime gives the same outputs bit for bit with or without them."""
+    from quanta.io import onnx_cleanup, onnx_export
+    from quanta.zoo import vision
+
+    torch.manual_seed(0)
+    q = quanta.quantize(vision.resnet18(num_classes=10).eval(), [torch.randn(4, 3, 32, 32) for _ in range(2)],
+                        config=REFERENCE, show_progress=False)
+    example = torch.randn(1, 3, 32, 32)
+    path = quanta.export_onnx(q, example, tmp_path / "clean.onnx")
+    assert onnx_cleanup.drop_requantize_pairs(onnx.load(str(path))) == 0
+    monkeypatch.setattr(onnx_export, "drop_requantize_pairs", lambda proto: 0)
+    raw = quanta.export_onnx(q, example, tmp_path / "raw.onnx")
+    pairs = onnx_cleanup.drop_requantize_pairs(onnx.load(str(raw)))
+    assert pairs >= 20, pairs  # one per int8 hand-over between int8 ops (pytorchcv ResNet-18: 35)
+    count = {p: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(p)).graph.node) for p in (path, raw)}
+    assert count[raw] - count[path] == pairs
+    x = torch.randn(3, 3, 32, 32)
+    assert np.array_equal(_run_ort(path, x), _run_ort(raw, x))
+    assert torch.equal(torch.from_numpy(_run_ort(path, x)), q(x))  # and quanta's integer reference
