@@ -115,6 +115,7 @@ def _tail_model() -> tuple[nn.Module, torch.Tensor]:
     return q, torch.randn(2, 3, 16, 16) * 2
 
 
+@pytest.mark.isa  # small: also under scripts/as-avx2 (the kernels' AVX2 paths)
 @pytest.mark.parametrize("table_add", [False, True], ids=["native add", "table add"])
 def test_clamp_pool_and_add_steps(table_add: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if table_add:  # the lookup-table add: what runs where the native loop is not exact
@@ -132,6 +133,7 @@ def test_clamp_pool_and_add_steps(table_add: bool, monkeypatch: pytest.MonkeyPat
         assert torch.equal(q(x2), _python(q)(x2)) and torch.equal(q(x2), _eager(q)(x2))
 
 
+@pytest.mark.isa
 def test_other_shapes_threads_nan_and_training_take_the_python_forward() -> None:
     q, x = _tail_model()
     eager = _eager(q)
