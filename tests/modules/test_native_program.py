@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -194,3 +195,43 @@ def test_an_op_without_a_native_step_is_named() -> None:
         assert torch.equal(q(x), want)
     assert _program(q) is None
     assert "native program off: " in quanta.runtime_status(q)
+
+
+class _Joins(nn.Module):
+    """Zero padding of the float input (deferred to its quantization) and of int8 data, and an
+    int8 channel cat of two branches at their own qparams (requantized by table) before a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad_in = nn.ZeroPad2d((1, 2, 0, 1))
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.left = nn.Conv2d(8, 6, 1)
+        self.right = nn.Conv2d(8, 10, 3, padding=1)
+        self.pad = nn.ZeroPad2d(1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(self.pad_in(x)))
+        joined = torch.cat([self.left(y), y, self.right(y)], dim=1)  # y keeps the stem's qparams
+        return self.head(self.gap(self.pad(joined))).flatten(1)
+
+
+@pytest.mark.isa
+def test_pad_and_cat_steps() -> None:
+    torch.manual_seed(0)
+    q = quanta.quantize(_Joins().eval(), [torch.randn(2, 3, 12, 12) for _ in range(3)], show_progress=False)
+    eager = _eager(q)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        q(x)
+    program = _program(q)
+    assert program is not None, quanta.runtime_status(q)
+    kinds = [native_program.Kind(s.kind) for s in program.steps]
+    assert kinds.count(native_program.Kind.PAD) == 2 and native_program.Kind.CAT in kinds, kinds
+    parts = next(t for t in program.keep if isinstance(t, np.ndarray) and t.dtype == np.int64)
+    assert (parts[:, 2] == 0).any() and (parts[:, 2] != 0).any(), parts  # copied and requantized parts
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 12, 12) * 2
+            assert torch.equal(q(x), eager(x)) and torch.equal(q(x), _python(q)(x))

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from quanta.capture import trace as tracing
 from quanta.capture.callsites import LeafMarker
 from quanta.errors import NonFiniteInputError
-from quanta.modules import fused_linears, graph_guards, lowering, native_lowering
+from quanta.modules import fused_linears, graph_guards, lowering, native_lowering, native_program
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import generation
 from quanta.qtensor import QTensor
@@ -148,7 +148,8 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     native = None
     if positional and len(args) == 1 and len(tensor_names) == 1:
         rerun = lambda x: _interpret(model, graph, {**inputs, tensor_names[0]: x}, sites)[0]  # noqa: E731
-        native = native_lowering.Programs(graph, keys, sites, model, fn, rerun, args[0], values, got)
+        native = native_program.Programs(native_lowering.build, graph, keys, sites, model, fn, rerun, args[0],
+                                         values, got)
     return GraphRuntime(model, fn, tensor_names, inputs, positional, len(args), tuple(sorted(kwargs)),
                         lowered, generic, native)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from quanta.capture.trace import op_callable
 from quanta.kernels import eltwise, native, reference
 from quanta.kernels.pooling import _global_window, _pair, _pool_size
-from quanta.modules.native_program import INPUT, Kind, NativeProgram, Refused, Tape, Value, enabled
+from quanta.modules.native_program import INPUT, Kind, NativeProgram, Refused, Tape, Value
 from quanta.modules.quantized import QuantizedConv2d, QuantizedLinear, QuantizedModule
 from quanta.qtensor import QTensor, clamp_bounds
 
@@ -32,59 +32,6 @@ _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 _CLAMPS = {F.relu: (0.0, None), torch.relu: (0.0, None), torch.Tensor.relu: (0.0, None), F.relu6: (0.0, 6.0),
            nn.ReLU: (0.0, None), nn.ReLU6: (0.0, 6.0)}
 _METADATA = frozenset({"size", "dim", "numel"})
-
-
-MAX_SHAPES = 4  # input shapes with a program each; later shapes run the generated Python
-
-
-class Programs:
-    """The native programs of one traced forward, one per input shape: the building call's, then
-    each new shape's on its first call (the graph interpreted again at that shape, and the program
-    checked against the generated forward ``fn``, whose result that call returns)."""
-
-    def __init__(self, graph: fx.Graph, keys: dict[fx.Node, str], sites: dict[str, Any], model: nn.Module,
-                 fn: Any, interpret: Any, x: torch.Tensor, values: dict[fx.Node, Any], expected: Any) -> None:
-        self.graph, self.keys, self.sites, self.model = graph, keys, sites, model
-        self.fn, self.interpret = fn, interpret
-        self.by_shape: dict[torch.Size, NativeProgram | None] = {}
-        self.first = "off (QUANTA_NATIVE_PROGRAM=0 or no native kernels)"  # the building shape's note
-        if enabled():
-            self.first = self._add(x, values, expected)
-
-    @property
-    def note(self) -> str:
-        more = sum(p is not None for p in list(self.by_shape.values())[1:])
-        return self.first + (f" (and {more} more input shapes)" if more else "")
-
-    def _add(self, x: torch.Tensor, values: dict[fx.Node, Any], expected: Any) -> str:
-        """Build and check the program for ``x``'s shape; what happened, for the status."""
-        program = None
-        try:
-            program = build(self.graph, values, self.keys, self.sites, self.model)
-            got = program(x)
-        except Refused as exc:
-            note = f"off: {exc}"
-        except Exception as exc:  # noqa: BLE001 - the program is an optimization: the Python forward runs
-            note = f"off: {type(exc).__name__}: {exc}"
-        else:
-            note = f"{program.count} steps in one C call per forward"
-            if not (isinstance(expected, torch.Tensor) and got is not None and got.dtype == expected.dtype
-                    and got.shape == expected.shape and torch.equal(got, expected)):
-                note = "off: its output differed from the generated forward's"
-        self.by_shape[x.shape] = None if note.startswith("off") else program
-        return note
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The forward of ``x`` by its shape's program, or None (the caller runs ``fn``)."""
-        program = self.by_shape.get(x.shape)
-        if program is not None:
-            return program(x)
-        if x.shape in self.by_shape or len(self.by_shape) >= MAX_SHAPES or not self.by_shape \
-                or x.dtype != torch.float32 or x.requires_grad:
-            return None
-        expected = self.fn(x)
-        self._add(x, self.interpret(x), expected)
-        return expected
 
 
 def build(graph: fx.Graph, values: dict[fx.Node, Any], keys: dict[fx.Node, str], sites: dict[str, Any],
@@ -120,9 +67,11 @@ class _Builder:
             raise Refused("no tensor input")
         return self.tape.finish(self.output, tuple(self.values[self.input].shape), self.keep, self.dropouts)
 
-    def _arg(self, a: Any) -> Value:
+    def _arg(self, a: Any, padded_ok: bool = False) -> Value:
         if not isinstance(a, fx.Node) or a not in self.tensors:
             raise Refused(f"argument {a} is not a tensor of the program")
+        if self.tensors[a].pad is not None and not padded_ok:
+            raise Refused(f"{a.name}: the padded float input is read by more than an int8 layer")
         return self.tensors[a]
 
     def _alias(self, node: fx.Node, src: Value, value: Any) -> None:
@@ -170,9 +119,7 @@ class _Builder:
                 raise Refused("the forward returns int8 data")
             self.output = v
             return
-        if node.op == "get_attr":
-            if isinstance(value, torch.Tensor):
-                raise Refused(f"{node.name}: reads the tensor {node.target}")
+        if node.op == "get_attr":  # a weight op call site's weight; any rule reading it as data refuses
             return
         if not isinstance(value, (torch.Tensor, QTensor)):
             if (node.op == "call_method" and node.target in _METADATA) \
@@ -202,6 +149,8 @@ class _Builder:
             return self._alias(node, x, value)
         if kind in _CLAMPS:
             return self._clamp(node, x, value, *_CLAMPS[kind])
+        if kind is nn.ZeroPad2d:
+            return self._pad(node, x, value, mod.padding)
         if kind is nn.MaxPool2d and not mod.return_indices and _pair(mod.dilation) == (1, 1):
             stride = mod.stride if mod.stride is not None else mod.kernel_size
             return self._max_pool(node, x, value, mod.kernel_size, stride, mod.padding, mod.ceil_mode)
@@ -224,6 +173,11 @@ class _Builder:
             return self._alias(node, x, value)
         if func is F.adaptive_avg_pool2d:
             return self._avg_pool(node, x, value)
+        if func is F.pad:
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            if mode == "constant" and isinstance(pad, (list, tuple)) and all(isinstance(v, int) for v in pad):
+                return self._pad(node, x, value, pad)
         if func in (F.max_pool2d, torch.max_pool2d):
             names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
             a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
@@ -259,6 +213,24 @@ class _Builder:
             raise Refused(f"{node.name}: pooling off NHWC uint8 data")
         return t
 
+    def _pad(self, node: fx.Node, x: Value, value: Any, pad: Any) -> None:
+        """Constant padding of NHWC uint8 data with the zero point (the integer meaning 0.0); of
+        the float input, deferred to its quantization (a padded zero quantizes to the zero point)."""
+        left, right, top, bottom = (tuple(pad) + (0, 0))[:4] if len(pad) in (2, 4) else (-1,) * 4
+        if x.buffer == INPUT and x.qparams is None and x.pad is None and len(x.shape) == 4 \
+                and isinstance(value, torch.Tensor) and min(left, right, top, bottom) >= 0 \
+                and value.dtype == torch.float32 and self.values[node].is_contiguous():
+            self.tensors[node] = Value(INPUT, value, None, (top, bottom, left, right))
+            return
+        t = self._pool_input(node, x, value)
+        n, c, h, w = x.shape
+        if min(left, right, top, bottom) < 0 or tuple(t.shape) != (n, c, h + top + bottom, w + left + right) \
+                or not torch.equal(t[:, :, top:top + h, left:left + w], self._concrete(node.args[0])):
+            raise Refused(f"{node.name}: a padding the native step does not take")
+        dst = self.tape.new(t, x.qparams)
+        self.tape.step(Kind.PAD, dst, x, ints=(n, c, h, w, top, bottom, left, right, x.qparams[1]))
+        self.tensors[node] = dst
+
     def _max_pool(self, node: fx.Node, x: Value, value: Any, kernel: Any, stride: Any, padding: Any,
                   ceil_mode: bool) -> None:
         t = self._pool_input(node, x, value)
@@ -280,7 +252,9 @@ class _Builder:
 
     def _layer(self, node: fx.Node, mod: QuantizedModule, arg: Any, value: Any) -> None:
         """An int8 conv/linear, quantizing the float input first when it reads the input."""
-        x = self._arg(arg)
+        x = self._arg(arg, padded_ok=True)
+        if x.pad is not None and not isinstance(mod, QuantizedConv2d):
+            raise Refused(f"{node.name}: the padded float input is read by a Linear")
         if mod.backend != "onednn" or type(mod) not in (QuantizedConv2d, QuantizedLinear):
             raise Refused(f"{node.name}: a {type(mod).__name__} on the {mod.backend} backend")
         packed = mod._packed_kernel()
@@ -300,7 +274,7 @@ class _Builder:
                 raise Refused(f"{node.name}: quantizes a float value other than the input")
             inv = reference.reciprocal(mod._in[0]) if mod.numerics == "xnnpack" else 0.0
             if conv:
-                n, c, h, w = x.shape
+                n, c, h, w = self.values[self.input].shape if x.pad else x.shape
                 q = torch.empty((n, c, h, w), dtype=torch.uint8, memory_format=torch.channels_last)
                 dims, to_cl = (n, c, h * w), 1
             else:
@@ -308,6 +282,12 @@ class _Builder:
                 dims, to_cl = (1, 1, q.numel()), 0
             xq = self.tape.new(q, mod._in)
             self.tape.step(Kind.QUANTIZE, xq, x, ints=(*dims, mod._in[1], to_cl), floats=(mod._in[0], inv))
+            if x.pad is not None:  # then the deferred zero padding, with the zero point
+                top, bottom, left, right = x.pad
+                padded = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+                xp = self.tape.new(padded, mod._in)
+                self.tape.step(Kind.PAD, xp, xq, ints=(n, c, h, w, top, bottom, left, right, mod._in[1]))
+                xq, q = xp, padded
             x, src = xq, q
         elif x.qparams != mod._in:
             raise Refused(f"{node.name}: its input arrives at other qparams")
@@ -333,8 +313,15 @@ class _Builder:
                        floats=(dst_scale,))
         self.tensors[node] = dst
 
+    def _cat(self, node: fx.Node, site: Any, value: Any) -> None:
+        if site.activation != "none":
+            raise Refused(f"{node.name}: a cat with a fused activation")
+        _cat_parts(self, node, value)
+
     def _site(self, node: fx.Node, site: Any, value: Any) -> None:
         """An int8 add of two int8 values, or an int8 value times an int8 channel gate."""
+        if site.op == "cat" and site.backend == "onednn":
+            return self._cat(node, site, value)
         if site.op not in ("add", "mul") or node.kwargs or len(node.args) != 2 or site.backend != "onednn":
             raise Refused(f"{node.name}: call site {site.key} ({site.op}) has no native step")
         a, b = (self._arg(n) for n in node.args)
@@ -374,6 +361,34 @@ class _Builder:
             else:
                 raise Refused(f"{node.name}: this add runs oneDNN's sum, not a native loop")
         self.tensors[node] = dst
+
+
+def _cat_parts(builder: _Builder, node: fx.Node, value: Any) -> None:
+    """An int8 ``torch.cat`` (each part requantized to the output's qparams by its 256-entry
+    table, as the call site does) over one layout: every part and the result contiguous, or all
+    NHWC joined along channels; each output row is then the parts' rows in turn."""
+    args = node.args
+    tensors, dim = args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    y, qp = builder._int8_result(node, value)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or set(node.kwargs) - {"dim"}:
+        raise Refused(f"{node.name}: a cat the native step does not take")
+    values = [builder._arg(t) for t in tensors]
+    concrete = [builder._concrete(t) for t in tensors]
+    dim = dim % y.dim()
+    nhwc = y.dim() == 4 and dim == 1 and y.is_contiguous(memory_format=torch.channels_last) \
+        and all(t.is_contiguous(memory_format=torch.channels_last) for t in concrete)
+    if not (nhwc or (y.is_contiguous() and all(t.is_contiguous() for t in concrete))) \
+            or any(v.qparams is None for v in values):
+        raise Refused(f"{node.name}: a cat of float values or mixed layouts")
+    rows = y.numel() // (y.shape[1] if nhwc else int(np.prod(y.shape[dim:])))
+    parts = []
+    for v, t in zip(values, concrete, strict=True):
+        lut = None if v.qparams == qp else np.ascontiguousarray(
+            eltwise.requantize_uint8(torch.arange(256, dtype=torch.uint8), *v.qparams, *qp).numpy())
+        parts.append((v, t.numel() // rows, lut))
+    dst = builder.tape.new(y, qp)
+    builder.keep.extend(builder.tape.cat_step(dst, parts, rows))
+    builder.tensors[node] = dst
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -17,9 +17,11 @@ import ctypes
 import os
 import threading
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from quanta.errors import NonFiniteInputError
@@ -29,7 +31,7 @@ from quanta.kernels import native
 class Kind(IntEnum):
     """Step kinds, numbered as in program.c."""
 
-    QUANTIZE, OP, ADD, ADD_FIXED, ADD_TABLE, MAX_POOL, AVG_POOL, GATE, CLAMP, TO_NCHW = range(10)
+    QUANTIZE, OP, ADD, ADD_FIXED, ADD_TABLE, MAX_POOL, AVG_POOL, GATE, CLAMP, TO_NCHW, PAD, CAT = range(12)
 
 
 class Step(ctypes.Structure):
@@ -51,11 +53,13 @@ _ALIGN = 64
 class Value:
     """A tensor of the program: its buffer, its view of it, its dtype and qparams (int8)."""
 
-    __slots__ = ("buffer", "shape", "stride", "dtype", "qparams")
+    __slots__ = ("buffer", "shape", "stride", "dtype", "qparams", "pad")
 
-    def __init__(self, buffer: int, t: torch.Tensor, qparams: tuple[float, int] | None) -> None:
+    def __init__(self, buffer: int, t: torch.Tensor, qparams: tuple[float, int] | None,
+                 pad: tuple[int, int, int, int] | None = None) -> None:
         self.buffer, self.shape, self.stride, self.dtype = buffer, tuple(t.shape), t.stride(), t.dtype
         self.qparams = qparams
+        self.pad = pad  # (top, bottom, left, right): the float input padded with zeros, not yet done
 
 
 class NativeProgram:
@@ -121,6 +125,7 @@ class Tape:
         self.born: list[int] = [0, 0]  # the step that writes each buffer
         self.last_read: list[int] = [0, 0]
         self.labels: list[str] = []
+        self.cat_tables: list[np.ndarray] = []  # CAT steps' part lists (buffer numbers renumbered too)
         self.label = ""  # the graph node whose steps are being appended
 
     def new(self, t: torch.Tensor, qparams: tuple[float, int] | None) -> Value:
@@ -145,6 +150,16 @@ class Tape:
         self.steps.append(s)
         self.labels.append(self.label)
 
+    def cat_step(self, dst: Value, parts: list[tuple[Value, int, np.ndarray | None]], rows: int) -> list:
+        """A CAT step: each output row is the parts' rows (of the given byte lengths, each through
+        its 256-byte requantize table or copied) in turn. Returns what the step points into."""
+        table = np.array([[self._read(v), length, 0 if lut is None else lut.ctypes.data]
+                          for v, length, lut in parts], dtype=np.int64)
+        self.cat_tables.append(table)
+        self.step(Kind.CAT, dst, parts[0][0], op=table.ctypes.data,
+                  ints=(rows, len(parts), sum(length for _, length, _ in parts)))
+        return [table] + [lut for _, _, lut in parts if lut is not None]
+
     def finish(self, output: Value, input_shape: tuple, keep: list,
                dropouts: list[nn.Module]) -> NativeProgram:
         """The program computing ``output``; ``keep``: objects its steps point into."""
@@ -163,6 +178,8 @@ class Tape:
             s.src0 = number[s.src0] if s.src0 >= 0 else -1
             s.src1 = number[s.src1] if s.src1 >= 0 else -1
             s.dst = number[s.dst]
+        for table in self.cat_tables:
+            table[:, 0] = [number[b] for b in table[:, 0]]
         return order
 
     def _plan(self, buffers: list[int]) -> tuple[list[int], int]:
@@ -183,3 +200,58 @@ class Tape:
         return offsets, end
 
     # -- nodes -----------------------------------------------------------------------------------
+
+
+MAX_SHAPES = 4  # input shapes with a program each; later shapes run the generated Python
+
+
+class Programs:
+    """The native programs of one traced forward, one per input shape: the building call's, then
+    each new shape's on its first call (the graph interpreted again at that shape, and the program
+    checked against the generated forward ``fn``, whose result that call returns). ``build``:
+    :func:`.native_lowering.build`."""
+
+    def __init__(self, build: Any, graph: fx.Graph, keys: dict[fx.Node, str], sites: dict[str, Any],
+                 model: nn.Module, fn: Any, interpret: Any, x: torch.Tensor, values: dict[fx.Node, Any],
+                 expected: Any) -> None:
+        self.build, self.graph, self.keys, self.sites, self.model = build, graph, keys, sites, model
+        self.fn, self.interpret = fn, interpret
+        self.by_shape: dict[torch.Size, NativeProgram | None] = {}
+        self.first = "off (QUANTA_NATIVE_PROGRAM=0 or no native kernels)"  # the building shape's note
+        if enabled():
+            self.first = self._add(x, values, expected)
+
+    @property
+    def note(self) -> str:
+        more = sum(p is not None for p in list(self.by_shape.values())[1:])
+        return self.first + (f" (and {more} more input shapes)" if more else "")
+
+    def _add(self, x: torch.Tensor, values: dict[fx.Node, Any], expected: Any) -> str:
+        """Build and check the program for ``x``'s shape; what happened, for the status."""
+        program = None
+        try:
+            program = self.build(self.graph, values, self.keys, self.sites, self.model)
+            got = program(x)
+        except Refused as exc:
+            note = f"off: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the program is an optimization: the Python forward runs
+            note = f"off: {type(exc).__name__}: {exc}"
+        else:
+            note = f"{program.count} steps in one C call per forward"
+            if not (isinstance(expected, torch.Tensor) and got is not None and got.dtype == expected.dtype
+                    and got.shape == expected.shape and torch.equal(got, expected)):
+                note = "off: its output differed from the generated forward's"
+        self.by_shape[x.shape] = None if note.startswith("off") else program
+        return note
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The forward of ``x`` by its shape's program, or None (the caller runs ``fn``)."""
+        program = self.by_shape.get(x.shape)
+        if program is not None:
+            return program(x)
+        if x.shape in self.by_shape or len(self.by_shape) >= MAX_SHAPES or not self.by_shape \
+                or x.dtype != torch.float32 or x.requires_grad:
+            return None
+        expected = self.fn(x)
+        self._add(x, self.interpret(x), expected)
+        return expected

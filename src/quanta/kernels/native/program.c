@@ -10,6 +10,7 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #include "common.h"
@@ -44,6 +45,9 @@ enum {
     QK_GATE,       /* i: n, hw, c, g_batch_stride, za, zg, zy; f: sa, sg, sy, lo, hi */
     QK_CLAMP,      /* i: n, lo, hi */
     QK_TO_NCHW,    /* i: n, c, hw: uint8 NHWC data copied in NCHW order (a flatten after a conv) */
+    QK_PAD,        /* i: n, c, h, w, top, bottom, left, right, value: NHWC constant padding */
+    QK_CAT,        /* op: int64 [parts][3] = (buffer, row bytes, 256-byte requantize table or 0);
+                      i: rows, parts, output row bytes: each output row is the parts' rows in turn */
 };
 
 typedef struct {
@@ -127,6 +131,35 @@ static int run_step(const qk_step *p, void *const *buffers) {
             for (int64_t ch = 0; ch < c; ch++)
                 for (int64_t px = 0; px < hw; px++)
                     out[(n * c + ch) * hw + px] = x[(n * hw + px) * c + ch];
+        break;
+    }
+    case QK_PAD: {
+        const uint8_t *x = a;
+        uint8_t *out = y;
+        int64_t n = i[0], c = i[1], h = i[2], w = i[3], top = i[4], left = i[6];
+        int64_t oh = h + top + i[5], ow = w + left + i[7];
+        memset(out, (int)i[8], (size_t)(n * oh * ow * c));
+        for (int64_t b = 0; b < n; b++)
+            for (int64_t r = 0; r < h; r++)
+                memcpy(out + ((b * oh + r + top) * ow + left) * c, x + (b * h + r) * w * c, (size_t)(w * c));
+        break;
+    }
+    case QK_CAT: {
+        const int64_t *parts = p->op;
+        uint8_t *out = y;
+        for (int64_t r = 0; r < i[0]; r++) {
+            uint8_t *dst = out + r * i[2];
+            for (int64_t k = 0; k < i[1]; k++) {
+                int64_t len = parts[3 * k + 1];
+                const uint8_t *src = (const uint8_t *)buffers[parts[3 * k]] + r * len;
+                const uint8_t *table = (const uint8_t *)(intptr_t)parts[3 * k + 2];
+                if (table)
+                    for (int64_t j = 0; j < len; j++) dst[j] = table[src[j]];
+                else
+                    memcpy(dst, src, (size_t)len);
+                dst += len;
+            }
+        }
         break;
     }
     default:
