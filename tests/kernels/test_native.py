@@ -485,3 +485,22 @@ def test_global_avg_pool2d_window_equals_the_float_rule(shape):
             y = F.avg_pool2d(QTensor(x, 0.1, zp), k, stride)
             want = torch.clamp(torch.round(F.avg_pool2d(x.float() - zp, k, stride)) + zp, 0, 255)
             assert y.shape == want.shape and torch.equal(y.int_data, want.to(torch.uint8))
+
+
+@pytest.mark.parametrize("channels", [3, 96, 1280, 4100])
+def test_native_average_pools_sum_in_blocks_exactly(channels):
+    """Global and adaptive average pooling sum raw uint8 values in uint16 blocks of up to 256
+    pixels, four at a time, and take the zero point off at the end: equal to the float path on
+    maps whose pixel counts cross the block size (and above 4096 channels, the plain loop)."""
+    import torch.nn.functional as F
+
+    from quanta.kernels.pooling import avg_pool_data
+
+    gen = torch.Generator().manual_seed(channels)
+    cases = [(2, 23, 19, 1, 0), (1, 17, 16, 1, 255), (2, 21, 30, (3, 4), 128), (1, 2, 3, 1, 7)]
+    for n, h, w, out, zp in cases:
+        a = torch.randint(0, 256, (n, channels, h, w), dtype=torch.uint8, generator=gen)
+        a = a.contiguous(memory_format=torch.channels_last)
+        want = torch.round(F.adaptive_avg_pool2d(a.float() - zp, out)) + zp
+        want = torch.clamp(want, 0, 255).to(torch.uint8)
+        assert torch.equal(avg_pool_data(F.adaptive_avg_pool2d, a, zp, (out,), {}), want), (n, h, w, out, zp)
