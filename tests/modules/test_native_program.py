@@ -235,3 +235,36 @@ def test_pad_and_cat_steps() -> None:
         for _ in range(3):
             x = torch.randn(2, 3, 12, 12) * 2
             assert torch.equal(q(x), eager(x)) and torch.equal(q(x), _python(q)(x))
+
+
+class _OwnIdentity(nn.Module):
+    """A library's own identity class (efficientnet-lite's static padding of 0 is one)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - as such libraries name it
+        return input
+
+
+class _NotIdentity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+@pytest.mark.isa
+def test_a_library_identity_passes_int8_through() -> None:
+    """An identity module of another class is recognized by its code: the conv before it emits
+    int8, the graph and the program pass the data through; a look-alike that computes stays float."""
+    from quanta.capture.activations import returns_its_input
+
+    assert returns_its_input(_OwnIdentity()) and returns_its_input(nn.Identity())
+    assert not returns_its_input(_NotIdentity()) and not returns_its_input(nn.ReLU())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _OwnIdentity(), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(4, 3, 1), nn.Flatten())
+    q = quanta.quantize(model.eval(), [torch.randn(2, 3, 10, 10) for _ in range(2)], show_progress=False)
+    plan = q._quanta.plan.layers
+    assert plan["1"].precision == "native" and plan["2"].input_from == "0", (plan["1"], plan["2"])
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        q(x)
+        assert _program(q) is not None, quanta.runtime_status(q)
+        assert torch.equal(q(x), _eager(q)(x)) and torch.equal(q(x), _python(q)(x))

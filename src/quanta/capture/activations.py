@@ -13,6 +13,8 @@ nothing, so any call of them folds. The others fold only as modules whose every 
 
 from __future__ import annotations
 
+import dis
+
 import torch
 import torch.nn as nn
 
@@ -62,3 +64,18 @@ def _probe(m: nn.Module) -> str:
         if torch.allclose(y, apply_activation(x, kind), rtol=1e-5, atol=1e-6):
             return kind
     return ""
+
+
+def returns_its_input(m: nn.Module) -> bool:
+    """Whether ``m`` is an identity by its code: a parameter-free module whose ``forward`` is
+    ``return <its one argument>`` (``nn.Identity``, a library's own Identity class, such as
+    efficientnet-lite's static padding of 0). int8 data passes through it unchanged."""
+    forward = getattr(type(m), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_argcount != 2 or code.co_flags & 0x0C:  # 0x0C: *args / **kwargs
+        return False
+    if next(m.parameters(), None) is not None:
+        return False
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(forward) if i.opname not in ("RESUME", "NOP")]
+    return ops == [("LOAD_FAST", code.co_varnames[1]), ("RETURN_VALUE", None)]
+

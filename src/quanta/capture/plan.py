@@ -163,8 +163,10 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         skipped, wspec, _, why = config.for_module(name, m)
         if target is None:
             native = isinstance(m, mapping.INT8_NATIVE_MODULES)
-            lp.reason = "runs on int8 data natively" if native else "no int8 kernel"
-            lp.precision = "native" if native else "float"
+            same = not native and activations.returns_its_input(m)
+            lp.reason = "runs on int8 data natively" if native else \
+                "returns its input (an identity): int8 data passes through" if same else "no int8 kernel"
+            lp.precision = "native" if native or same else "float"
         elif skipped:
             lp.reason = why
         elif getattr(m, "padding_mode", "zeros") != "zeros":

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quanta.capture.activations import returns_its_input
 from quanta.capture.trace import TraceFailed, op_callable
 from quanta.kernels import eltwise, reference
 from quanta.kernels.pooling import avg_pool_data, max_pool_data
@@ -189,7 +190,7 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
     if qx is None or not _passes_qparams(value, qx):
         return None
     kind = type(mod)
-    if kind is nn.Identity:
+    if kind is nn.Identity or returns_its_input(mod):
         return _emit(gen, node, xv, qx)
     if kind in _CLAMP_MODULES:
         return _clamp(gen, node, xv, qx, value, *_CLAMP_MODULES[kind])

@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quanta.capture.activations import returns_its_input
 from quanta.capture.trace import op_callable
 from quanta.kernels import eltwise, native, reference
 from quanta.kernels.pooling import _global_window, _pair, _pool_size
@@ -143,6 +144,8 @@ class _Builder:
             return self._layer(node, mod, node.args[0], value)
         x = self._arg(node.args[0] if len(node.args) == 1 and not node.kwargs else None)
         kind = type(mod)
+        if returns_its_input(mod):
+            return self._alias(node, x, value)
         if kind in (nn.Identity, nn.Flatten) or kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
             if kind is not nn.Identity and kind is not nn.Flatten:
                 self.dropouts.append(mod)
