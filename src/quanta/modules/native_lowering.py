@@ -24,14 +24,13 @@ from quanta.capture.activations import returns_its_input
 from quanta.capture.trace import op_callable
 from quanta.kernels import eltwise, native, reference
 from quanta.kernels.pooling import _global_window, _pair, _pool_size
+from quanta.modules.lowering import _CLAMP_MODULES, _CLAMPS
 from quanta.modules.native_program import INPUT, Kind, NativeProgram, Refused, Tape, Value
 from quanta.modules.quantized import QuantizedConv2d, QuantizedLinear, QuantizedModule
 from quanta.qtensor import QTensor, clamp_bounds
 
 _VIEWS = frozenset({"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"})
 _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-_CLAMPS = {F.relu: (0.0, None), torch.relu: (0.0, None), torch.Tensor.relu: (0.0, None), F.relu6: (0.0, 6.0),
-           nn.ReLU: (0.0, None), nn.ReLU6: (0.0, 6.0)}
 _METADATA = frozenset({"size", "dim", "numel"})
 
 
@@ -144,14 +143,12 @@ class _Builder:
             return self._layer(node, mod, node.args[0], value)
         x = self._arg(node.args[0] if len(node.args) == 1 and not node.kwargs else None)
         kind = type(mod)
-        if returns_its_input(mod):
+        if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+            self.dropouts.append(mod)  # the identity in eval mode; checked per call
+        if kind in (nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d) or returns_its_input(mod):
             return self._alias(node, x, value)
-        if kind in (nn.Identity, nn.Flatten) or kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
-            if kind is not nn.Identity and kind is not nn.Flatten:
-                self.dropouts.append(mod)
-            return self._alias(node, x, value)
-        if kind in _CLAMPS:
-            return self._clamp(node, x, value, *_CLAMPS[kind])
+        if kind in _CLAMP_MODULES:
+            return self._clamp(node, x, value, *_CLAMP_MODULES[kind])
         if kind is nn.ZeroPad2d:
             return self._pad(node, x, value, mod.padding)
         if kind is nn.MaxPool2d and not mod.return_indices and _pair(mod.dilation) == (1, 1):
@@ -222,7 +219,7 @@ class _Builder:
         left, right, top, bottom = (tuple(pad) + (0, 0))[:4] if len(pad) in (2, 4) else (-1,) * 4
         if x.buffer == INPUT and x.qparams is None and x.pad is None and len(x.shape) == 4 \
                 and isinstance(value, torch.Tensor) and min(left, right, top, bottom) >= 0 \
-                and value.dtype == torch.float32 and self.values[node].is_contiguous():
+                and value.dtype == torch.float32 and value.is_contiguous():
             self.tensors[node] = Value(INPUT, value, None, (top, bottom, left, right))
             return
         t = self._pool_input(node, x, value)
@@ -337,7 +334,7 @@ class _Builder:
             n, c, h, w = ta.shape if ta.dim() == 4 else (0, 0, 0, 0)
             gate = eltwise.ChannelGate(*a.qparams, *b.qparams, *qp, site.activation)
             if ta.dim() != 4 or tb.dim() != 4 or not ta.is_contiguous(memory_format=torch.channels_last) \
-                    or tuple(tb.shape) not in ((n, c, 1, 1), (1, c, 1, 1)) or not _dense(tb) \
+                    or tuple(tb.shape) not in ((n, c, 1, 1), (1, c, 1, 1)) or not eltwise._dense(tb) \
                     or y.stride() != ta.stride():
                 raise Refused(f"{node.name}: a mul that is not a channel gate")
             sa, za, sg, zg, sy, zy, lo, hi = gate.args
@@ -345,7 +342,7 @@ class _Builder:
                        floats=(sa, sg, sy, lo, hi))
         else:
             if ta.shape != tb.shape or ta.stride() != tb.stride() or y.stride() != ta.stride() \
-                    or not _dense(ta):
+                    or not eltwise._dense(ta):
                 raise Refused(f"{node.name}: an add of two layouts")
             args = (*a.qparams, *b.qparams, *qp, site.activation, site.numerics)
             found = eltwise._native_add(*args)
@@ -392,7 +389,3 @@ def _cat_parts(builder: _Builder, node: fx.Node, value: Any) -> None:
     dst = builder.tape.new(y, qp)
     builder.keep.extend(builder.tape.cat_step(dst, parts, rows))
     builder.tensors[node] = dst
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))

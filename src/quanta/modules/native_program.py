@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from quanta.errors import NonFiniteInputError
-from quanta.kernels import native
+from quanta.kernels import eltwise, native
 
 
 class Kind(IntEnum):
@@ -130,7 +130,7 @@ class Tape:
 
     def new(self, t: torch.Tensor, qparams: tuple[float, int] | None) -> Value:
         """A fresh buffer for the step about to be appended, holding ``t``'s elements."""
-        if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        if not eltwise._dense(t):
             raise Refused(f"a {list(t.shape)} value with gaps in memory")
         self.sizes.append(t.numel() * t.element_size())
         self.born.append(len(self.steps))

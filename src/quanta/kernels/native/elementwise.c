@@ -285,6 +285,9 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
 /* uint8 NHWC a [n, hw, c] times a float gate g[n * g_batch_stride + c] (a squeeze-excite block's
  * channel scale), requantized like reference.mul: each float32 operation rounded once, in this
  * order (no FMA contraction), then rounding half to even and the activation's clamp. */
+static void mul_row(const uint8_t *restrict a, const float *restrict g, uint8_t *restrict y, int64_t c,
+                    float sa, float za, float sy, float zy, float lo, float hi);
+
 #if QK_X86
 /* mul_row without the division on the common path. For |q| <= 512, q = f32(p * f32(1 / sy))
  * differs from f32(p / sy) (p = f32(v * g)) by less than 512 * 2^-22 = 2^-13, so both round to
@@ -323,12 +326,7 @@ mul_row_avx2(const uint8_t *restrict a, const float *restrict g, uint8_t *restri
         bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(y + i), bytes);
     }
-    for (; i < c; i++) {
-        float v = ((float)a[i] - za) * sa;
-        v = __builtin_rintf((v * g[i]) / sy) + zy;
-        v = v < lo ? lo : v;
-        y[i] = (uint8_t)(v > hi ? hi : v);
-    }
+    mul_row(a + i, g + i, y + i, c - i, sa, za, sy, zy, lo, hi); /* the tail */
 }
 
 QK_TARGET("avx512f,avx512bw") __attribute__((optimize("O3", "fp-contract=off", "no-math-errno"))) static void
@@ -351,12 +349,7 @@ mul_row_avx512(const uint8_t *restrict a, const float *restrict g, uint8_t *rest
         __m512i r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, vzy), vlo), vhi));
         _mm_storeu_si128((__m128i *)(y + i), _mm512_cvtusepi32_epi8(r));
     }
-    for (; i < c; i++) {
-        float v = ((float)a[i] - za) * sa;
-        v = __builtin_rintf((v * g[i]) / sy) + zy;
-        v = v < lo ? lo : v;
-        y[i] = (uint8_t)(v > hi ? hi : v);
-    }
+    mul_row(a + i, g + i, y + i, c - i, sa, za, sy, zy, lo, hi); /* the tail */
 }
 #endif
 
