@@ -27,8 +27,7 @@ import torch
 
 import quanta
 from quanta.zoo import mnist
-from quanta.zoo.efficientnet_lite import IMAGE_SIZE, load_efficientnet_lite1
-from quanta.zoo.photos import photo_crops
+from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,7 +73,7 @@ def _minilm(order: str) -> dict:
 
 def _efficientnet(order: str, crops: int, calib_n: int) -> dict:
     model = load_efficientnet_lite1()
-    images = photo_crops(crops + calib_n, IMAGE_SIZE, seed=0)
+    images = photo_inputs(crops + calib_n, seed=0)
     calib, test = images[:calib_n], images[calib_n:]
     batches = list(torch.split(test, 32))
     with torch.no_grad():

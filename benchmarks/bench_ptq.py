@@ -6,8 +6,10 @@
 Static int8 with 8-bit activations (the default histogram observer) and 8- or 7-bit weights
 (7 is what AVX2 CPUs without VNNI get by default), each correction flag alone and combined:
 top-1 agreement with the float model and logit SQNR on natural photo crops
-(``quanta.zoo.photos``, 240x240; 64 calibration crops, 256 others evaluated), and the seconds
-each quantization took. Writes results/ptq.json (rows of an earlier run are kept).
+(``quanta.zoo.photos``, 240x240, normalized as the model was trained: ``(p - 127) / 128``;
+256 crops evaluated, calibration on 256 other crops by default), and the seconds each
+quantization took. Writes results/ptq.json (rows of an earlier run with the same calibration
+size are kept).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 import quanta
 from quanta.debug.sqnr import sqnr
 from quanta.kernels.cpu import model_name
-from quanta.zoo.efficientnet_lite import IMAGE_SIZE, load_efficientnet_lite1
-from quanta.zoo.photos import photo_crops
+from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
 
+NORMALIZATION = "(p - 127) / 128, as the model was trained"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = {
     "plain": {},
@@ -46,7 +48,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--adaround-seconds", type=float, default=300.0)
     p.add_argument("--learn-ranges-seconds", type=float, default=300.0)
     p.add_argument("--crops", type=int, default=256, help="evaluation crops")
-    p.add_argument("--calib", type=int, default=64, help="calibration crops")
+    p.add_argument("--calib", type=int, default=256,
+                   help="calibration crops (another seed than the evaluated ones)")
     return p.parse_args()
 
 
@@ -54,9 +57,8 @@ def main() -> None:
     args = _args()
     torch.set_num_threads(2)
     model = load_efficientnet_lite1()
-    images = photo_crops(args.calib + args.crops, IMAGE_SIZE, seed=0)
-    calib = list(torch.split(images[:args.calib], 16))
-    batches = list(torch.split(images[args.calib:], 32))
+    calib = list(torch.split(photo_inputs(args.calib, seed=1), 16))
+    batches = list(torch.split(photo_inputs(args.crops, seed=0), 32))
     with torch.no_grad():
         reference = torch.cat([model(b) for b in batches])
     results = []
@@ -73,7 +75,8 @@ def main() -> None:
                 out = torch.cat([qmodel(b) for b in batches])
             corrections = quanta.ptq.corrections_of(qmodel)
             results.append({
-                "weight_bits": bits, "row": row, "seconds": round(seconds, 1),
+                "weight_bits": bits, "row": row, "calibration_crops": args.calib,
+                "seconds": round(seconds, 1),
                 "top1_agreement": round(float((out.argmax(1) == reference.argmax(1)).float().mean()), 4),
                 "logit_sqnr_db": round(sqnr(reference, out), 2),
                 "int8_coverage": quanta.report(qmodel).coverage.to_dict(),
@@ -85,13 +88,15 @@ def main() -> None:
     out_path = os.path.join(HERE, "results", "ptq.json")
     if os.path.exists(out_path):  # keep the rows of an earlier run that this one did not redo
         with open(out_path) as f:
+            earlier = json.load(f)
+        if earlier.get("normalization") == NORMALIZATION and earlier.get("calibration_crops") == args.calib:
             done = {(r["weight_bits"], r["row"]) for r in results}
-            earlier = json.load(f)["results"]
-            results = [r for r in earlier if (r["weight_bits"], r["row"]) not in done] + results
+            results = [r for r in earlier["results"] if (r["weight_bits"], r["row"]) not in done] + results
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"model": "EfficientNet-Lite1 (pretrained), static int8, 8-bit activations",
                    "data": f"{args.calib} calibration / {args.crops} evaluation crops (quanta.zoo.photos)",
+                   "normalization": NORMALIZATION, "calibration_crops": args.calib,
                    "cpu": model_name(), "machine": platform.machine(), "torch": torch.__version__,
                    "results": results}, f, indent=2)
     os.replace(tmp, out_path)

