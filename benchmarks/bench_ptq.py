@@ -37,6 +37,7 @@ ROWS = {
     "adaround": {"adaround": True},
     "adaround+bias_correction": {"adaround": True, "bias_correction": True},
     "learn_ranges": {"learn_ranges": True},
+    "adaround+learn_ranges": {"adaround": True, "learn_ranges": True},
     "all": {"bias_correction": True, "adaround": True, "learn_ranges": True},
 }
 
