@@ -78,4 +78,3 @@ def returns_its_input(m: nn.Module) -> bool:
         return False
     ops = [(i.opname, i.argval) for i in dis.get_instructions(forward) if i.opname not in ("RESUME", "NOP")]
     return ops == [("LOAD_FAST", code.co_varnames[1]), ("RETURN_VALUE", None)]
-

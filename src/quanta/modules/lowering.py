@@ -190,7 +190,7 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
     if qx is None or not _passes_qparams(value, qx):
         return None
     kind = type(mod)
-    if kind is nn.Identity or returns_its_input(mod):
+    if returns_its_input(mod):  # nn.Identity and look-alikes
         return _emit(gen, node, xv, qx)
     if kind in _CLAMP_MODULES:
         return _clamp(gen, node, xv, qx, value, *_CLAMP_MODULES[kind])

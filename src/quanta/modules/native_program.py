@@ -199,8 +199,6 @@ class Tape:
             offsets.append(blk[0])
         return offsets, end
 
-    # -- nodes -----------------------------------------------------------------------------------
-
 
 MAX_SHAPES = 4  # input shapes with a program each; later shapes run the generated Python
 
