@@ -47,6 +47,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--bits", default="8,7", help="weight bit widths (default: 8,7)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, of: {', '.join(ROWS)}")
     p.add_argument("--adaround-seconds", type=float, default=300.0)
+    p.add_argument("--adaround-iterations", type=int, default=None,
+                   help="AdaRound iterations per layer instead of --adaround-seconds (reproducible)")
     p.add_argument("--learn-ranges-seconds", type=float, default=300.0)
     p.add_argument("--crops", type=int, default=256, help="evaluation crops")
     p.add_argument("--calib", type=int, default=256,
@@ -68,6 +70,7 @@ def main() -> None:
             base = quanta.QuantConfig()
             config = dataclasses.replace(base, weight=dataclasses.replace(base.weight, bits=bits),
                                          adaround_seconds=args.adaround_seconds,
+                                         adaround_iterations=args.adaround_iterations,
                                          learn_ranges_seconds=args.learn_ranges_seconds, **ROWS[row])
             start = time.perf_counter()
             qmodel = quanta.quantize(model, calib, config=config)
@@ -77,7 +80,7 @@ def main() -> None:
             corrections = quanta.ptq.corrections_of(qmodel)
             results.append({
                 "weight_bits": bits, "row": row, "calibration_crops": args.calib,
-                "seconds": round(seconds, 1),
+                "seconds": round(seconds, 1), "adaround_iterations": args.adaround_iterations,
                 "top1_agreement": round(float((out.argmax(1) == reference.argmax(1)).float().mean()), 4),
                 "logit_sqnr_db": round(sqnr(reference, out), 2),
                 "int8_coverage": quanta.report(qmodel).coverage.to_dict(),

@@ -17,8 +17,8 @@ from quanta.kernels.reference import NUMERICS
 
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
-# version 6 smoothquant; older dicts load unchanged
-CONFIG_VERSION = 6
+# version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; older dicts load unchanged
+CONFIG_VERSION = 7
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -173,16 +173,19 @@ class QuantConfig:
     # static mode, post-training corrections applied by quanta.quantize (quanta.ptq), each off by
     # default and measured in docs/ptq.md: cross-layer equalization of conv pairs before
     # calibration; empirical bias correction after conversion; AdaRound (learned weight rounding,
-    # layer by layer) within adaround_seconds of wall time
+    # layer by layer) within adaround_seconds of wall time, or adaround_iterations per layer
+    # (reproducible: the same model on any machine at any load; the seconds are then not used)
     equalize: bool = False
     bias_correction: bool = False
     adaround: bool = False
     adaround_seconds: float = 300.0
+    adaround_iterations: int | None = None
     # learned activation ranges (and biases) for the model's output error, through a fake-quantized
     # copy of the int8 model, after the other corrections, keeping their int8 weights
-    # (quanta.ptq.range_learning)
+    # (quanta.ptq.range_learning), for learn_ranges_seconds or (reproducible) learn_ranges_steps
     learn_ranges: bool = False
     learn_ranges_seconds: float = 300.0
+    learn_ranges_steps: int | None = None
     # SmoothQuant: each Linear's input outliers moved into its weight columns before calibration
     # (quanta.ptq.smoothquant; static, or dynamic given data); smoothquant_alpha None chooses
     # alpha per layer (or none at all)
@@ -209,6 +212,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:
             raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
+        for name in ("adaround_iterations", "learn_ranges_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"QuantConfig.{name} must be a positive integer or None, got {value!r}")
         if not self.learn_ranges_seconds > 0:
             raise ValueError("QuantConfig.learn_ranges_seconds must be positive, "
                              f"got {self.learn_ranges_seconds}")

@@ -159,6 +159,12 @@ def build_parser() -> Parser:
     q.add_argument("--learn-ranges", nargs="?", type=float, const=300.0, metavar="SECONDS",
                    help="static: learn the activation ranges and biases for the model's output error "
                         "within SECONDS (default 300)")
+    q.add_argument("--adaround-iterations", type=int, metavar="N",
+                   help="static: AdaRound with exactly N iterations per layer instead of a time budget "
+                        "(the same model on any machine; implies --adaround)")
+    q.add_argument("--learn-ranges-steps", type=int, metavar="N",
+                   help="static: learn the ranges for exactly N steps instead of a time budget "
+                        "(implies --learn-ranges)")
     q.add_argument("--smoothquant", nargs="?", const="auto", metavar="ALPHA",
                    help="static: SmoothQuant, each Linear's input outliers moved into its weights before "
                         "calibration; ALPHA in (0, 1), or chosen per layer when left out")

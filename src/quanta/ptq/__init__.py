@@ -108,11 +108,11 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
     if config.adaround:
         start = time.monotonic()
         done.rounding = adaround(float_model, qmodel, batches, seconds=config.adaround_seconds,
-                                 show_progress=show_progress)
+                                 iterations=config.adaround_iterations, show_progress=show_progress)
         done.seconds["adaround"] = time.monotonic() - start
     if config.learn_ranges:  # last: it keeps the weights the corrections above chose
         qmodel, done.ranges = learn_ranges(float_model, qmodel, batches, seconds=config.learn_ranges_seconds,
-                                           show_progress=show_progress)
+                                           steps=config.learn_ranges_steps, show_progress=show_progress)
         done.seconds["learn_ranges"] = done.ranges.seconds
     qmodel._quanta.__dict__["corrections"] = done
     return qmodel

@@ -189,11 +189,23 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
     return RoundingResult(layer.layer_name, iterations, e_nearest, e_learned, flipped, kept)
 
 
+def _iterations_in_time(left: float, layers_left: int, x: torch.Tensor, w: torch.Tensor, least: int,
+                        most: int) -> int:
+    """Iterations for one layer from its share of the time left, timed on one forward."""
+    t0 = time.monotonic()
+    with torch.no_grad():  # a step is ~3 forwards
+        _forward(x, w, torch.zeros(w.shape[0] * w.shape[1]), "none")
+    step = max(1e-5, 3 * (time.monotonic() - t0))
+    return int(min(most, max(least, left / max(1, layers_left) / step)))
+
+
 def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: float = 300.0,
-             rows: int = 2048, group: int = 1, min_iterations: int = 50, max_iterations: int = 1000,
-             show_progress: bool = True) -> list[RoundingResult]:
+             iterations: int | None = None, rows: int = 2048, group: int = 1, min_iterations: int = 50,
+             max_iterations: int = 1000, show_progress: bool = True) -> list[RoundingResult]:
     """AdaRound every int8 conv/linear of ``qmodel`` (in place) against ``float_model`` on
-    ``batches`` within about ``seconds`` of wall time. Returns each layer's result, in order."""
+    ``batches`` within about ``seconds`` of wall time, or with exactly ``iterations`` per layer
+    (then the result does not depend on the machine or its load). Returns each layer's result,
+    in order."""
     start = time.monotonic()
     layers = correctable_layers(qmodel)
     images = sum(_first_tensor(b).shape[0] if _first_tensor(b) is not None else 1 for b in batches)
@@ -216,15 +228,11 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
             x, target = inputs[lp.name], targets[lp.name]
             if x is None or x.shape[0] != target.shape[0]:
                 continue
-            left = seconds - (time.monotonic() - start)
-            per_layer = left / max(1, len(layers) - done)
             w_float = folded_float_layer(float_model, lp, plan).weight.detach().float()
-            t0 = time.monotonic()
-            with torch.no_grad():  # one forward, to size the iterations (a step is ~3 forwards)
-                _forward(x, _grouped(layer, w_float), torch.zeros(w_float.shape[0]), "none")
-            step = max(1e-5, 3 * (time.monotonic() - t0))
-            iterations = int(min(max_iterations, max(min_iterations, per_layer / step)))
-            results.append(round_layer(layer, w_float, x, target, lp.activation, iterations))
+            left = seconds - (time.monotonic() - start)
+            steps = iterations or _iterations_in_time(left, len(layers) - done, x, _grouped(layer, w_float),
+                                                      min_iterations, max_iterations)
+            results.append(round_layer(layer, w_float, x, target, lp.activation, steps))
             done += 1
     for _ in bar:
         pass

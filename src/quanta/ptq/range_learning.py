@@ -163,11 +163,12 @@ def _calibrated_ranges(qmodel: nn.Module) -> dict[str, tuple[torch.Tensor, torch
 
 
 def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[Any], *, seconds: float,
-                 learn_biases: bool = True, show_progress: bool = True,
+                 steps: int | None = None, learn_biases: bool = True, show_progress: bool = True,
                  ) -> tuple[nn.Module, RangeLearningResult]:
     """Tune the activation ranges of ``qmodel`` (a static int8 model of ``float_model``, after
     any AdaRound or bias correction) and its biases for the error of the model's output against
-    ``float_model`` on ``batches``, keeping its int8 weights; returns the new int8 model."""
+    ``float_model`` on ``batches``, keeping its int8 weights, for ``seconds`` of wall time or
+    exactly ``steps`` steps (reproducible); returns the new int8 model."""
     from quanta.api import convert, get_state
     from quanta.qat import simulate_static
 
@@ -203,10 +204,14 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
 
     before = error()
     optimizer = torch.optim.Adam(params)
-    steps = 0
+    wanted, steps = steps, 0
     deadline = began + seconds
-    with Steps(None, "learning activation ranges", enabled=show_progress) as bar:
-        while time.monotonic() < deadline:
+
+    def more() -> bool:
+        return steps < wanted if wanted is not None else time.monotonic() < deadline
+
+    with Steps(wanted, "learning activation ranges", enabled=show_progress) as bar:
+        while more():
             batch, target = batches[steps % len(batches)], targets[steps % len(batches)]
             loss = ((_outputs(sim, batch) - target) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
