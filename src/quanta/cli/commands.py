@@ -60,9 +60,9 @@ def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
         fields.update(adaround=True, adaround_seconds=args.adaround)
     if args.learn_ranges is not None:
         fields.update(learn_ranges=True, learn_ranges_seconds=args.learn_ranges)
-    if getattr(args, "adaround_iterations", None) is not None:
+    if args.adaround_iterations is not None:
         fields.update(adaround=True, adaround_iterations=args.adaround_iterations)
-    if getattr(args, "learn_ranges_steps", None) is not None:
+    if args.learn_ranges_steps is not None:
         fields.update(learn_ranges=True, learn_ranges_steps=args.learn_ranges_steps)
     if args.smoothquant is not None:
         try:

@@ -189,14 +189,15 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
     return RoundingResult(layer.layer_name, iterations, e_nearest, e_learned, flipped, kept)
 
 
-def _iterations_in_time(left: float, layers_left: int, x: torch.Tensor, w: torch.Tensor, least: int,
+def _iterations_in_time(deadline: float, layers_left: int, x: torch.Tensor, w: torch.Tensor, least: int,
                         most: int) -> int:
-    """Iterations for one layer from its share of the time left, timed on one forward."""
+    """Iterations for one layer from its share of the time left until ``deadline``, timed on
+    one forward."""
     t0 = time.monotonic()
     with torch.no_grad():  # a step is ~3 forwards
         _forward(x, w, torch.zeros(w.shape[0] * w.shape[1]), "none")
     step = max(1e-5, 3 * (time.monotonic() - t0))
-    return int(min(most, max(least, left / max(1, layers_left) / step)))
+    return int(min(most, max(least, (deadline - t0) / max(1, layers_left) / step)))
 
 
 def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: float = 300.0,
@@ -229,8 +230,8 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
             if x is None or x.shape[0] != target.shape[0]:
                 continue
             w_float = folded_float_layer(float_model, lp, plan).weight.detach().float()
-            left = seconds - (time.monotonic() - start)
-            steps = iterations or _iterations_in_time(left, len(layers) - done, x, _grouped(layer, w_float),
+            w = _grouped(layer, w_float)
+            steps = iterations or _iterations_in_time(start + seconds, len(layers) - done, x, w,
                                                       min_iterations, max_iterations)
             results.append(round_layer(layer, w_float, x, target, lp.activation, steps))
             done += 1

@@ -204,23 +204,19 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
 
     before = error()
     optimizer = torch.optim.Adam(params)
-    wanted, steps = steps, 0
+    taken = 0
     deadline = began + seconds
-
-    def more() -> bool:
-        return steps < wanted if wanted is not None else time.monotonic() < deadline
-
-    with Steps(wanted, "learning activation ranges", enabled=show_progress) as bar:
-        while more():
-            batch, target = batches[steps % len(batches)], targets[steps % len(batches)]
+    with Steps(steps, "learning activation ranges", enabled=show_progress) as bar:
+        while taken < steps if steps is not None else time.monotonic() < deadline:
+            batch, target = batches[taken % len(batches)], targets[taken % len(batches)]
             loss = ((_outputs(sim, batch) - target) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            steps += 1
+            taken += 1
             bar.advance()
     after = error()
     qmodel = convert(sim, config=config)
     get_state(qmodel).config = config
-    result = RangeLearningResult(len(ranges), steps, before, after, time.monotonic() - began, len(biases))
+    result = RangeLearningResult(len(ranges), taken, before, after, time.monotonic() - began, len(biases))
     return qmodel, result
