@@ -149,10 +149,14 @@ def test_native_per_row_quantization_bit_equal_to_numpy() -> None:
         assert torch.equal(q, torch.from_numpy(qn))
         assert torch.equal(s, torch.from_numpy(sn)) and torch.equal(z, torch.from_numpy(zn))
         assert torch.equal(q, reference.quantize_dynamic_input(x, s, z))
-    x = torch.randn(9, 20)
-    x[7, 3] = float("nan")
-    with pytest.raises(kd.NonFiniteInputError):
-        kd._quantize_rows_native(lib, x)
+    for cols, where in ((20, 3), (384, 0), (384, 200), (384, 383)):  # vector body and tail
+        x = torch.randn(9, cols)
+        x[7, where] = float("nan")
+        with pytest.raises(kd.NonFiniteInputError):
+            kd._quantize_rows_native(lib, x)
+        x[7, where] = float("-inf")
+        with pytest.raises(kd.NonFiniteInputError):
+            kd._quantize_rows_native(lib, x)
 
 
 @needs_onednn

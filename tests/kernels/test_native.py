@@ -281,11 +281,13 @@ def test_native_dynamic_quantization_equals_numpy_and_reference(shape, spread):
     q_np, scale_np, zp_np = kd._quantize_tensor(x.numpy())
     assert (scale, zp) == (scale_np, zp_np) and torch.equal(q, torch.from_numpy(q_np))
     assert torch.equal(q, R.quantize_dynamic_input(x, scale, zp))
+    n = x.numel()
     for bad in (float("nan"), float("inf"), float("-inf")):
-        y = x.clone()
-        y.view(-1)[-1] = bad
-        with pytest.raises(kd.NonFiniteInputError):
-            kd._quantize_tensor_native(native.load(), y)
+        for where in sorted({0, n // 2, n - 1}):  # in the vector scan's body and in its tail
+            y = x.clone()
+            y.view(-1)[where] = bad
+            with pytest.raises(kd.NonFiniteInputError):
+                kd._quantize_tensor_native(native.load(), y)
 
 
 def test_unwritable_cache_falls_back_with_the_reason():
