@@ -1,10 +1,11 @@
 """Dynamic int8 on all-MiniLM-L6-v2: quanta vs fp32 eager, torch.ao and ONNX Runtime.
 
 Rows (batch 1 and 8, sequence 128, 2 threads): fp32 eager; quanta dynamic int8 (per tensor,
-and per row); torch.ao ``quantize_dynamic`` (peer only); ONNX Runtime fp32 and
-``onnxruntime.quantization.quantize_dynamic``. Latency is the median over interleaved
-repetitions (every variant runs once per round, rounds repeat), so background load hits all
-variants alike. Error is the relative L2 distance of the last hidden state to fp32 eager.
+and per row); torch.ao ``quantize_dynamic`` (peer only); torchao's pt2e dynamic int8 compiled by
+inductor (peer only); ONNX Runtime fp32 and ``onnxruntime.quantization.quantize_dynamic``.
+Latency is the median over interleaved repetitions (every variant runs once per round, rounds
+repeat), so background load hits all variants alike. Error is the relative L2 distance of the
+last hidden state to fp32 eager.
 
     python benchmarks/bench_dynamic.py                 # real weights, writes results/dynamic.json
     python benchmarks/bench_dynamic.py --quick         # fewer repetitions
@@ -39,6 +40,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--random", action="store_true", help="random weights instead of the real model")
     p.add_argument("--quick", action="store_true", help="5 rounds")
+    p.add_argument("--no-pt2e", action="store_true", help="skip torchao's pt2e row (compiles per batch size)")
     p.add_argument("--json", default=str(RESULTS))
     return p.parse_args()
 
@@ -123,6 +125,42 @@ def build_variants(model: torch.nn.Module, example: dict[str, torch.Tensor], wor
     return variants
 
 
+def pt2e_dynamic_variant(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Runner, int] | None:
+    """torchao's pt2e dynamic int8 (X86InductorQuantizer, is_dynamic=True) compiled by inductor
+    with freezing: the graph is exported for this batch's shape, so one build per batch size."""
+    import copy
+
+    try:
+        import torch._inductor.config as inductor_config
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        print("torchao not installed: skipping the pt2e row")
+        return None
+    args = tuple(batch[n] for n in ("input_ids", "attention_mask", "token_type_ids"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(copy.deepcopy(model), args, strict=True).module()
+        config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=True)
+        prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+        with torch.no_grad():
+            prepared(*args)
+        converted = convert_pt2e(prepared)
+        size = _state_bytes(converted)
+        freezing, inductor_config.freezing = inductor_config.freezing, True
+        try:
+            compiled = torch.compile(converted)
+            with torch.no_grad():
+                compiled(*args)
+        finally:
+            inductor_config.freezing = freezing
+
+    def run(b: dict[str, torch.Tensor]) -> np.ndarray:
+        with torch.no_grad():
+            return compiled(*(b[n] for n in ("input_ids", "attention_mask", "token_type_ids"))).numpy()
+    return run, size
+
+
 def make_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(1000, 30000, (batch, seq), generator=g)
@@ -162,7 +200,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(model, make_batch(1, ARGS.seq), Path(tmp), ARGS.threads)
         for b in ARGS.batches:
-            rows += measure(variants, make_batch(b, ARGS.seq), reps)
+            batch = make_batch(b, ARGS.seq)
+            pt2e = None if ARGS.no_pt2e else pt2e_dynamic_variant(model, batch)
+            extra = {} if pt2e is None else {"torchao pt2e dynamic + inductor (peer)": pt2e}
+            rows += measure({**variants, **extra}, batch, reps)
     meta = {"model": "all-MiniLM-L6-v2" + (" (random weights)" if ARGS.random else ""),
             "threads": ARGS.threads, "reps": reps, "torch": torch.__version__, "vnni": has_vnni(),
             "weight_bits": weight_bits_for_cpu(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
