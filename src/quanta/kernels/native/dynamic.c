@@ -173,14 +173,32 @@ int qk_quantize_rows_u8(const float *x, uint8_t *y, float *scale, int32_t *zero_
 /* The per-row epilogue of a dynamic int8 matmul, in place on y [m, n] = sum_k x_q * w * w_scale
  * (the matmul run with input scale 1 and zero point 0):
  * y = bias - (zp_row * s_row) * wsum_scaled + y * s_row, wsum_scaled[j] = w_scale[j] * sum_k w[j, k]. */
-__attribute__((optimize("O3"))) void qk_rows_epilogue(float *y, int64_t m, int64_t n, const float *scale,
-                                                     const int32_t *zero_point, const float *wsum_scaled,
-                                                     const float *bias) {
+#define QK_EPILOGUE_ROW                                                                      \
+    for (int64_t j = 0; j < n; j++)                                                          \
+        out[j] = ((bias ? bias[j] : 0.0f) - c * wsum_scaled[j]) + out[j] * s;
+
+/* One row of the epilogue; the AVX2 build is the same arithmetic (no FMA contraction). */
+QK_TARGET("avx2") __attribute__((optimize("O3", "fp-contract=off"))) static void epilogue_row_avx2(
+    float *restrict out, int64_t n, float s, float c, const float *restrict wsum_scaled,
+    const float *restrict bias) {
+    QK_EPILOGUE_ROW
+}
+
+__attribute__((optimize("O3", "fp-contract=off"))) static void epilogue_row(
+    float *restrict out, int64_t n, float s, float c, const float *restrict wsum_scaled,
+    const float *restrict bias) {
+    QK_EPILOGUE_ROW
+}
+
+void qk_rows_epilogue(float *y, int64_t m, int64_t n, const float *scale, const int32_t *zero_point,
+                      const float *wsum_scaled, const float *bias) {
+    int fast = has_avx2_fma();
 #pragma omp parallel for schedule(static) if (m * n > QK_BLOCK)
     for (int64_t r = 0; r < m; r++) {
         float s = scale[r], c = (float)zero_point[r] * s;
-        float *out = y + r * n;
-        for (int64_t j = 0; j < n; j++)
-            out[j] = ((bias ? bias[j] : 0.0f) - c * wsum_scaled[j]) + out[j] * s;
+        if (fast)
+            epilogue_row_avx2(y + r * n, n, s, c, wsum_scaled, bias);
+        else
+            epilogue_row(y + r * n, n, s, c, wsum_scaled, bias);
     }
 }
