@@ -68,8 +68,20 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--llama-python", default="", help="interpreter with llama-cpp-python installed")
     p.add_argument("--llama-node", default="", help="directory where node-llama-cpp is npm-installed")
     p.add_argument("--llama-only", action="store_true", help="only the llama.cpp row (absolute figures)")
+    p.add_argument("--compile", action="store_true",
+                   help="also rows with the forward compiled (torch.compile, static KV cache)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run the rows whose name has one "
+                   "(the fp32 row always runs)")
     p.add_argument("--json", default=str(RESULTS))
     return p.parse_args()
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' advice for compiled decoding: a static KV cache (fixed shapes) and the
+    forward compiled; quanta's weight-only layers enter the graph as one op each."""
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
 
 
 def _torchao_rows(model: torch.nn.Module) -> dict[str, object]:
@@ -132,6 +144,19 @@ def main() -> None:
         model, mode="weight_only", config=QuantConfig(weight=QuantSpec(bits=4, group_size=32)))
     rows["quanta dynamic int8"] = quanta.quantize(model, mode="dynamic")
     rows.update(_torchao_rows(model))
+    if args.compile:
+        rows["torch fp32, forward compiled"] = _compiled(copy.deepcopy(model))
+        int8 = quanta.quantize(model, mode="weight_only")
+        rows["quanta weight-only int8, forward compiled"] = _compiled(int8)
+        cfg = QuantConfig(weight=QuantSpec(bits=4, group_size=32), overrides=int8_head)
+        rows["quanta weight-only int4 g32, lm_head int8, forward compiled"] = _compiled(
+            quanta.quantize(model, mode="weight_only", config=cfg))
+        ao = rows.get("torchao int8 weight-only")
+        if isinstance(ao, torch.nn.Module):
+            rows["torchao int8 weight-only, forward compiled"] = _compiled(copy.deepcopy(ao))
+    if args.only:
+        wanted = args.only.split(",")
+        rows = {k: v for k, v in rows.items() if k == "torch fp32" or any(w in k for w in wanted)}
     results: dict[str, dict] = {}
     with torch.inference_mode():
         for name, m in rows.items():
@@ -140,7 +165,8 @@ def main() -> None:
                 continue
             try:
                 results[name] = {"ppl": llm.perplexity(m, ppl_ids), "prefill": [], "decode": []}
-                _time_generate(m, prompt, 2)  # warm-up
+                for new in (1, 1 + args.decode):  # warm-up (and a compiled row's compiles)
+                    _time_generate(m, prompt, new)
             except Exception as e:  # noqa: BLE001
                 results[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
         for _ in range(args.reps):

@@ -82,3 +82,24 @@ def test_layers_that_cannot_take_int4_stay_float():
     assert "multiples of 32" in q._quanta.plan.layers["0"].reason
     x = torch.randn(2, 40)
     assert torch.allclose(q(x), q[1].float_forward(q[0](x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [None, INT4_G32], ids=["int8", "int4-g32"])
+def test_compiled_forward_keeps_the_kernels_as_one_op(tiny_llama, config):
+    """``torch.compile`` of a forward that calls weight-only layers (transformers' own advice:
+    ``model.forward = torch.compile(model.forward)``): each layer is one opaque op, so the graph
+    has no break (``fullgraph=True`` would raise) and its outputs are the eager ones."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).eval()
+    q = quanta.quantize(mlp, mode="weight_only", config=config)
+    compiled = torch.compile(q.forward, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, 40):  # the GEMV, and dequantize + sgemm
+            x = torch.randn(rows, 64)
+            assert torch.equal(compiled(x), q(x))
+    llama = quanta.quantize(tiny_llama, mode="weight_only", config=config)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = llama(ids, use_cache=False).logits
+        llama.forward = torch.compile(llama.forward, dynamic=False)
+        got = llama(ids, use_cache=False).logits
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4  # inductor's float ops, same kernels

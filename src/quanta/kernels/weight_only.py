@@ -176,3 +176,18 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.
     if q.shape[0] * x.shape[1] >= TILED_FROM_WEIGHTS:
         return _tiled_prefill(x, q, scale, offset, group, bias)
     return F.linear(x, native_dequantize(q, scale, offset, group), bias)
+
+
+@torch.library.custom_op("quanta::weight_only_linear", mutates_args=())
+def linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` as one opaque torch op, for ``torch.compile``: dynamo cannot trace the native
+    kernels' ctypes calls (each would break the graph), but it keeps a custom op whole. Its
+    output is contiguous, as the fake below says (``linear`` may return a transposed view)."""
+    return linear(x, q, scale, offset, group, bias).contiguous()
+
+
+@linear_op.register_fake
+def _linear_op_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                     group: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], scale.shape[0]))

@@ -87,6 +87,9 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
         if self.backend == "reference":
             y = kernels.reference_linear(rows, self.weight, self.weight_scale, self.weight_offset,
                                          self.group_size, self.bias)
+        elif torch.compiler.is_compiling():  # one opaque op in the compiled graph (no graph break)
+            y = kernels.linear_op(rows, self.weight, self.weight_scale, self.weight_offset, self.group_size,
+                                  self.bias)
         else:
             y = kernels.linear(rows, self.weight, self.weight_scale, self.weight_offset, self.group_size,
                                self.bias)
