@@ -79,6 +79,11 @@ def _parse() -> argparse.Namespace:
 def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     """transformers' advice for compiled decoding: a static KV cache (fixed shapes) and the
     forward compiled; quanta's weight-only layers enter the graph as one op each."""
+    import torch._dynamo
+
+    # every row's forward is the same code object: dynamo's per-code limit on compiled variants
+    # (8) would send the later rows back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model.generation_config.cache_implementation = "static"
     model.forward = torch.compile(model.forward, dynamic=False)
     return model
