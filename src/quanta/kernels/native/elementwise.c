@@ -105,7 +105,19 @@ __attribute__((optimize("O3", "no-math-errno"))) static int quantize_run(
 /* The loop above 32 values at a time in AVX2 intrinsics (the compiler's vectorization of it
  * spent most of its instructions on the clamps and the non-finite count); the same operations
  * in the same order, so the same bytes. Non-finite inputs: exponent bits all ones. */
-#define QK_QUANTIZE_VEC(OP)                                                                      for (; i + 32 <= len; i += 32) {                                                                 for (int p = 0; p < 4; p++) {                                                                    __m256 xv = _mm256_loadu_ps(x + i + 8 * p);                                                  __m256 v = _mm256_round_ps(OP(xv, factor), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);             v = _mm256_add_ps(v, vzp);                                                                   __m256i e = _mm256_and_si256(_mm256_castps_si256(xv), exponent);                             flags = _mm256_or_si256(flags, _mm256_cmpeq_epi32(e, exponent));                             q[p] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, zero), top));                  }                                                                                            __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));         _mm256_storeu_si256((__m256i *)(y + i), _mm256_permutevar8x32_epi32(w, order));          }
+#define QK_QUANTIZE_VEC(OP)                                                                                \
+    for (; i + 32 <= len; i += 32) {                                                                       \
+        for (int p = 0; p < 4; p++) {                                                                      \
+            __m256 xv = _mm256_loadu_ps(x + i + 8 * p);                                                    \
+            __m256 v = _mm256_round_ps(OP(xv, factor), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);     \
+            v = _mm256_add_ps(v, vzp);                                                                     \
+            __m256i e = _mm256_and_si256(_mm256_castps_si256(xv), exponent);                               \
+            flags = _mm256_or_si256(flags, _mm256_cmpeq_epi32(e, exponent));                               \
+            q[p] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, zero), top));                        \
+        }                                                                                                  \
+        __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3])); \
+        _mm256_storeu_si256((__m256i *)(y + i), _mm256_permutevar8x32_epi32(w, order));                    \
+    }
 
 QK_TARGET("avx2") __attribute__((optimize("O3", "no-math-errno"))) static int quantize_run_avx2(
     const float *restrict x, uint8_t *restrict y, int64_t len, float scale, float inv, float zp) {
