@@ -130,8 +130,9 @@ def pt2e_dynamic_variant(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     with freezing: the graph is exported for this batch's shape, so one build per batch size."""
     import copy
 
+    from bench_peers import compile_frozen
+
     try:
-        import torch._inductor.config as inductor_config
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError:
@@ -147,13 +148,7 @@ def pt2e_dynamic_variant(model: torch.nn.Module, batch: dict[str, torch.Tensor])
             prepared(*args)
         converted = convert_pt2e(prepared)
         size = _state_bytes(converted)
-        freezing, inductor_config.freezing = inductor_config.freezing, True
-        try:
-            compiled = torch.compile(converted)
-            with torch.no_grad():
-                compiled(*args)
-        finally:
-            inductor_config.freezing = freezing
+        compiled = compile_frozen(converted, args)
 
     def run(b: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.no_grad():

@@ -123,17 +123,23 @@ def torchao_pt2e(model: nn.Module, calib: list, example: tuple, case: Any) -> Ru
             prepared(*case.inputs(batch_size, 1000 + i))
     converted = convert_pt2e(prepared)
     size = state_bytes(converted)
+    compiled = compile_frozen(converted, example)
+    return (lambda x: compiled(*x)), size, "X86InductorQuantizer, strict export, inductor freezing"
+
+
+def compile_frozen(model: nn.Module, example: tuple) -> Callable:
+    """``torch.compile`` with inductor freezing (torchao's recipe for pt2e int8: constant-fold
+    and prepack the int8 weights), compiled by one call on ``example``."""
     import torch._inductor.config as inductor_config
 
-    freezing = inductor_config.freezing
-    inductor_config.freezing = True  # torchao's recipe: constant-fold and prepack int8 weights
+    freezing, inductor_config.freezing = inductor_config.freezing, True
     try:
-        compiled = torch.compile(converted)
+        compiled = torch.compile(model)
         with torch.no_grad():
             compiled(*example)
     finally:
         inductor_config.freezing = freezing
-    return (lambda x: compiled(*x)), size, "X86InductorQuantizer, strict export, inductor freezing"
+    return compiled
 
 
 # ---------------------------------------------------------------- ONNX Runtime
