@@ -285,12 +285,35 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
     With ``max_drop`` and ``eval_fn`` (``eval_fn(model) -> float``, higher is better), keeps the
     fewest conv/linear MACs float that bring the metric within ``max_drop`` of float's
     (``quanta.accuracy_target``; ``order``: "sensitivity" or "sqnr"); ``quanta.target_of(qmodel)``
-    tells what was kept float and why."""
+    tells what was kept float and why.
+
+    With ``QuantConfig(rotate=True)`` the residual stream of an RMSNorm transformer is rotated
+    first (``quanta.ptq.rotation``; exact in float, checked on one example: ``example_inputs`` or
+    the first calibration batch); ``quanta.ptq.corrections_of(qmodel).rotation`` tells what."""
+    if config is not None and config.rotate:
+        from quanta.ptq import attach_rotation, rotate_for_quantize
+
+        model, calibration_data, example_inputs, rotation = rotate_for_quantize(
+            model, calibration_data, example_inputs, _resolve_config(config, mode, skip), inplace=inplace)
+        qmodel = _quantize(model, calibration_data, mode, config, skip=skip, example_inputs=example_inputs,
+                           max_batches=max_batches, inplace=True, show_progress=show_progress,
+                           eval_fn=eval_fn, max_drop=max_drop, order=order, rotated=True, **kwargs)
+        return attach_rotation(qmodel, rotation)
+    return _quantize(model, calibration_data, mode, config, skip=skip, example_inputs=example_inputs,
+                     max_batches=max_batches, inplace=inplace, show_progress=show_progress, eval_fn=eval_fn,
+                     max_drop=max_drop, order=order, **kwargs)
+
+
+def _quantize(model: nn.Module, calibration_data: Iterable[Any] | None, mode: str, config: QuantConfig | None,
+              *, skip: Iterable[str] | None, example_inputs: Any, max_batches: int | None, inplace: bool,
+              show_progress: bool, eval_fn: Callable[[nn.Module], float] | None, max_drop: float | None,
+              order: str, rotated: bool = False, **kwargs: Any) -> nn.Module:
+    """:func:`quantize` after the optional rotation (``rotated``: ``model`` is already a copy)."""
     if (eval_fn is None) != (max_drop is None):
         raise ValueError("an accuracy target needs both eval_fn= (eval_fn(model) -> float, higher is "
                          "better) and max_drop= (the largest drop from float allowed)")
     if max_drop is not None:
-        if mode != "static" or inplace:
+        if mode != "static" or (inplace and not rotated):
             raise ValueError("max_drop= works in static mode on a copy of the model (not inplace)")
         if calibration_data is None:
             raise CalibrationError("static quantization needs calibration_data (an iterable of batches)")
@@ -341,7 +364,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Any] | None = None, mo
             calibration_data = itertools.chain([example_inputs], iterator)
     resolved = _resolve_config(config, "static", skip)
     if resolved.corrections():
-        if inplace:
+        if inplace and not rotated:
             flags = ", ".join(n + "=True" for n in resolved.corrections())
             raise ValueError(f"QuantConfig({flags}) compares against the float model: quantize a copy "
                              "(inplace=False)")

@@ -17,8 +17,9 @@ from quanta.kernels.reference import NUMERICS
 
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
-# version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; older dicts load unchanged
-CONFIG_VERSION = 7
+# version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; version 8 rotate,
+# rotation_seed; older dicts load unchanged
+CONFIG_VERSION = 8
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -191,6 +192,10 @@ class QuantConfig:
     # alpha per layer (or none at all)
     smoothquant: bool = False
     smoothquant_alpha: float | None = None
+    # residual-stream rotation of RMSNorm transformers before quantizing, any mode (quanta.ptq.rotation):
+    # exact in float, it spreads outlier channels so per-row int8 scales fit; needs one example input
+    rotate: bool = False
+    rotation_seed: int = 0
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -212,6 +217,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:
             raise ValueError(f"QuantConfig.adaround_seconds must be positive, got {self.adaround_seconds}")
+        seed = self.rotation_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"QuantConfig.rotation_seed must be a non-negative integer, got {seed!r}")
+        if self.rotate and self.mode == "qat":
+            raise ValueError("QuantConfig(rotate=True) is for post-training modes (static, dynamic, "
+                             "weight_only): rotate the float model with quanta.ptq.rotate before QAT instead")
         for name in ("adaround_iterations", "learn_ranges_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

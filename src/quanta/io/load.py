@@ -265,6 +265,47 @@ def _wrap_smoothed(model: nn.Module, names: Any) -> None:
         _set_module(model, name, SmoothedLinear(scale, linear))
 
 
+def _wrap_rotated(model: nn.Module, entries: Any) -> None:
+    """Re-create the run-time rotations of a rotated model's Linears (their matrices come from the file)."""
+    from quanta.ptq.rotation import RotatedLinear, Rotation
+
+    if not isinstance(entries, dict):
+        raise FormatError("the manifest's 'rotated' entry is not a mapping of layer names")
+    for name, factors in entries.items():
+        linear = model.get_submodule(name) if _has_module(model, name) else None
+        if type(linear) is not nn.Linear:
+            raise FormatError(f"the model does not match the file: rotated layer {name!r} is not an "
+                              "nn.Linear in the model")
+        sizes = isinstance(factors, list) and len(factors) == 2 and all(isinstance(f, int) for f in factors)
+        if not sizes or factors[0] * factors[1] != linear.in_features or min(factors) < 1:
+            raise FormatError(f"the manifest's rotation of {name!r} is not two sizes that multiply to its "
+                              f"{linear.in_features} inputs")
+        _set_module(model, name, RotatedLinear(Rotation(linear.in_features, tuple(factors)), linear))
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _untie_differing(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each name its own Parameter where the file holds different values under names that
+    share one in ``model`` (a rotated model's embedding and LM head, tied in the float model)."""
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for names in shared.values():
+        present = [n for n in names if n in tensors]
+        if len(present) > 1 and not all(torch.equal(tensors[present[0]], tensors[n]) for n in present[1:]):
+            for name in present:
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner)
+                setattr(module, attr, nn.Parameter(getattr(module, attr).detach().clone()))
+
+
 def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` on a copy of ``float_model``'s architecture.
 
@@ -283,6 +324,7 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
     config, plan = parse_manifest(manifest)
     model = copy.deepcopy(float_model).eval()
     _wrap_smoothed(model, manifest.get("smoothed", []))
+    _wrap_rotated(model, manifest.get("rotated", {}))
     check_architecture(model, plan)
     try:
         for lp in plan.layers.values():
@@ -294,7 +336,9 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
         _build_op_sites(model, plan, state, table)
         state.attach(model)  # sets model._quanta (unregistered) and its state-dict hooks
         check_tensors(model, table)
-        model.load_state_dict(fmt.unpack(table, blobs), strict=True)
+        tensors = fmt.unpack(table, blobs)
+        _untie_differing(model, tensors)
+        model.load_state_dict(tensors, strict=True)
     except FormatError:
         raise
     except (*_PARSE_ERRORS, RuntimeError) as e:

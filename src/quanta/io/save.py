@@ -64,6 +64,10 @@ def build_manifest(model: nn.Module, table: dict[str, list[Any]], digest: str) -
         "modules": modules,
         # Linears SmoothQuant wrapped (quanta.ptq.smoothquant): load wraps them again
         "smoothed": [n for n, m in model.named_modules() if type(m).__name__ == "SmoothedLinear"],
+        # Linears whose input the residual-stream rotation turns at run time (quanta.ptq.rotation):
+        # name -> the rotation's two factor sizes; load wraps them again
+        "rotated": {n: list(m.rotation.factors) for n, m in model.named_modules()
+                    if type(m).__name__ == "RotatedLinear"},
         "tensors": table,
         "data_sha256": digest,
     }

@@ -1,5 +1,7 @@
 """Post-training corrections applied around calibration, each behind a ``QuantConfig`` flag.
 
+- ``rotate``: the residual stream of an RMSNorm transformer rotated, on a copy of the float
+  model, before anything else and in any post-training mode (:mod:`.rotation`);
 - ``equalize``: cross-layer equalization of conv/linear pairs, on a copy of the float model,
   before calibration (:mod:`quanta.ptq.equalization`);
 - ``smoothquant``: each Linear's input outliers migrated into its weight columns, on that copy,
@@ -32,16 +34,18 @@ from quanta.ptq.adaround import RoundingResult, adaround
 from quanta.ptq.bias_correction import BiasShift, correct_bias
 from quanta.ptq.equalization import EqualizationResult, equalize
 from quanta.ptq.range_learning import RangeLearningResult, learn_ranges
+from quanta.ptq.rotation import RotatedLinear, RotationResult, rotate
 from quanta.ptq.smoothquant import SmoothedLinear, SmoothingResult, smooth
 
-__all__ = ["Corrections", "SmoothedLinear", "adaround", "correct_bias", "corrections_of", "equalize",
-           "learn_ranges", "quantize_corrected", "smooth", "smooth_for_dynamic"]
+__all__ = ["Corrections", "RotatedLinear", "SmoothedLinear", "adaround", "correct_bias", "corrections_of",
+           "equalize", "learn_ranges", "quantize_corrected", "rotate", "smooth", "smooth_for_dynamic"]
 
 
 @dataclass
 class Corrections:
     """What the post-training corrections of one quantized model did."""
 
+    rotation: RotationResult | None = None
     equalization: EqualizationResult | None = None
     smoothing: SmoothingResult | None = None
     ranges: RangeLearningResult | None = None
@@ -51,7 +55,7 @@ class Corrections:
 
     def summary(self) -> str:
         """One line per correction applied, in the order they ran."""
-        lines = []
+        lines = [] if self.rotation is None else [self.rotation.summary()]
         if self.equalization is not None:
             lines.append(self.equalization.table().splitlines()[0])
         if self.smoothing is not None:
@@ -75,6 +79,39 @@ def corrections_of(qmodel: nn.Module) -> Corrections | None:
     """The corrections ``quanta.quantize`` applied to ``qmodel`` (None: none were asked for)."""
     state = getattr(qmodel, "_quanta", None)
     return None if state is None else state.__dict__.get("corrections")
+
+
+def rotate_for_quantize(model: nn.Module, calibration_data: Iterable[Any] | None, example_inputs: Any,
+                        config: QuantConfig, *, inplace: bool) -> tuple[nn.Module, Any, Any, RotationResult]:
+    """(rotated model, calibration data, example inputs, what was rotated) for ``quanta.quantize``
+    with ``QuantConfig(rotate=True)``: a copy of ``model`` unless ``inplace``; the example is
+    ``example_inputs`` or the first calibration batch (a one-shot iterator keeps it)."""
+    if example_inputs is None:
+        if calibration_data is None or isinstance(calibration_data, torch.Tensor):
+            example_inputs = calibration_data
+        else:
+            iterator = iter(calibration_data)
+            example_inputs = next(iterator, None)
+            if iterator is calibration_data and example_inputs is not None:
+                calibration_data = itertools.chain([example_inputs], iterator)
+    if example_inputs is None:
+        raise CalibrationError("QuantConfig(rotate=True) needs example_inputs= (or calibration_data): one "
+                               "forward finds the residual stream and checks the rotated model")
+    rotated = model if inplace else copy.deepcopy(model)
+
+    def quantized(name: str) -> bool:
+        return not config.for_module(name, rotated.get_submodule(name))[0]
+
+    result = rotate(rotated, example_inputs, seed=config.rotation_seed, online=quantized)
+    return rotated, calibration_data, example_inputs, result
+
+
+def attach_rotation(qmodel: nn.Module, rotation: RotationResult) -> nn.Module:
+    """Record ``rotation`` in ``qmodel``'s corrections (what ``corrections_of`` returns)."""
+    done = corrections_of(qmodel) or Corrections()
+    done.rotation = rotation
+    qmodel._quanta.__dict__["corrections"] = done
+    return qmodel
 
 
 def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config: QuantConfig, *,

@@ -1,0 +1,327 @@
+"""Residual-stream rotation (QuaRot, Ashkboos et al. 2024; SliceGPT's computational invariance).
+
+In a pre-norm transformer with RMSNorm the hidden state travels a residual stream: an embedding
+writes it, each block reads it through an RMSNorm into Linears (q/k/v, gate/up) and adds a
+Linear's output back (o_proj, down_proj). RMSNorm without its gain commutes with any orthogonal
+Q (``rms(x Q) == rms(x)``), so the model computes the same function when
+
+- the embedding's rows become ``E Q`` (the stream now carries ``x Q``),
+- every norm's gain goes into the Linears that read it, whose weights become ``W diag(gain) Q``
+  (the gain set to 1),
+- every Linear that writes the stream becomes ``Q^T W`` (bias ``Q^T b``).
+
+Q is a signed Hadamard matrix (:mod:`quanta.ptq.hadamard`), so a channel with outliers is spread
+over all channels: per-row int8 scales stop following a few channels (docs/ptq.md, "Rotated
+inputs"). The writers' own inputs (attention output, the gated MLP product) are not on the stream;
+each gets a rotation at run time (:class:`RotatedLinear`, ``linear(x R)`` with the weight ``W R``),
+applied as two small matmuls (R = diag(signs) (A kron B), n (a + b) float multiply-adds per row).
+
+The structure comes from quanta's dataflow record of one forward (``capture.record``). After the
+rewrite the model runs the example again and its outputs must match the original's (relative
+error below :data:`TOLERANCE`), else the original weights are restored and an error names what
+did not fit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quanta.capture.record import DataflowRecord, Node, batch_tensors, call_with, capture
+from quanta.errors import UnsupportedModelError
+from quanta.ptq import hadamard
+
+TOLERANCE = 1e-3  # relative L2 error of every output tensor, rotated float model against the original
+# calls between a norm and its readers, or a writer and its add, that keep the last dimension
+_PASS_FUNCTIONS = ("getitem", "contiguous", "view", "reshape", "clone", "dropout", "to", "float")
+_PASS_MODULES = (nn.Dropout, nn.Identity)
+
+
+class Rotation(nn.Module):
+    """``x -> x R`` over the last dimension, ``R = diag(signs) (left kron right)``: an orthogonal
+    n x n matrix applied as two matmuls of sizes a and b (a * b == n)."""
+
+    def __init__(self, n: int, factors: tuple[int, int], seed: int = 0) -> None:
+        super().__init__()
+        a, b = factors
+        if a * b != n:
+            raise ValueError(f"Rotation: factors {a} x {b} do not multiply to {n}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("signs", (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float())
+        self.register_buffer("left", hadamard.orthogonal(a, seed + 1).float())
+        self.register_buffer("right", hadamard.orthogonal(b, seed + 2).float())
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """R as a dense float64 matrix (folding it into a weight)."""
+        kron = torch.kron(self.left.double(), self.right.double())
+        return self.signs.double()[:, None] * kron
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors
+        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], a, b)
+        if a > 1:
+            y = self.left.to(x.dtype).T @ y
+        return (y @ self.right.to(x.dtype)).reshape(x.shape)
+
+
+class RotatedLinear(nn.Module):
+    """``linear(rotation(x))``: a Linear whose input is rotated at run time (its weight carries
+    the rotation, so the pair equals the original Linear)."""
+
+    def __init__(self, rotation: Rotation, linear: nn.Linear) -> None:
+        super().__init__()
+        self.rotation = rotation
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.rotation(x))
+
+
+@dataclass
+class RotationResult:
+    width: int = 0  # the residual stream's width (Q is width x width)
+    sources: list[str] = field(default_factory=list)  # embeddings (rows rotated)
+    norms: list[str] = field(default_factory=list)  # RMSNorms whose gain moved into their readers
+    readers: list[str] = field(default_factory=list)  # Linears reading the stream (W diag(g) Q)
+    writers: list[str] = field(default_factory=list)  # Linears adding into it (Q^T W), inputs rotated online
+    online: dict[str, tuple[int, int]] = field(default_factory=dict)  # RotatedLinear name: factors
+    untied: list[str] = field(default_factory=list)  # parameters that were shared and now are not
+    error: float = 0.0  # largest relative L2 error of an output, rotated float against original
+
+    def summary(self) -> str:
+        per_row = {f"{a}x{b}" for a, b in self.online.values()}
+        return (f"rotation: residual stream of width {self.width} rotated ({len(self.readers)} readers, "
+                f"{len(self.writers)} writers, {len(self.norms)} RMSNorm gains folded); "
+                f"{len(self.online)} Linear input(s) rotated at run time ({', '.join(sorted(per_row))}); "
+                f"float outputs unchanged to {self.error:.1e}")
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """True for a module that is ``rmsnorm(x) * weight``: its only parameter a 1-D weight, and with
+    the weight set to ones it commutes with a random orthogonal matrix (LayerNorm does not)."""
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if set(params) != {"weight"} or weight is None or weight.dim() != 1 or next(module.children(), None):
+        return False
+    n = weight.shape[0]
+    if n < 2:
+        return False
+    probe = copy.deepcopy(module).float().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, n, generator=g)
+    q = hadamard.orthogonal(n, 1).float()
+    gain = torch.randn(n, generator=g)
+    try:
+        with torch.no_grad():
+            probe.weight.copy_(gain)
+            scaled = probe(x)
+            probe.weight.fill_(1.0)
+            plain = probe(x)
+            turned = probe(x @ q)
+    except Exception:  # noqa: BLE001 - any module that cannot take a [4, n] input is not one
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.shape == x.shape for t in (scaled, plain, turned)):
+        return False
+    return bool(torch.allclose(scaled, plain * gain, atol=1e-5)
+                and torch.allclose(turned, plain @ q, atol=1e-4))
+
+
+@dataclass
+class _Stream:
+    sources: list[str] = field(default_factory=list)  # embedding weight parameters
+    norms: list[str] = field(default_factory=list)  # RMSNorm module names
+    readers: dict[str, str | None] = field(default_factory=dict)  # Linear weight -> norm whose gain it takes
+    writers: dict[str, str] = field(default_factory=dict)  # Linear weight -> its module name ("" if a call)
+
+
+def _linear_weight(node: Node, modules: dict[str, nn.Module]) -> str | None:
+    """The weight parameter of a Linear node (an ``nn.Linear`` module or a ``linear`` call on one)."""
+    if node.kind == "module" and isinstance(modules.get(node.name), nn.Linear):
+        return node.name + ".weight"
+    if node.kind == "function" and node.op == "linear" and node.weight:
+        return node.weight
+    return None
+
+
+def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
+    if node.kind == "module":
+        return isinstance(modules.get(node.name), _PASS_MODULES)
+    return node.kind == "function" and node.op in _PASS_FUNCTIONS and len(node.inputs) == 1
+
+
+def _consumers(record: DataflowRecord, node: Node, modules: dict[str, nn.Module]) -> list[Node]:
+    """The nodes reading ``node``, looking through calls that keep the last dimension."""
+    out: list[Node] = []
+    for c in (record.nodes[i] for i in node.consumers):
+        out += _consumers(record, c, modules) if _passes(c, modules) and not c.is_output else [c]
+    return out
+
+
+def _producer(record: DataflowRecord, node_id: int, modules: dict[str, nn.Module]) -> Node:
+    node = record.nodes[node_id]
+    while _passes(node, modules) and len(node.consumers) == 1:
+        node = record.nodes[node.inputs[0]]
+    return node
+
+
+def _describe(node: Node) -> str:
+    return f"{node.name} ({node.op})"
+
+
+def find_stream(record: DataflowRecord, modules: dict[str, nn.Module]) -> _Stream:
+    """The residual stream of a recorded forward: from each embedding through the adds, with the
+    norms and Linears reading it and the Linears writing it. Raises UnsupportedModelError naming
+    the first node that does not fit the pattern."""
+    stream = _Stream()
+    starts = [n for n in record.nodes if n.kind == "module" and isinstance(modules.get(n.name), nn.Embedding)]
+    if not starts:
+        raise UnsupportedModelError("rotation: the model has no nn.Embedding to start a residual stream from")
+    on_stream = {n.id for n in starts}
+    stream.sources = [n.name + ".weight" for n in starts]
+    queue = list(starts)
+    while queue:
+        node = queue.pop(0)
+        if node.is_output:
+            raise UnsupportedModelError(f"rotation: the residual stream at {_describe(node)} is an output of "
+                                        "the model; rotating it would change what the model returns")
+        for c in _consumers(record, node, modules):
+            if c.id in on_stream:
+                continue
+            if c.kind == "function" and c.op == "add":
+                for i in c.inputs:
+                    if i not in on_stream:
+                        _add_writer(record, stream, c, _producer(record, i, modules), modules, on_stream)
+                on_stream.add(c.id)
+                queue.append(c)
+            elif c.kind == "module" and is_rms_norm(modules[c.name]):
+                if c.name not in stream.norms:
+                    stream.norms.append(c.name)
+                for r in _consumers(record, c, modules):
+                    weight = _linear_weight(r, modules)
+                    if weight is None:
+                        raise UnsupportedModelError(
+                            f"rotation: {c.name}'s output feeds {_describe(r)}; a norm's gain can only move "
+                            "into Linears")
+                    stream.readers[weight] = c.name
+            elif (weight := _linear_weight(c, modules)) is not None:
+                stream.readers.setdefault(weight, None)
+            elif not (c.kind == "module" and next(modules[c.name].parameters(), None) is None):
+                raise UnsupportedModelError(
+                    f"rotation: {_describe(c)} reads the residual stream; only RMSNorms (x / rms(x) * gain), "
+                    "Linears and adds can (a LayerNorm's mean does not commute with a rotation)")
+            # a module without parameters (e.g. a rotary embedding reading only the dtype): checked
+            # by running the rotated model
+    if not stream.norms:
+        raise UnsupportedModelError("rotation: no RMSNorm reads the residual stream; nothing to rotate")
+    return stream
+
+
+def _add_writer(record: DataflowRecord, stream: _Stream, add: Node, producer: Node,
+                modules: dict[str, nn.Module], on_stream: set[int]) -> None:
+    if producer.kind == "module" and isinstance(modules.get(producer.name), nn.Embedding):
+        stream.sources.append(producer.name + ".weight")
+        on_stream.add(producer.id)
+        return
+    weight = _linear_weight(producer, modules)
+    if weight is None:
+        raise UnsupportedModelError(f"rotation: {add.name} adds {_describe(producer)} to the residual "
+                                    "stream; only Linear outputs and embeddings can be rotated")
+    if [c.id for c in _consumers(record, producer, modules)] != [add.id]:
+        raise UnsupportedModelError(f"rotation: {_describe(producer)} writes the residual stream at "
+                                    f"{add.name} and is read elsewhere too")
+    stream.writers[weight] = producer.name if producer.kind == "module" else ""
+
+
+def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = batch_tensors(call_with(model, example_inputs))
+    return [t.detach().float() for t in out if t.is_floating_point()]
+
+
+def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
+           online: Callable[[str], bool] | None = None) -> RotationResult:
+    """Rotate ``model``'s residual stream in place (see the module docstring); ``online(name)``
+    says which writer Linears also get their input rotated at run time (default: all; quanta
+    passes the ones it quantizes). The float model computes what it did before, which is checked
+    on ``example_inputs``; on a mismatch the model is restored and UnsupportedModelError raised."""
+    training = model.training
+    model.eval()
+    try:
+        modules = dict(model.named_modules())
+        stream = find_stream(capture(model, example_inputs, mode="dynamic"), modules)
+        before = _outputs(model, example_inputs)
+        undo: list[tuple[nn.Module, str, Any]] = []
+        result = _apply(model, stream, seed, online or (lambda name: True), undo)
+        after = _outputs(model, example_inputs)
+        if len(after) == len(before):
+            pairs = zip(after, before, strict=True)
+            errors = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs]
+            result.error = max(errors, default=0.0)
+        else:
+            result.error = float("inf")
+        if not result.error <= TOLERANCE:
+            for owner, attr, old in reversed(undo):
+                setattr(owner, attr, old)
+            raise UnsupportedModelError(
+                f"rotation: the rotated float model's outputs differ from the original's (relative error "
+                f"{result.error:.2e} > {TOLERANCE:g}); some op on the residual stream does not commute with "
+                "a rotation. The model is unchanged")
+        return result
+    finally:
+        model.train(training)
+
+
+def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str], bool],
+           undo: list[tuple[nn.Module, str, Any]]) -> RotationResult:
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    params = dict(model.named_parameters(remove_duplicate=False))
+    old = {name: params[name].detach().double() for name in
+           [*stream.sources, *stream.readers, *stream.writers, *(n + ".weight" for n in stream.norms)]}
+    width = old[stream.sources[0]].shape[1]
+    q = hadamard.orthogonal(width, seed)
+    result = RotationResult(width=width, sources=list(stream.sources), norms=list(stream.norms),
+                            readers=list(stream.readers), writers=list(stream.writers))
+    result.untied = sorted(n for n in old if counts[id(params[n])] > 1)
+
+    def put(name: str, value: torch.Tensor) -> None:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        undo.append((owner, attr, getattr(owner, attr)))
+        was = params[name]
+        setattr(owner, attr, nn.Parameter(value.to(was.dtype), requires_grad=was.requires_grad))
+
+    for name in stream.sources:
+        put(name, old[name] @ q)
+    for name, norm in stream.readers.items():
+        w = old[name]
+        put(name, (w * old[norm + ".weight"] if norm is not None else w) @ q)
+    for norm in stream.norms:
+        put(norm + ".weight", torch.ones_like(old[norm + ".weight"]))
+    for name, module_name in stream.writers.items():
+        w = old[name]
+        if module_name and online(module_name):
+            rotation = Rotation(w.shape[1], hadamard.kronecker_factors(w.shape[1]), seed=seed + 1)
+            w = w @ rotation.matrix()
+            result.online[module_name] = rotation.factors
+        put(name, q.T @ w)
+        bias = name[: -len("weight")] + "bias"
+        if bias in params and params[bias] is not None:
+            put(bias, q.T @ params[bias].detach().double())
+        if module_name in result.online:
+            owner_name, _, attr = module_name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            linear = getattr(owner, attr)
+            undo.append((owner, attr, linear))
+            setattr(owner, attr, RotatedLinear(rotation, linear))
+    return result
