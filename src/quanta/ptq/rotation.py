@@ -53,7 +53,8 @@ class Rotation(nn.Module):
             raise ValueError(f"Rotation: factors {a} x {b} do not multiply to {n}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("signs", (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float())
-        self.register_buffer("left", hadamard.orthogonal(a, seed + 1).float())
+        left = hadamard.orthogonal(a, seed + 1) if a > 1 else torch.ones(1, 1)  # a == 1: not applied
+        self.register_buffer("left", left.float())
         self.register_buffer("right", hadamard.orthogonal(b, seed + 2).float())
 
     @property
