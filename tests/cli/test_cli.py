@@ -196,6 +196,32 @@ def test_quantize_dynamic_from_a_python_file(factory_file: Path, tmp_path: Path)
     assert rows["fc1"]["precision"] == "int8" and rows["conv1"]["precision"] == "float"
 
 
+LLAMA_FACTORY = '''
+import torch
+import transformers
+
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    return {"model": transformers.LlamaForCausalLM(cfg).eval(), "example_inputs": (ids,)}
+'''
+
+
+def test_quantize_dynamic_with_rotation(factory_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    path = tmp_path / "llama_factory.py"
+    path.write_text(textwrap.dedent(LLAMA_FACTORY))
+    out = tmp_path / "llama.quanta.safetensors"
+    result = run("quantize", f"{path}:llama", "--mode", "dynamic", "--rotate", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "residual stream of width 48 rotated" in result.stdout, result.stdout
+    assert json.loads(run("report", str(out), "--json").stdout)["mode"] == "dynamic"
+    result = run("quantize", f"{factory_file}:plain", "--mode", "dynamic", "--rotate", "--out", str(out))
+    assert_one_line_error(result, 2, "--rotate needs an example input")
+
+
 @pytest.mark.slow
 def test_quantize_qat_with_factory_train(factory_file: Path, tmp_path: Path,
                                          test_data: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -168,6 +168,9 @@ def build_parser() -> Parser:
     q.add_argument("--smoothquant", nargs="?", const="auto", metavar="ALPHA",
                    help="static: SmoothQuant, each Linear's input outliers moved into its weights before "
                         "calibration; ALPHA in (0, 1), or chosen per layer when left out")
+    q.add_argument("--rotate", action="store_true",
+                   help="static or dynamic: rotate the residual stream of an RMSNorm transformer first "
+                        "(exact in float; spreads outlier channels before int8)")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
     q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),

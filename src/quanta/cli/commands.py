@@ -55,7 +55,7 @@ def float_safetensors_bytes(model: nn.Module) -> int:
 def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
     """``--config`` with the flags that set its fields (--equalize, --adaround, ...) applied."""
     config = load_config(args.config, args.mode)
-    fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction") if getattr(args, k)}
+    fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction", "rotate") if getattr(args, k)}
     if args.adaround is not None:
         fields.update(adaround=True, adaround_seconds=args.adaround)
     if args.learn_ranges is not None:
@@ -95,6 +95,13 @@ def quantize(args: argparse.Namespace) -> int:
                              "(MODULE:function, or a .pt/.npy tensor) or return it from the factory")
         qmodel = quanta.quantize(factory.model, calib, mode="static", config=config, skip=skip,
                                  example_inputs=factory.example_inputs, max_batches=args.batches, **target)
+    elif args.mode == "dynamic" and config.rotate:
+        example = example_from(factory, calib, None)
+        if example is None:
+            raise UsageError("--rotate needs an example input: pass --calib DATA or return 'example_inputs' "
+                             "or 'calib' from the factory")
+        qmodel = quanta.quantize(factory.model, mode="dynamic", config=config, skip=skip,
+                                 example_inputs=example)
     elif args.mode == "dynamic":
         qmodel = _api("quantize_dynamic")(factory.model, config=config, skip=skip)
     else:
