@@ -148,6 +148,12 @@ def main() -> None:
     rows["quanta weight-only int4 g32, all layers"] = quanta.quantize(
         model, mode="weight_only", config=QuantConfig(weight=QuantSpec(bits=4, group_size=32)))
     rows["quanta dynamic int8"] = quanta.quantize(model, mode="dynamic")
+    example = (ids[:, :32],)  # the rotation's one forward (quanta.ptq.rotation)
+    rows["quanta dynamic int8, rotated"] = quanta.quantize(
+        model, mode="dynamic", config=QuantConfig(mode="dynamic", rotate=True), example_inputs=example)
+    cfg = QuantConfig(weight=QuantSpec(bits=4, group_size=32), overrides=int8_head, rotate=True)
+    rows["quanta weight-only int4 g32, lm_head int8, rotated"] = quanta.quantize(
+        model, mode="weight_only", config=cfg, example_inputs=example)
     rows.update(_torchao_rows(model))
     if args.compile:
         rows["torch fp32, forward compiled"] = _compiled(copy.deepcopy(model))

@@ -43,35 +43,35 @@ _PASS_MODULES = (nn.Dropout, nn.Identity)
 
 
 class Rotation(nn.Module):
-    """``x -> x R`` over the last dimension, ``R = diag(signs) (left kron right)``: an orthogonal
-    n x n matrix applied as two matmuls of sizes a and b (a * b == n)."""
+    """``x -> x R`` over the last dimension, ``R = left kron right`` (each a signed Hadamard or
+    random orthogonal matrix): an orthogonal n x n matrix applied as two small matmuls, one with
+    each factor (a * b == n), n (a + b) multiply-adds per row instead of n * n."""
 
     def __init__(self, n: int, factors: tuple[int, int], seed: int = 0) -> None:
         super().__init__()
         a, b = factors
         if a * b != n:
             raise ValueError(f"Rotation: factors {a} x {b} do not multiply to {n}")
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("signs", (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float())
         left = hadamard.orthogonal(a, seed + 1) if a > 1 else torch.ones(1, 1)  # a == 1: not applied
-        self.register_buffer("left", left.float())
+        self.register_buffer("left_t", left.T.contiguous().float())
         self.register_buffer("right", hadamard.orthogonal(b, seed + 2).float())
 
     @property
     def factors(self) -> tuple[int, int]:
-        return self.left.shape[0], self.right.shape[0]
+        return self.left_t.shape[0], self.right.shape[0]
 
     def matrix(self) -> torch.Tensor:
         """R as a dense float64 matrix (folding it into a weight)."""
-        kron = torch.kron(self.left.double(), self.right.double())
-        return self.signs.double()[:, None] * kron
+        return torch.kron(self.left_t.double().T.contiguous(), self.right.double())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors
-        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], a, b)
-        if a > 1:
-            y = self.left.to(x.dtype).T @ y
-        return (y @ self.right.to(x.dtype)).reshape(x.shape)
+        right = self.right if x.dtype == self.right.dtype else self.right.to(x.dtype)
+        y = torch.mm(x.reshape(-1, b), right)  # rows of X (a x b per input row) times right
+        if a > 1:  # then left^T X: R's row index is (i, j) -> i * b + j
+            left_t = self.left_t if x.dtype == self.left_t.dtype else self.left_t.to(x.dtype)
+            y = torch.matmul(left_t, y.view(-1, a, b))
+        return y.reshape(x.shape)
 
 
 class RotatedLinear(nn.Module):
