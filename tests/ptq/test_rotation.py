@@ -3,6 +3,8 @@ Llama, the int8 error it removes, refusals that leave the model as it was, save/
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -159,3 +161,49 @@ def test_refusals_name_the_problem_and_leave_the_model_unchanged():
         QuantConfig(rotate=True, rotation_seed=-1)
     with pytest.raises(ValueError, match="post-training modes"):
         QuantConfig(mode="qat", rotate=True)
+
+
+_ARCHITECTURES = {  # transformers class stem -> extra config; every one has RMSNorm and a residual stream
+    "Qwen2": {}, "Mistral": {}, "Phi3": {"pad_token_id": 0},  # Phi3: fused qkv and gate_up Linears
+    "Gemma": {"head_dim": 16},  # a scaled embedding and x * (1 + w) norms
+    "Qwen3": {"head_dim": 16},  # per-head q/k norms inside attention, off the stream
+}
+
+
+@pytest.mark.parametrize("stem", list(_ARCHITECTURES))
+def test_other_decoder_architectures_rotate_exactly(stem):
+    config_class = getattr(transformers, f"{stem}Config", None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {stem}")
+    torch.manual_seed(0)
+    cfg = config_class(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       **_ARCHITECTURES[stem])
+    model = getattr(transformers, f"{stem}ForCausalLM")(cfg).eval()
+    q = quanta.quantize(model, mode="dynamic", config=QuantConfig(mode="dynamic", rotate=True),
+                        example_inputs=(_ids(12),), show_progress=False)
+    result = corrections_of(q).rotation
+    assert (result.width, len(result.writers), len(result.norms)) == (64, 4, 5) and result.error < 1e-5
+    assert _error(q, model, _ids(16, 7)) < 0.05
+    rotated = copy.deepcopy(model)
+    rotate(rotated, (_ids(12),))
+    with torch.no_grad():
+        ids = _ids(16, 7)
+        torch.testing.assert_close(rotated(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stem,words", [("GPT2", "LayerNorm) reads the residual stream"),
+                                        ("Olmo2", "adds model.layers.0.post_attention_layernorm")])
+def test_architectures_without_an_rms_stream_are_refused(stem, words):
+    config_class = getattr(transformers, f"{stem}Config", None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {stem}")
+    if stem == "GPT2":
+        cfg = config_class(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+    else:
+        cfg = config_class(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=64)
+        model = transformers.Olmo2ForCausalLM(cfg).eval()
+    with pytest.raises(UnsupportedModelError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        rotate(model, (_ids(12),))

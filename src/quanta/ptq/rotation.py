@@ -106,40 +106,61 @@ class RotationResult:
                 f"float outputs unchanged to {self.error:.1e}")
 
 
-def is_rms_norm(module: nn.Module) -> bool:
-    """True for a module that is ``rmsnorm(x) * weight``: its only parameter a 1-D weight, and with
-    the weight set to ones it commutes with a random orthogonal matrix (LayerNorm does not)."""
+def rms_norm_neutral(module: nn.Module) -> float | None:
+    """The weight value (1.0, or 0.0 for Gemma's ``x * (1 + w)``) at which ``module`` is a plain RMS
+    normalization, if it is one: its only parameter a 1-D weight, the weight acting as a gain per
+    channel, and at the neutral value it commutes with a random orthogonal matrix (LayerNorm does
+    not: its mean). None for anything else."""
     params = dict(module.named_parameters(recurse=False))
     weight = params.get("weight")
     if set(params) != {"weight"} or weight is None or weight.dim() != 1 or next(module.children(), None):
-        return False
+        return None
     n = weight.shape[0]
     if n < 2:
-        return False
+        return None
     probe = copy.deepcopy(module).float().eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, n, generator=g)
     q = hadamard.orthogonal(n, 1).float()
-    gain = torch.randn(n, generator=g)
-    try:
-        with torch.no_grad():
-            probe.weight.copy_(gain)
-            scaled = probe(x)
-            probe.weight.fill_(1.0)
-            plain = probe(x)
-            turned = probe(x @ q)
-    except Exception:  # noqa: BLE001 - any module that cannot take a [4, n] input is not one
-        return False
-    if not all(isinstance(t, torch.Tensor) and t.shape == x.shape for t in (scaled, plain, turned)):
-        return False
-    return bool(torch.allclose(scaled, plain * gain, atol=1e-5)
-                and torch.allclose(turned, plain @ q, atol=1e-4))
+    for neutral in (1.0, 0.0):
+        try:
+            with torch.no_grad():
+                probe.weight.copy_(torch.randn(n, generator=g))
+                scaled = probe(x)
+                probe.weight.fill_(neutral)
+                plain = probe(x)
+                turned = probe(x @ q)
+        except Exception:  # noqa: BLE001 - any module that cannot take a [4, n] input is not one
+            return None
+        if not all(isinstance(t, torch.Tensor) and t.shape == x.shape for t in (scaled, plain, turned)):
+            return None
+        gain = scaled[0] / plain[0]  # the same per-channel gain on every row, or not a gain
+        if torch.allclose(scaled, plain * gain, atol=1e-4) and torch.allclose(turned, plain @ q, atol=1e-4):
+            return neutral
+    return None
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    return rms_norm_neutral(module) is not None
+
+
+def _effective_gain(module: nn.Module, neutral: float) -> torch.Tensor:
+    """The per-channel factor ``module`` applies after normalizing (its weight, or 1 + weight)."""
+    n = module.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, n, generator=g, dtype=torch.float64).sign() * (1.0 + torch.rand(8, n, generator=g,
+                                                                                       dtype=torch.float64))
+    real = copy.deepcopy(module).double().eval()
+    plain = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        plain.weight.fill_(neutral)
+        return (real(x) / plain(x)).median(0).values
 
 
 @dataclass
 class _Stream:
     sources: list[str] = field(default_factory=list)  # embedding weight parameters
-    norms: list[str] = field(default_factory=list)  # RMSNorm module names
+    norms: dict[str, float] = field(default_factory=dict)  # RMSNorm module name -> neutral weight
     readers: dict[str, str | None] = field(default_factory=dict)  # Linear weight -> norm whose gain it takes
     writers: dict[str, str] = field(default_factory=dict)  # Linear weight -> its module name ("" if a call)
 
@@ -174,6 +195,25 @@ def _producer(record: DataflowRecord, node_id: int, modules: dict[str, nn.Module
     return node
 
 
+def _embedding_weight(node: Node, modules: dict[str, nn.Module]) -> str:
+    """The table of an embedding lookup node (an ``nn.Embedding`` module, or an ``embedding`` call
+    on a parameter inside one), or "" for any other node."""
+    if node.kind == "module" and isinstance(modules.get(node.name), nn.Embedding):
+        return node.name + ".weight"
+    if node.kind == "function" and node.op == "embedding" and len(node.params) == 1:
+        return node.params[0]
+    return ""
+
+
+def _scales(record: DataflowRecord, node: Node, stream_node: Node) -> bool:
+    """Whether ``node`` multiplies or divides the stream by constants only (tensors no input of
+    the model reaches, such as Gemma's embedding scale): a rotation commutes with a scalar, and
+    the check run of the rotated model catches a constant that is not one."""
+    others = [record.nodes[i] for i in node.inputs if i != stream_node.id]
+    return (node.kind == "function" and node.op in ("mul", "div") and node.inputs[:1] == [stream_node.id]
+            and all(o.kind == "function" and not o.inputs for o in others))
+
+
 def _describe(node: Node) -> str:
     return f"{node.name} ({node.op})"
 
@@ -183,11 +223,11 @@ def find_stream(record: DataflowRecord, modules: dict[str, nn.Module]) -> _Strea
     norms and Linears reading it and the Linears writing it. Raises UnsupportedModelError naming
     the first node that does not fit the pattern."""
     stream = _Stream()
-    starts = [n for n in record.nodes if n.kind == "module" and isinstance(modules.get(n.name), nn.Embedding)]
+    starts = [n for n in record.nodes if _embedding_weight(n, modules)]
     if not starts:
         raise UnsupportedModelError("rotation: the model has no nn.Embedding to start a residual stream from")
     on_stream = {n.id for n in starts}
-    stream.sources = [n.name + ".weight" for n in starts]
+    stream.sources = [_embedding_weight(n, modules) for n in starts]
     queue = list(starts)
     while queue:
         node = queue.pop(0)
@@ -203,9 +243,11 @@ def find_stream(record: DataflowRecord, modules: dict[str, nn.Module]) -> _Strea
                         _add_writer(record, stream, c, _producer(record, i, modules), modules, on_stream)
                 on_stream.add(c.id)
                 queue.append(c)
-            elif c.kind == "module" and is_rms_norm(modules[c.name]):
-                if c.name not in stream.norms:
-                    stream.norms.append(c.name)
+            elif _scales(record, c, node):  # x * c or x / c, c a constant: still the stream, scaled
+                on_stream.add(c.id)
+                queue.append(c)
+            elif c.kind == "module" and (neutral := rms_norm_neutral(modules[c.name])) is not None:
+                stream.norms[c.name] = neutral
                 for r in _consumers(record, c, modules):
                     weight = _linear_weight(r, modules)
                     if weight is None:
@@ -228,8 +270,8 @@ def find_stream(record: DataflowRecord, modules: dict[str, nn.Module]) -> _Strea
 
 def _add_writer(record: DataflowRecord, stream: _Stream, add: Node, producer: Node,
                 modules: dict[str, nn.Module], on_stream: set[int]) -> None:
-    if producer.kind == "module" and isinstance(modules.get(producer.name), nn.Embedding):
-        stream.sources.append(producer.name + ".weight")
+    if _embedding_weight(producer, modules):
+        stream.sources.append(_embedding_weight(producer, modules))
         on_stream.add(producer.id)
         return
     weight = _linear_weight(producer, modules)
@@ -287,8 +329,9 @@ def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str],
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     params = dict(model.named_parameters(remove_duplicate=False))
-    old = {name: params[name].detach().double() for name in
-           [*stream.sources, *stream.readers, *stream.writers, *(n + ".weight" for n in stream.norms)]}
+    touched = [*stream.sources, *stream.readers, *stream.writers]
+    old = {name: params[name].detach().double() for name in touched}
+    gains = {norm: _effective_gain(model.get_submodule(norm), v) for norm, v in stream.norms.items()}
     width = old[stream.sources[0]].shape[1]
     q = hadamard.orthogonal(width, seed)
     result = RotationResult(width=width, sources=list(stream.sources), norms=list(stream.norms),
@@ -306,9 +349,9 @@ def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str],
         put(name, old[name] @ q)
     for name, norm in stream.readers.items():
         w = old[name]
-        put(name, (w * old[norm + ".weight"] if norm is not None else w) @ q)
-    for norm in stream.norms:
-        put(norm + ".weight", torch.ones_like(old[norm + ".weight"]))
+        put(name, (w * gains[norm] if norm is not None else w) @ q)
+    for norm, neutral in stream.norms.items():
+        put(norm + ".weight", torch.full_like(gains[norm], neutral))
     for name, module_name in stream.writers.items():
         w = old[name]
         if module_name and online(module_name):
