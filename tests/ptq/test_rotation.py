@@ -126,6 +126,18 @@ def test_weight_only_and_static_take_the_rotation_too():
         assert _error(q, model, ids) < 0.5 * _error(plain, model, ids), mode
 
 
+def test_rotation_with_smoothquant_saves_and_loads(tmp_path):
+    model, calib = _llama(), [_ids(32, s) for s in range(6, 9)]
+    config = QuantConfig(mode="dynamic", rotate=True, smoothquant=True)
+    q = quanta.quantize(model, calib, mode="dynamic", config=config, show_progress=False)
+    summary = corrections_of(q).summary()
+    assert "rotation:" in summary and "SmoothQuant:" in summary, summary
+    quanta.save(q, tmp_path / "both.safetensors")  # a SmoothedLinear inside a RotatedLinear
+    again = quanta.load(tmp_path / "both.safetensors", model)
+    with torch.no_grad():
+        assert torch.equal(again(_ids(16, 3)).logits, q(_ids(16, 3)).logits)
+
+
 class _NotAStream(nn.Module):
     """Embedding -> RMSNorm -> head, plus a parameterless module reading the stream's values."""
 

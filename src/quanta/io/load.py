@@ -323,8 +323,8 @@ def load(path: str | os.PathLike, float_model: nn.Module) -> nn.Module:
     fmt.check_blobs(table, blobs, manifest.get("data_sha256"))
     config, plan = parse_manifest(manifest)
     model = copy.deepcopy(float_model).eval()
+    _wrap_rotated(model, manifest.get("rotated", {}))  # first: a smoothed Linear may sit inside one
     _wrap_smoothed(model, manifest.get("smoothed", []))
-    _wrap_rotated(model, manifest.get("rotated", {}))
     check_architecture(model, plan)
     try:
         for lp in plan.layers.values():
