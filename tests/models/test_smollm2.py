@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import quanta
+from quanta.kernels.cpu import weight_bits_for_cpu
 from quanta.ptq import corrections_of
 from quanta.zoo import llm
 
@@ -53,8 +54,10 @@ def test_dynamic_int8_with_and_without_smoothquant(smollm2):
     assert "1 left alone, their weight tied" in summary, summary  # lm_head shares the embedding
     before, after = _ppl(plain, text) / smollm2["float"], _ppl(smoothed, text) / smollm2["float"]
     # measured on these 512 tokens: plain +0.91 %, smoothed +2.19 %; over 4 x 1,024 tokens of
-    # Python's documentation +2.83 % and +2.28 % (docs/ptq.md): neither meets issue 13's 1 %
-    assert before < 1.03 and after < 1.04, (before, after)
+    # Python's documentation +2.83 % and +2.28 % (docs/ptq.md): neither meets issue 13's 1 %.
+    # With the 7-bit weights of AVX2 without VNNI: +5.74 % and +5.17 %.
+    limits = (1.03, 1.04) if weight_bits_for_cpu() == 8 else (1.07, 1.07)
+    assert before < limits[0] and after < limits[1], (before, after)
     with torch.inference_mode():  # generate() with its KV cache runs on the smoothed model
         out = smoothed.generate(text[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 20)
@@ -69,7 +72,8 @@ def test_dynamic_int8_with_rotation_within_one_percent(smollm2):
     assert (result.width, len(result.readers), len(result.writers)) == (576, 151, 60) and result.error < 1e-4
     ratio = _ppl(rotated, text) / smollm2["float"]
     # measured -0.64 % on these 512 tokens (plain dynamic: +0.91 %); over the five 1,024-token
-    # segments of docs/ptq.md a mean of +0.31 % and at most +0.55 % (seeds 1-3: at most +1.01 %)
+    # segments of docs/ptq.md a mean of +0.31 % and at most +0.55 % (seeds 1-3: at most +1.01 %).
+    # With AVX2's 7-bit weights +0.81 % here (plain +5.74 %), a mean of +1.38 % over the five.
     assert ratio < 1.01, ratio
     with torch.inference_mode():  # generate() with its KV cache runs through the run-time rotations
         out = rotated.generate(text[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
