@@ -8,6 +8,11 @@ import pytest
 
 import quanta
 from quanta.config import Override
+from quanta.kernels.cpu import weight_bits_for_cpu
+
+# per-channel weight SQNR floor: 8-bit weights, or the 7-bit ones of AVX2 without VNNI (6 dB less;
+# measured 37.5-43.6 dB there)
+WEIGHT_SQNR_FLOOR = 40.0 if weight_bits_for_cpu() == 8 else 34.0
 
 
 def test_compare_figures_on_real_images(mnist_debug):
@@ -28,7 +33,7 @@ def test_compare_figures_on_real_images(mnist_debug):
     assert sites["classifier"].accumulated_sqnr < sites["classifier"].isolated_sqnr
     for s in result.sites:
         if s.op in ("Conv2d", "Linear"):
-            assert 40.0 <= s.weight_sqnr <= 55.0, (s.name, s.weight_sqnr)  # 8-bit per-channel weights
+            assert WEIGHT_SQNR_FLOOR <= s.weight_sqnr <= 55.0, (s.name, s.weight_sqnr)
         else:
             assert s.weight_sqnr is None
         if s.clipped_range is not None:
@@ -55,7 +60,7 @@ def test_compare_finds_a_planted_bad_layer(mnist_debug):
     assert worst.name == "block1.conv2", [(s.name, s.isolated_sqnr) for s in result.sites[:3]]
     assert worst.isolated_sqnr < 15.0 and worst.weight_sqnr < 15.0
     others = [s.weight_sqnr for s in result.sites if s.weight_sqnr is not None and s.name != worst.name]
-    assert min(others) > 40.0
+    assert min(others) > WEIGHT_SQNR_FLOOR
     # the sites after it carry its error: accumulated far below their own isolated figure
     after = result.by_name()["block2.conv1"]
     assert after.accumulated_sqnr < after.isolated_sqnr - 10 and not math.isinf(after.accumulated_sqnr)
