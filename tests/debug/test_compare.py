@@ -15,6 +15,7 @@ from quanta.kernels.cpu import weight_bits_for_cpu
 WEIGHT_SQNR_FLOOR = 40.0 if weight_bits_for_cpu() == 8 else 34.0
 
 
+@pytest.mark.isa  # the weight SQNR follows the CPU's weight bits
 def test_compare_figures_on_real_images(mnist_debug):
     model, qmodel, images, _ = mnist_debug
     result = quanta.debug.compare(model, qmodel, [images[:100], images[100:]], show_progress=False)
@@ -47,6 +48,7 @@ def test_compare_figures_on_real_images(mnist_debug):
     assert "isolated dB" in text and "block2.conv2" in text
 
 
+@pytest.mark.isa
 def test_compare_finds_a_planted_bad_layer(mnist_debug):
     model, _, images, _ = mnist_debug
     from quanta.zoo.mnist import load_mnist

@@ -13,7 +13,7 @@ from quanta.kernels.cpu import weight_bits_for_cpu
 from quanta.ptq import corrections_of
 from quanta.zoo import llm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.isa]  # dynamic bounds follow the CPU's weight bits
 
 
 @pytest.fixture(scope="module")
