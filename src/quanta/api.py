@@ -56,6 +56,15 @@ def _resolve_config(config: QuantConfig | None, mode: str, skip: Iterable[str] |
     return config
 
 
+def check_rotated(model: nn.Module, config: QuantConfig, where: str) -> None:
+    """``QuantConfig(rotate=True)`` reached a function that cannot rotate (it has no example
+    input, or runs after the float model was captured): the model must be rotated already."""
+    if config.rotate and "_quanta_rotation" not in getattr(model, "__dict__", {}):
+        raise ValueError(f"QuantConfig(rotate=True): {where} does not rotate the model; call "
+                         "quanta.quantize(model, ..., example_inputs=...), which rotates first, or "
+                         "quanta.ptq.rotate(model, example_inputs) before")
+
+
 def _copy(model: nn.Module, inplace: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected an nn.Module, got {type(model).__name__}")
@@ -82,6 +91,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | None = 
     the float computation and records activation ranges whenever it is called.
     """
     config = _resolve_config(config, "static", skip)
+    check_rotated(model, config, "quanta.prepare")
     model = _copy(model, inplace).eval()
     if isinstance(getattr(model, "_quanta", None), QuantaState):
         raise UnsupportedModelError("this model is already prepared or quantized by quanta")

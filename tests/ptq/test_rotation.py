@@ -169,6 +169,14 @@ def test_refusals_name_the_problem_and_leave_the_model_unchanged():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     with pytest.raises(CalibrationError, match="example_inputs"):
         quanta.quantize(_llama(), mode="dynamic", config=QuantConfig(mode="dynamic", rotate=True))
+    config = QuantConfig(mode="dynamic", rotate=True)
+    with pytest.raises(ValueError, match="quantize_dynamic does not rotate"):  # no silent no-op
+        quanta.quantize_dynamic(_llama(), config=config)
+    with pytest.raises(ValueError, match="quanta.prepare does not rotate"):
+        quanta.prepare(_llama(), (_ids(),), QuantConfig(rotate=True))
+    rotated = _llama()
+    rotate(rotated, (_ids(),))  # rotated by hand first: the low-level functions take it
+    assert type(quanta.quantize_dynamic(rotated, config=config).lm_head).__name__ == "DynamicQuantizedLinear"
     with pytest.raises(ValueError, match="rotation_seed"):
         QuantConfig(rotate=True, rotation_seed=-1)
     with pytest.raises(ValueError, match="post-training modes"):

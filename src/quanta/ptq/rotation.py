@@ -318,6 +318,7 @@ def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
                 f"rotation: the rotated float model's outputs differ from the original's (relative error "
                 f"{result.error:.2e} > {TOLERANCE:g}); some op on the residual stream does not commute with "
                 "a rotation. The model is unchanged")
+        model.__dict__["_quanta_rotation"] = result  # what quanta.quantize's later steps check
         return result
     finally:
         model.train(training)
