@@ -77,7 +77,8 @@ def plan_dynamic(model: nn.Module, config: QuantConfig, selected: tuple[type[nn.
         skipped, wspec, _, why = config.for_module(name, m)
         if target is None:
             has_weights = next(m.parameters(recurse=False), None) is not None
-            lp.reason = "no dynamic int8 kernel" if has_weights else "no weights (runs in float)"
+            lp.reason = mapping.float_reason(m, "no dynamic int8 kernel" if has_weights else
+                                             "no weights (runs in float)")
         elif type(m) not in selected:
             lp.reason = "not selected by modules="
         elif skipped:

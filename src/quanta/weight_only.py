@@ -49,7 +49,8 @@ def plan_weight_only(model: nn.Module, config: QuantConfig) -> Plan:
         target = mapping.quantized_type(m, "weight_only")
         if target is None:
             has_weights = next(m.parameters(recurse=False), None) is not None
-            lp.reason = "no weight-only kernel" if has_weights else "no weights (runs in float)"
+            lp.reason = mapping.float_reason(m, "no weight-only kernel" if has_weights else
+                                             "no weights (runs in float)")
         else:
             skipped, spec, why = weight_only_spec(config, name, m)
             problem = weight_only_problem(m, spec)

@@ -102,6 +102,7 @@ def test_rotation_lowers_the_dynamic_int8_error_and_generates(tmp_path):
                               show_progress=False)
     rows = quanta.report(rotated).to_dict()["layers"]
     assert sum(r["op"] == "Linear" and r["precision"] == "int8" for r in rows) == 15  # every Linear, as plain
+    assert [r["reason"].split(":")[0] for r in rows if r["op"] == "Rotation"] == ["float by design"] * 4
     before, after = _error(plain, model, ids), _error(rotated, model, ids)
     assert after < 0.5 * before, (before, after)  # measured 0.0049 -> 0.0011
     assert "residual stream of width 96 rotated" in corrections_of(rotated).summary()

@@ -165,7 +165,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             native = isinstance(m, mapping.INT8_NATIVE_MODULES)
             same = not native and activations.returns_its_input(m)
             lp.reason = "runs on int8 data natively" if native else \
-                "returns its input (an identity): int8 data passes through" if same else "no int8 kernel"
+                "returns its input (an identity): int8 data passes through" if same else \
+                mapping.float_reason(m, "no int8 kernel")
             lp.precision = "native" if native or same else "float"
         elif skipped:
             lp.reason = why

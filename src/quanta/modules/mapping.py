@@ -77,3 +77,9 @@ def mapped_type(module: nn.Module) -> type[nn.Module] | None:
 def quantized_type(module: nn.Module, mode: str) -> type[nn.Module] | None:
     """The quantized class for ``module`` in ``mode``, or None if it stays float."""
     return MAPPING.get(mapped_type(module), {}).get(mode)
+
+
+def float_reason(module: nn.Module, default: str) -> str:
+    """Why a module without a quantized class stays float: its class's own ``FLOAT_REASON`` (a
+    module that is float by design, e.g. quanta.ptq.rotation.Rotation), else ``default``."""
+    return getattr(type(module), "FLOAT_REASON", default)

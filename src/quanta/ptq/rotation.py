@@ -47,6 +47,8 @@ class Rotation(nn.Module):
     random orthogonal matrix): an orthogonal n x n matrix applied as two small matmuls, one with
     each factor (a * b == n), n (a + b) multiply-adds per row instead of n * n."""
 
+    FLOAT_REASON = "float by design: rotates the Linear's input at run time (QuantConfig(rotate=True))"
+
     def __init__(self, n: int, factors: tuple[int, int], seed: int = 0) -> None:
         super().__init__()
         a, b = factors
