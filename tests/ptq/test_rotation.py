@@ -228,3 +228,10 @@ def test_architectures_without_an_rms_stream_are_refused(stem, words):
         model = transformers.Olmo2ForCausalLM(cfg).eval()
     with pytest.raises(UnsupportedModelError, match=words.replace("(", r"\(").replace(")", r"\)")):
         rotate(model, (_ids(12),))
+
+
+def test_half_precision_models_rotate_and_the_check_still_refuses():
+    model = _llama().to(torch.bfloat16)
+    assert rotate(model, (_ids(),)).error < 1e-2  # measured 3.5e-3: bfloat16 rounding, not structure
+    with pytest.raises(UnsupportedModelError, match="outputs differ"):  # 0.36 there
+        rotate(_NotAStream().to(torch.bfloat16), torch.randint(0, 50, (2, 5)))

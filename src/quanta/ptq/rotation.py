@@ -18,7 +18,7 @@ applied as two small matmuls (R = diag(signs) (A kron B), n (a + b) float multip
 
 The structure comes from quanta's dataflow record of one forward (``capture.record``). After the
 rewrite the model runs the example again and its outputs must match the original's (relative
-error below :data:`TOLERANCE`), else the original weights are restored and an error names what
+error below :func:`tolerance`), else the original weights are restored and an error names what
 did not fit.
 """
 
@@ -36,7 +36,15 @@ from quanta.capture.record import DataflowRecord, Node, batch_tensors, call_with
 from quanta.errors import UnsupportedModelError
 from quanta.ptq import hadamard
 
-TOLERANCE = 1e-3  # relative L2 error of every output tensor, rotated float model against the original
+TOLERANCE = 1e-3  # relative L2 error of every output tensor, rotated float32 model against the original
+
+
+def tolerance(model: nn.Module) -> float:
+    """The check's bound: :data:`TOLERANCE`, or 4 x the epsilon of the model's lowest-precision float
+    parameters (bfloat16: 3.1e-2) where that is larger. A rotation that does not commute errs by
+    order 1."""
+    eps = [torch.finfo(p.dtype).eps for p in model.parameters() if p.is_floating_point()]
+    return max([TOLERANCE, *(4 * e for e in eps)])
 # calls between a norm and its readers, or a writer and its add, that keep the last dimension
 _PASS_FUNCTIONS = ("getitem", "contiguous", "view", "reshape", "clone", "dropout", "to", "float")
 _PASS_MODULES = (nn.Dropout, nn.Identity)
@@ -313,12 +321,13 @@ def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
             result.error = max(errors, default=0.0)
         else:
             result.error = float("inf")
-        if not result.error <= TOLERANCE:
+        bound = tolerance(model)
+        if not result.error <= bound:
             for owner, attr, old in reversed(undo):
                 setattr(owner, attr, old)
             raise UnsupportedModelError(
                 f"rotation: the rotated float model's outputs differ from the original's (relative error "
-                f"{result.error:.2e} > {TOLERANCE:g}); some op on the residual stream does not commute with "
+                f"{result.error:.2e} > {bound:g}); some op on the residual stream does not commute with "
                 "a rotation. The model is unchanged")
         model.__dict__["_quanta_rotation"] = result  # what quanta.quantize's later steps check
         return result
