@@ -25,7 +25,7 @@ from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
 from quanta.progress import progress
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def _set_module(model: nn.Module, name: str, new: nn.Module | nn.Parameter) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
@@ -63,6 +63,16 @@ def check_rotated(model: nn.Module, config: QuantConfig, where: str) -> None:
         raise ValueError(f"QuantConfig(rotate=True): {where} does not rotate the model; call "
                          "quanta.quantize(model, ..., example_inputs=...), which rotates first, or "
                          "quanta.ptq.rotate(model, example_inputs) before")
+
+
+def first_batch(calibration_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """(the first batch, or None if there is none; the data to iterate from its start): a
+    one-shot iterator gets the batch taken from it put back in front."""
+    iterator = iter(calibration_data)
+    batch = next(iterator, None)
+    if iterator is calibration_data and batch is not None:
+        calibration_data = itertools.chain([batch], iterator)
+    return batch, calibration_data
 
 
 def _copy(model: nn.Module, inplace: bool) -> nn.Module:
@@ -365,13 +375,9 @@ def _quantize(model: nn.Module, calibration_data: Iterable[Any] | None, mode: st
             "calibration data is a single Tensor: pass an iterable of batches, e.g. [x] or a DataLoader"
         )
     if example_inputs is None:
-        iterator = iter(calibration_data)
-        try:
-            example_inputs = next(iterator)
-        except StopIteration:
-            raise CalibrationError("calibration data is empty: it yielded no batch") from None
-        if iterator is calibration_data:  # a one-shot iterator: keep the batch we took
-            calibration_data = itertools.chain([example_inputs], iterator)
+        example_inputs, calibration_data = first_batch(calibration_data)
+        if example_inputs is None:
+            raise CalibrationError("calibration data is empty: it yielded no batch")
     resolved = _resolve_config(config, "static", skip)
     if resolved.corrections():
         if inplace and not rotated:

@@ -101,6 +101,15 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """The qualified names of each parameter reachable under more than one (tied weights: an LM
+    head and its embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
 def opened_modules(model: nn.Module, mode: str) -> list[str]:
     """Childless modules to look inside (their functional calls become call sites): user-defined
     classes holding a weight (a parameter of 2 or more dimensions) that quanta does not quantize

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from quanta.api import _set_module
 from quanta.capture.plan import LayerPlan, Plan
+from quanta.capture.weightops import tied_parameters
 from quanta.config import MODES, QuantConfig, QuantSpec
 from quanta.errors import FormatError, UnsupportedModelError
 from quanta.io import format as fmt
@@ -253,14 +254,7 @@ def _wrap_smoothed(model: nn.Module, names: Any) -> None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise FormatError("the manifest's 'smoothed' entry is not a list of layer names")
     for name in names:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise FormatError(f"the model does not match the file: smoothed layer {name!r} is not in "
-                              "the model") from None
-        if type(linear) is not nn.Linear:
-            raise FormatError(f"the model does not match the file: smoothed layer {name!r} is a "
-                              f"{type(linear).__name__}, not an nn.Linear")
+        linear = _wrapped_linear(model, name, "smoothed")
         scale = torch.ones(linear.in_features, dtype=linear.weight.dtype)
         _set_module(model, name, SmoothedLinear(scale, linear))
 
@@ -272,10 +266,7 @@ def _wrap_rotated(model: nn.Module, entries: Any) -> None:
     if not isinstance(entries, dict):
         raise FormatError("the manifest's 'rotated' entry is not a mapping of layer names")
     for name, factors in entries.items():
-        linear = model.get_submodule(name) if _has_module(model, name) else None
-        if type(linear) is not nn.Linear:
-            raise FormatError(f"the model does not match the file: rotated layer {name!r} is not an "
-                              "nn.Linear in the model")
+        linear = _wrapped_linear(model, name, "rotated")
         sizes = isinstance(factors, list) and len(factors) == 2 and all(isinstance(f, int) for f in factors)
         if not sizes or factors[0] * factors[1] != linear.in_features or min(factors) < 1:
             raise FormatError(f"the manifest's rotation of {name!r} is not two sizes that multiply to its "
@@ -283,21 +274,24 @@ def _wrap_rotated(model: nn.Module, entries: Any) -> None:
         _set_module(model, name, RotatedLinear(Rotation(linear.in_features, tuple(factors)), linear))
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
+def _wrapped_linear(model: nn.Module, name: str, what: str) -> nn.Linear:
+    """The model's ``nn.Linear`` under ``name`` that the file says was wrapped (``what``: "smoothed"
+    or "rotated"), or FormatError."""
     try:
-        model.get_submodule(name)
+        linear = model.get_submodule(name)
     except AttributeError:
-        return False
-    return True
+        raise FormatError(f"the model does not match the file: {what} layer {name!r} is not in "
+                          "the model") from None
+    if type(linear) is not nn.Linear:
+        raise FormatError(f"the model does not match the file: {what} layer {name!r} is a "
+                          f"{type(linear).__name__}, not an nn.Linear")
+    return linear
 
 
 def _untie_differing(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Give each name its own Parameter where the file holds different values under names that
     share one in ``model`` (a rotated model's embedding and LM head, tied in the float model)."""
-    shared: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    for names in shared.values():
+    for names in tied_parameters(model):
         present = [n for n in names if n in tensors]
         if len(present) > 1 and not all(torch.equal(tensors[present[0]], tensors[n]) for n in present[1:]):
             for name in present:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from quanta.api import first_batch
 from quanta.config import QuantConfig
 from quanta.errors import CalibrationError
 from quanta.kernels.cpu import weight_bits_for_cpu
@@ -90,10 +91,7 @@ def rotate_for_quantize(model: nn.Module, calibration_data: Iterable[Any] | None
         if calibration_data is None or isinstance(calibration_data, torch.Tensor):
             example_inputs = calibration_data
         else:
-            iterator = iter(calibration_data)
-            example_inputs = next(iterator, None)
-            if iterator is calibration_data and example_inputs is not None:
-                calibration_data = itertools.chain([example_inputs], iterator)
+            example_inputs, calibration_data = first_batch(calibration_data)
     if example_inputs is None:
         raise CalibrationError("QuantConfig(rotate=True) needs example_inputs= (or calibration_data): one "
                                "forward finds the residual stream and checks the rotated model")

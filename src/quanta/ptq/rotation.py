@@ -14,7 +14,7 @@ Q is a signed Hadamard matrix (:mod:`quanta.ptq.hadamard`), so a channel with ou
 over all channels: per-row int8 scales stop following a few channels (docs/ptq.md, "Rotated
 inputs"). The writers' own inputs (attention output, the gated MLP product) are not on the stream;
 each gets a rotation at run time (:class:`RotatedLinear`, ``linear(x R)`` with the weight ``W R``),
-applied as two small matmuls (R = diag(signs) (A kron B), n (a + b) float multiply-adds per row).
+applied as two small matmuls (R = A kron B, n (a + b) float multiply-adds per row).
 
 The structure comes from quanta's dataflow record of one forward (``capture.record``). After the
 rewrite the model runs the example again and its outputs must match the original's (relative
@@ -32,7 +32,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from quanta.api import _set_module
 from quanta.capture.record import DataflowRecord, Node, batch_tensors, call_with, capture
+from quanta.capture.weightops import tied_parameters
 from quanta.errors import UnsupportedModelError
 from quanta.ptq import hadamard
 
@@ -45,6 +47,8 @@ def tolerance(model: nn.Module) -> float:
     order 1."""
     eps = [torch.finfo(p.dtype).eps for p in model.parameters() if p.is_floating_point()]
     return max([TOLERANCE, *(4 * e for e in eps)])
+
+
 # calls between a norm and its readers, or a writer and its add, that keep the last dimension
 _PASS_FUNCTIONS = ("getitem", "contiguous", "view", "reshape", "clone", "dropout", "to", "float")
 _PASS_MODULES = (nn.Dropout, nn.Identity)
@@ -280,8 +284,8 @@ def find_stream(record: DataflowRecord, modules: dict[str, nn.Module]) -> _Strea
 
 def _add_writer(record: DataflowRecord, stream: _Stream, add: Node, producer: Node,
                 modules: dict[str, nn.Module], on_stream: set[int]) -> None:
-    if _embedding_weight(producer, modules):
-        stream.sources.append(_embedding_weight(producer, modules))
+    if table := _embedding_weight(producer, modules):
+        stream.sources.append(table)
         on_stream.add(producer.id)
         return
     weight = _linear_weight(producer, modules)
@@ -312,7 +316,7 @@ def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
         modules = dict(model.named_modules())
         stream = find_stream(capture(model, example_inputs, mode="dynamic"), modules)
         before = _outputs(model, example_inputs)
-        undo: list[tuple[nn.Module, str, Any]] = []
+        undo: list[tuple[str, Any]] = []
         result = _apply(model, stream, seed, online or (lambda name: True), undo)
         after = _outputs(model, example_inputs)
         if len(after) == len(before):
@@ -323,8 +327,8 @@ def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
             result.error = float("inf")
         bound = tolerance(model)
         if not result.error <= bound:
-            for owner, attr, old in reversed(undo):
-                setattr(owner, attr, old)
+            for name, old in reversed(undo):
+                _set_module(model, name, old)
             raise UnsupportedModelError(
                 f"rotation: the rotated float model's outputs differ from the original's (relative error "
                 f"{result.error:.2e} > {bound:g}); some op on the residual stream does not commute with "
@@ -336,10 +340,8 @@ def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0,
 
 
 def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str], bool],
-           undo: list[tuple[nn.Module, str, Any]]) -> RotationResult:
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+           undo: list[tuple[str, Any]]) -> RotationResult:
+    tied = {name for group in tied_parameters(model) for name in group}
     params = dict(model.named_parameters(remove_duplicate=False))
     touched = [*stream.sources, *stream.readers, *stream.writers]
     old = {name: params[name].detach().double() for name in touched}
@@ -348,14 +350,16 @@ def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str],
     q = hadamard.orthogonal(width, seed)
     result = RotationResult(width=width, sources=list(stream.sources), norms=list(stream.norms),
                             readers=list(stream.readers), writers=list(stream.writers))
-    result.untied = sorted(n for n in old if counts[id(params[n])] > 1)
+    result.untied = sorted(n for n in old if n in tied)
+
+    def replace(name: str, new: Any) -> None:  # a parameter or a module, undone in reverse order
+        undo.append((name, model.get_parameter(name) if isinstance(new, nn.Parameter) else
+                     model.get_submodule(name)))
+        _set_module(model, name, new)
 
     def put(name: str, value: torch.Tensor) -> None:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        undo.append((owner, attr, getattr(owner, attr)))
         was = params[name]
-        setattr(owner, attr, nn.Parameter(value.to(was.dtype), requires_grad=was.requires_grad))
+        replace(name, nn.Parameter(value.to(was.dtype), requires_grad=was.requires_grad))
 
     for name in stream.sources:
         put(name, old[name] @ q)
@@ -375,9 +379,5 @@ def _apply(model: nn.Module, stream: _Stream, seed: int, online: Callable[[str],
         if bias in params and params[bias] is not None:
             put(bias, q.T @ params[bias].detach().double())
         if module_name in result.online:
-            owner_name, _, attr = module_name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            linear = getattr(owner, attr)
-            undo.append((owner, attr, linear))
-            setattr(owner, attr, RotatedLinear(rotation, linear))
+            replace(module_name, RotatedLinear(rotation, model.get_submodule(module_name)))
     return result

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from quanta.api import _set_module
 from quanta.capture.record import call_with
+from quanta.capture.weightops import tied_parameters
 from quanta.config import QuantConfig
 from quanta.progress import progress
 
@@ -118,22 +119,14 @@ def _choose(x: torch.Tensor, linear: nn.Linear, alphas: Sequence[float], bits: i
     return best[0], plain, best[1], best[2]
 
 
-def _shared_weights(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name (tied weights: an LM head and its
-    embedding), which smoothing one user's columns would change for the other."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
-
-
 def smooth(model: nn.Module, batches: Sequence[Any], config: QuantConfig, *, alpha: float | None = None,
            weight_bits: int = 8, show_progress: bool = False) -> SmoothingResult:
     """Smooth, in place, every ``nn.Linear`` of ``model`` that ``config`` quantizes, from its
     inputs on ``batches`` (``alpha`` applied to every layer, or when None chosen per layer, where
     no smoothing is a candidate too). A Linear whose weight is tied to another module's is left
     alone (listed in ``result.tied``)."""
-    shared = _shared_weights(model)
+    # tied weights (an LM head and its embedding): smoothing one user's columns would change the other
+    shared = {id(model.get_parameter(group[0])) for group in tied_parameters(model)}
     candidates = {name: m for name, m in model.named_modules()
                   if type(m) is nn.Linear and not config.for_module(name, m)[0]}
     targets = {name: m for name, m in candidates.items() if id(m.weight) not in shared}
