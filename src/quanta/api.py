@@ -56,13 +56,22 @@ def _resolve_config(config: QuantConfig | None, mode: str, skip: Iterable[str] |
     return config
 
 
-def check_rotated(model: nn.Module, config: QuantConfig, where: str) -> None:
-    """``QuantConfig(rotate=True)`` reached a function that cannot rotate (it has no example
-    input, or runs after the float model was captured): the model must be rotated already."""
+def check_rewritten(model: nn.Module, config: QuantConfig, where: str) -> None:
+    """The float rewrites ``quanta.quantize`` runs before quantizing (``rotate``: one example
+    input; ``gptq``: calibration data) reached a function that cannot run them: the model must
+    have been rewritten already, else this raises rather than silently ignore the flag."""
     if config.rotate and "_quanta_rotation" not in getattr(model, "__dict__", {}):
         raise ValueError(f"QuantConfig(rotate=True): {where} does not rotate the model; call "
                          "quanta.quantize(model, ..., example_inputs=...), which rotates first, or "
                          "quanta.ptq.rotate(model, example_inputs) before")
+    if not config.gptq:
+        return
+    if config.mode not in ("dynamic", "weight_only"):
+        raise ValueError(f"QuantConfig(gptq=True) rounds weights for mode='dynamic' or 'weight_only', not "
+                         f"{config.mode!r} (static mode learns its rounding with adaround=True)")
+    if "_quanta_gptq" not in getattr(model, "__dict__", {}):
+        raise ValueError(f"QuantConfig(gptq=True): {where} has no calibration data to run GPTQ; call "
+                         f"quanta.quantize(model, calibration_data, mode={config.mode!r}, config=...)")
 
 
 def first_batch(calibration_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
@@ -101,7 +110,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | None = 
     the float computation and records activation ranges whenever it is called.
     """
     config = _resolve_config(config, "static", skip)
-    check_rotated(model, config, "quanta.prepare")
+    check_rewritten(model, config, "quanta.prepare")
     model = _copy(model, inplace).eval()
     if isinstance(getattr(model, "_quanta", None), QuantaState):
         raise UnsupportedModelError("this model is already prepared or quantized by quanta")
@@ -349,17 +358,17 @@ def _quantize(model: nn.Module, calibration_data: Iterable[Any] | None, mode: st
         return quantize_to_target(model, calibration_data, eval_fn, max_drop, resolved, order=order,
                                   example_inputs=example_inputs, max_batches=max_batches,
                                   show_progress=show_progress)
-    if mode == "dynamic":
-        from quanta.dynamic import quantize_dynamic
+    if mode in ("dynamic", "weight_only"):
+        resolved = _resolve_config(config, mode, skip)
+        if resolved.gptq or (mode == "dynamic" and resolved.smoothquant):
+            from quanta.ptq import quantize_with_data
 
-        resolved = _resolve_config(config, "dynamic", skip)
-        if resolved.smoothquant:
-            from quanta.ptq import smooth_for_dynamic
-
-            return smooth_for_dynamic(model, calibration_data, resolved, inplace=inplace,
+            return quantize_with_data(model, calibration_data, resolved, inplace=inplace,
                                       max_batches=max_batches, show_progress=show_progress, **kwargs)
-        return quantize_dynamic(model, config=config, skip=skip, inplace=inplace, **kwargs)
-    if mode == "weight_only":
+        if mode == "dynamic":
+            from quanta.dynamic import quantize_dynamic
+
+            return quantize_dynamic(model, config=config, skip=skip, inplace=inplace, **kwargs)
         from quanta.weight_only import quantize_weight_only
 
         return quantize_weight_only(model, config=config, skip=skip, inplace=inplace, **kwargs)
@@ -379,6 +388,7 @@ def _quantize(model: nn.Module, calibration_data: Iterable[Any] | None, mode: st
         if example_inputs is None:
             raise CalibrationError("calibration data is empty: it yielded no batch")
     resolved = _resolve_config(config, "static", skip)
+    check_rewritten(model, resolved, "quanta.quantize")
     if resolved.corrections():
         if inplace and not rotated:
             flags = ", ".join(n + "=True" for n in resolved.corrections())

@@ -18,8 +18,8 @@ from quanta.kernels.reference import NUMERICS
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
 # version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; version 8 rotate,
-# rotation_seed; older dicts load unchanged
-CONFIG_VERSION = 8
+# rotation_seed; version 9 gptq; older dicts load unchanged
+CONFIG_VERSION = 9
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -196,6 +196,9 @@ class QuantConfig:
     # exact in float, it spreads outlier channels so per-row int8 scales fit; needs one example input
     rotate: bool = False
     rotation_seed: int = 0
+    # GPTQ: each Linear's weights rounded for the least output error on the calibration inputs
+    # (quanta.ptq.gptq), after the rotation and SmoothQuant; dynamic and weight-only modes
+    gptq: bool = False
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -223,6 +226,8 @@ class QuantConfig:
         if self.rotate and self.mode == "qat":
             raise ValueError("QuantConfig(rotate=True) is for post-training modes (static, dynamic, "
                              "weight_only): rotate the float model with quanta.ptq.rotate before QAT instead")
+        if self.gptq and self.mode == "qat":
+            raise ValueError("QuantConfig(gptq=True) is for mode='dynamic' or 'weight_only', not 'qat'")
         for name in ("adaround_iterations", "learn_ranges_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module, check_rotated, warn_low_coverage
+from quanta.api import _copy, _resolve_config, _set_module, check_rewritten, warn_low_coverage
 from quanta.capture.callsites import LeafMarker
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig
@@ -107,7 +107,7 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
     ``config.dynamic_per_row``). Raises ``UnsupportedModelError`` if nothing can be quantized.
     """
     config = _resolve_config(config, "dynamic", skip)
-    check_rotated(model, config, "quanta.quantize_dynamic")
+    check_rewritten(model, config, "quanta.quantize_dynamic")
     if per_row is not None:
         config = dataclasses.replace(config, dynamic_per_row=bool(per_row))
     selected = _selected_types(modules)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module, check_rotated
+from quanta.api import _copy, _resolve_config, _set_module, check_rewritten
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import UnsupportedModelError
@@ -76,7 +76,7 @@ def quantize_weight_only(model: nn.Module, config: QuantConfig | None = None, *,
     Raises ``UnsupportedModelError`` if nothing can be quantized.
     """
     config = _resolve_config(config, "weight_only", skip)
-    check_rotated(model, config, "quanta.quantize_weight_only")
+    check_rewritten(model, config, "quanta.quantize_weight_only")
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "_quanta", None), QuantaState):

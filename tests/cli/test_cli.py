@@ -222,6 +222,18 @@ def test_quantize_dynamic_with_rotation(factory_file: Path, tmp_path: Path) -> N
     assert_one_line_error(result, 2, "--rotate needs an example input")
 
 
+def test_quantize_dynamic_and_weight_only_with_gptq(factory_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gptq.quanta.safetensors"
+    for mode in ("dynamic", "weight_only"):
+        result = run("quantize", f"{factory_file}:make", "--mode", mode, "--gptq", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert "GPTQ: 2 Linear layers rounded" in result.stdout, result.stdout  # the CNN's two Linears
+        report = json.loads(run("report", str(out), "--json").stdout)
+        assert report["mode"] == mode
+    result = run("quantize", f"{factory_file}:plain", "--mode", "weight_only", "--gptq", "--out", str(out))
+    assert_one_line_error(result, 2, "--gptq in weight_only mode needs calibration data")
+
+
 @pytest.mark.slow
 def test_quantize_qat_with_factory_train(factory_file: Path, tmp_path: Path,
                                          test_data: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -136,8 +136,9 @@ def build_parser() -> Parser:
     q = _command(sub, "quantize", "Quantize a model and save it as one safetensors file.", QUANTIZE_EPILOG,
                  common)
     q.add_argument("model", metavar="MODEL", help=f"model factory: {SPEC_HELP}")
-    q.add_argument("--mode", choices=("static", "dynamic", "qat"), default="static",
-                   help="static PTQ (default), dynamic (no calibration) or qat")
+    q.add_argument("--mode", choices=("static", "dynamic", "weight_only", "qat"), default="static",
+                   help="static PTQ (default), dynamic (no calibration), weight_only (int8, or int4 with "
+                        "--config '{\"weight\": {\"bits\": 4, \"group_size\": 32}}') or qat")
     q.add_argument("--calib", metavar="DATA", help="calibration data (omit if the factory returns it)")
     q.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="batch size when DATA is a single tensor (default: 32)")
@@ -171,6 +172,9 @@ def build_parser() -> Parser:
     q.add_argument("--rotate", action="store_true",
                    help="static or dynamic: rotate the residual stream of an RMSNorm transformer first "
                         "(exact in float; spreads outlier channels before int8)")
+    q.add_argument("--gptq", action="store_true",
+                   help="dynamic or weight_only: round each Linear's weights for the least output error on "
+                        "the calibration data (GPTQ)")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
     q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),

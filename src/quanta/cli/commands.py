@@ -55,7 +55,8 @@ def float_safetensors_bytes(model: nn.Module) -> int:
 def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
     """``--config`` with the flags that set its fields (--equalize, --adaround, ...) applied."""
     config = load_config(args.config, args.mode)
-    fields: dict[str, Any] = {k: True for k in ("equalize", "bias_correction", "rotate") if getattr(args, k)}
+    switches = ("equalize", "bias_correction", "rotate", "gptq")
+    fields: dict[str, Any] = {k: True for k in switches if getattr(args, k)}
     if args.adaround is not None:
         fields.update(adaround=True, adaround_seconds=args.adaround)
     if args.learn_ranges is not None:
@@ -95,15 +96,8 @@ def quantize(args: argparse.Namespace) -> int:
                              "(MODULE:function, or a .pt/.npy tensor) or return it from the factory")
         qmodel = quanta.quantize(factory.model, calib, mode="static", config=config, skip=skip,
                                  example_inputs=factory.example_inputs, max_batches=args.batches, **target)
-    elif args.mode == "dynamic" and config.rotate:
-        example = example_from(factory, calib, None)
-        if example is None:
-            raise UsageError("--rotate needs an example input: pass --calib DATA or return 'example_inputs' "
-                             "or 'calib' from the factory")
-        qmodel = quanta.quantize(factory.model, mode="dynamic", config=config, skip=skip,
-                                 example_inputs=example)
-    elif args.mode == "dynamic":
-        qmodel = _api("quantize_dynamic")(factory.model, config=config, skip=skip)
+    elif args.mode in ("dynamic", "weight_only"):
+        qmodel = _quantize_weights(args, factory, calib, config, skip)
     else:
         qmodel = _quantize_qat(args, factory, calib, config, skip)
     seconds = time.perf_counter() - started
@@ -117,6 +111,22 @@ def quantize(args: argparse.Namespace) -> int:
     if corrections is not None:
         _console().print(corrections.summary(), markup=False, soft_wrap=True)
     return 0
+
+
+def _quantize_weights(args: argparse.Namespace, factory: Factory, calib: Any, config: quanta.QuantConfig,
+                      skip: tuple[str, ...]) -> nn.Module:
+    """Dynamic or weight-only mode; the rewrites that learn from data (--smoothquant, --gptq) get
+    the calibration batches, --rotate one example."""
+    learned = [f for f, on in (("--smoothquant", config.smoothquant), ("--gptq", config.gptq)) if on]
+    if learned and calib is None:
+        raise UsageError(f"{' and '.join(learned)} in {args.mode} mode needs calibration data: pass --calib "
+                         "DATA (MODULE:function, or a .pt/.npy tensor) or return it from the factory")
+    example = example_from(factory, calib, None) if config.rotate else None
+    if config.rotate and example is None:
+        raise UsageError("--rotate needs an example input: pass --calib DATA or return 'example_inputs' "
+                         "or 'calib' from the factory")
+    return quanta.quantize(factory.model, calib if learned else None, mode=args.mode, config=config,
+                           skip=skip, example_inputs=example, max_batches=args.batches)
 
 
 def _quantize_nproc(args: argparse.Namespace, config: quanta.QuantConfig) -> int:

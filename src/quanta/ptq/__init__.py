@@ -6,6 +6,8 @@
   before calibration (:mod:`quanta.ptq.equalization`);
 - ``smoothquant``: each Linear's input outliers migrated into its weight columns, on that copy,
   before calibration (:mod:`.smoothquant`);
+- ``gptq``: in dynamic and weight-only modes, each Linear's weights rounded for the least output
+  error on the calibration inputs, after SmoothQuant (:mod:`.gptq`);
 - ``bias_correction``: the mean output error of each layer moved into its bias, after conversion
   (:mod:`.bias_correction`);
 - ``adaround``: learned weight rounding, layer by layer (:mod:`.adaround`);
@@ -28,18 +30,19 @@ import torch
 import torch.nn as nn
 
 from quanta.api import first_batch
-from quanta.config import QuantConfig
+from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import CalibrationError
 from quanta.kernels.cpu import weight_bits_for_cpu
 from quanta.ptq.adaround import RoundingResult, adaround
 from quanta.ptq.bias_correction import BiasShift, correct_bias
 from quanta.ptq.equalization import EqualizationResult, equalize
+from quanta.ptq.gptq import GPTQResult, gptq
 from quanta.ptq.range_learning import RangeLearningResult, learn_ranges
 from quanta.ptq.rotation import RotatedLinear, RotationResult, rotate
 from quanta.ptq.smoothquant import SmoothedLinear, SmoothingResult, smooth
 
 __all__ = ["Corrections", "RotatedLinear", "SmoothedLinear", "adaround", "correct_bias", "corrections_of",
-           "equalize", "learn_ranges", "quantize_corrected", "rotate", "smooth", "smooth_for_dynamic"]
+           "equalize", "gptq", "learn_ranges", "quantize_corrected", "quantize_with_data", "rotate", "smooth"]
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Corrections:
     rotation: RotationResult | None = None
     equalization: EqualizationResult | None = None
     smoothing: SmoothingResult | None = None
+    gptq: GPTQResult | None = None
     ranges: RangeLearningResult | None = None
     rounding: list[RoundingResult] = field(default_factory=list)
     bias: list[BiasShift] = field(default_factory=list)
@@ -61,6 +65,8 @@ class Corrections:
             lines.append(self.equalization.table().splitlines()[0])
         if self.smoothing is not None:
             lines.append(self.smoothing.summary())
+        if self.gptq is not None:
+            lines.append(self.gptq.summary())
         if self.bias:
             worst = max(self.bias, key=lambda b: b.relative)
             lines.append(f"bias correction: {len(self.bias)} layers, largest shift {worst.relative:.1%} of "
@@ -153,26 +159,61 @@ def quantize_corrected(model: nn.Module, calibration_data: Iterable[Any], config
     return qmodel
 
 
-def smooth_for_dynamic(model: nn.Module, calibration_data: Iterable[Any] | None, config: QuantConfig, *,
+def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None, config: QuantConfig, *,
                        inplace: bool, max_batches: int | None, show_progress: bool,
                        **kwargs: Any) -> nn.Module:
-    """Dynamic quantization of ``model`` smoothed first (``QuantConfig(smoothquant=True)``): the
-    inputs each Linear sees on ``calibration_data`` choose its smoothing (``quanta.quantize``
-    calls this)."""
-    from quanta.dynamic import quantize_dynamic
+    """Dynamic or weight-only quantization (``config.mode``) of ``model`` rewritten first from
+    its behaviour on ``calibration_data``: smoothed (``smoothquant``, dynamic mode: the inputs of
+    each Linear choose its smoothing), then its Linear weights rounded by GPTQ (``gptq``).
+    ``quanta.quantize`` calls this."""
+    import time
 
+    from quanta.dynamic import quantize_dynamic
+    from quanta.weight_only import quantize_weight_only
+
+    flags = " and ".join(f"{n}=True" for n in ("smoothquant", "gptq") if getattr(config, n))
     if calibration_data is None:
-        raise CalibrationError("QuantConfig(smoothquant=True) in dynamic mode needs calibration_data: the "
-                               "inputs of each Linear choose its smoothing")
+        raise CalibrationError(f"QuantConfig({flags}) in {config.mode} mode needs calibration_data: the "
+                               "inputs of each Linear decide")
     if isinstance(calibration_data, torch.Tensor):
         calibration_data = [calibration_data]
     batches = _batches(calibration_data, max_batches)
-    smoothed = model if inplace else copy.deepcopy(model)
+    rewritten = model if inplace else copy.deepcopy(model)
     done = Corrections()
-    _smooth(smoothed, batches, config, done, show_progress)
-    qmodel = quantize_dynamic(smoothed, config=config, inplace=True, **kwargs)
+    if config.smoothquant:
+        _smooth(rewritten, batches, config, done, show_progress)
+    if config.gptq:
+        start = time.monotonic()
+        done.gptq = gptq(rewritten, batches, gptq_targets(rewritten, config), config.mode,
+                         show_progress=show_progress)
+        done.seconds["gptq"] = time.monotonic() - start
+        rewritten.__dict__["_quanta_gptq"] = True
+    quantize = quantize_dynamic if config.mode == "dynamic" else quantize_weight_only
+    qmodel = quantize(rewritten, config=config, inplace=True, **kwargs)
     qmodel._quanta.__dict__["corrections"] = done
     return qmodel
+
+
+def gptq_targets(model: nn.Module, config: QuantConfig) -> dict[str, QuantSpec]:
+    """The ``nn.Linear`` modules ``config.mode`` (dynamic or weight-only) quantizes, with their
+    weight specs, bits resolved as conversion resolves them."""
+    from quanta.modules import mapping
+    from quanta.modules.weight_only import weight_only_problem
+    from quanta.weight_only import weight_only_spec
+
+    targets = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or mapping.mapped_type(m) is not nn.Linear:
+            continue
+        if config.mode == "weight_only":
+            skipped, spec, _ = weight_only_spec(config, name, m)
+            skipped = skipped or bool(weight_only_problem(m, spec))
+        else:
+            skipped, spec, _, _ = config.for_module(name, m)
+            spec = spec if spec.bits is not None else spec.with_bits(weight_bits_for_cpu())
+        if not skipped:
+            targets[name] = spec
+    return targets
 
 
 def _batches(calibration_data: Iterable[Any], max_batches: int | None) -> list[Any]:
