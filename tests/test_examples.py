@@ -61,10 +61,13 @@ def test_distributed_mnist_example_under_torchrun(tmp_path):
 def test_llm_weight_only_example():
     pytest.importorskip("transformers")
     out = _run("llm_weight_only.py", "--tiny")
-    ppl = {ln.split(" perplexity ")[0].strip(): float(ln.split(" perplexity ")[1])
-           for ln in out.splitlines() if " perplexity " in ln}
-    assert set(ppl) == {"float", "int8", "int4 g32"}
+    lines = {ln.split(" perplexity ")[0].strip(): ln.split(" perplexity ")[1]
+             for ln in out.splitlines() if " perplexity " in ln}
+    assert set(lines) == {"float", "int8", "int4 g32", "int4 g128", "int4 g128 gptq"}
+    ppl = {name: float(rest.split(",")[0]) for name, rest in lines.items()}
+    error = {name: float(rest.split("logits error ")[1]) for name, rest in lines.items() if name != "float"}
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01 and abs(ppl["int4 g32"] / ppl["float"] - 1) < 0.05
+    assert error["int4 g128 gptq"] < 0.8 * error["int4 g128"], error  # measured: see the example's output
     assert "int4 asymmetric groups of 32" in out and "reloaded generation identical: True" in out
 
 
