@@ -109,6 +109,16 @@ def _torchao_rows(model: torch.nn.Module) -> dict[str, object]:
     return rows
 
 
+def _calibration(tokenizer: object) -> list[tuple[torch.Tensor]]:
+    """8 x 512 tokens of ``pydoc_data.topics`` (the stdlib's help texts, sorted by topic), from
+    token 16,384 on (docs/ptq.md evaluates on the first 4,096)."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return [(ids[:, 16384 + 512 * i:16384 + 512 * (i + 1)],) for i in range(8)]
+
+
 def _time_generate(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
     t = time.perf_counter()
     model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -154,6 +164,13 @@ def main() -> None:
     cfg = QuantConfig(weight=QuantSpec(bits=4, group_size=32), overrides=int8_head, rotate=True)
     rows["quanta weight-only int4 g32, lm_head int8, rotated"] = quanta.quantize(
         model, mode="weight_only", config=cfg, example_inputs=example)
+    calib = _calibration(tokenizer)  # GPTQ's inputs: Python's documentation, not the evaluated text
+    cfg = QuantConfig(weight=QuantSpec(bits=4, group_size=128), overrides=int8_head, gptq=True)
+    rows["quanta weight-only int4 g128, lm_head int8, gptq"] = quanta.quantize(
+        model, calib, mode="weight_only", config=cfg, show_progress=False)
+    rows["quanta dynamic int8, rotated, gptq"] = quanta.quantize(
+        model, calib, mode="dynamic", config=QuantConfig(mode="dynamic", rotate=True, gptq=True),
+        show_progress=False)
     rows.update(_torchao_rows(model))
     if args.compile:
         rows["torch fp32, forward compiled"] = _compiled(copy.deepcopy(model))

@@ -89,12 +89,16 @@ def test_errors_name_the_problem():
         quanta.quantize(model, mode="dynamic", config=QuantConfig(mode="dynamic", gptq=True))
     with pytest.raises(ValueError, match="gptq=True.*not 'static'.*adaround"):
         quanta.quantize(model, [x], config=QuantConfig(gptq=True))
+    dynamic = QuantConfig(mode="dynamic", gptq=True)
     with pytest.raises(ValueError, match="quantize_dynamic has no calibration data to run GPTQ"):
-        quanta.quantize_dynamic(model, config=QuantConfig(mode="dynamic", gptq=True))
+        quanta.quantize_dynamic(model, config=dynamic)
     with pytest.raises(ValueError, match="quantize_weight_only has no calibration data"):
         quantize_weight_only(model, config=QuantConfig(mode="weight_only", gptq=True))
     with pytest.raises(ValueError, match="not 'qat'"):
         QuantConfig(mode="qat", gptq=True)
+    half = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    with pytest.raises(quanta.UnsupportedModelError, match="GPTQ: 0 has bfloat16 weights.*model.float()"):
+        quanta.quantize(half, [x.to(torch.bfloat16)], mode="dynamic", config=dynamic)
 
 
 @pytest.fixture(scope="module")

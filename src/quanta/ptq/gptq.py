@@ -32,7 +32,7 @@ import torch.nn as nn
 from quanta.capture.record import call_with
 from quanta.capture.weightops import tied_parameters
 from quanta.config import QuantSpec
-from quanta.errors import CalibrationError
+from quanta.errors import CalibrationError, UnsupportedModelError
 from quanta.kernels import weight_only as weight_only_kernels
 from quanta.modules.quantized import quantize_weight
 from quanta.progress import progress
@@ -202,6 +202,8 @@ class GPTQResult:
         rounded = sum(r.error_gptq for r in self.layers)
         extra = f"; {len(self.untied)} untied from a shared weight" if self.untied else ""
         extra += f"; {len(self.not_called)} not called, rounded to nearest" if self.not_called else ""
+        kept = sum(r.rows_kept for r in self.layers)
+        extra += f"; {kept} rows left at nearest (they would not convert exactly)" if kept else ""
         return (f"GPTQ: {len(self.layers)} Linear layers rounded (their output error on the calibration "
                 f"inputs {nearest / max(rounded, 1e-300):.2f}x lower than round-to-nearest{extra}; "
                 f"{self.seconds:.0f} s)")
@@ -251,6 +253,11 @@ def gptq(model: nn.Module, batches: Sequence[Any], targets: dict[str, QuantSpec]
     shared = {name for group in tied_parameters(model) for name in group}
     moments = _SecondMoments(list(targets))
     modules = {name: model.get_submodule(name) for name in targets}
+    for name, m in modules.items():
+        if m.weight.dtype != torch.float32:  # the grid's values would round again in that dtype
+            raise UnsupportedModelError(f"GPTQ: {name} has {str(m.weight.dtype).removeprefix('torch.')} "
+                                        "weights; it writes float32 values on the int8/int4 grid: quantize "
+                                        "model.float() with gptq=True")
     handles = [m.register_forward_pre_hook(moments.hook(name)) for name, m in modules.items()]
     training = model.training
     model.eval()
