@@ -34,7 +34,8 @@ def _supported_names() -> str:
     return ", ".join(t.__name__ for t in dynamic_types())
 
 
-def _selected_types(modules: Iterable[Any] | None) -> tuple[type[nn.Module], ...]:
+def selected_types(modules: Iterable[Any] | None) -> tuple[type[nn.Module], ...]:
+    """The float types ``quantize_dynamic(modules=...)`` selects (default: every supported one)."""
     if modules is None:
         return dynamic_types()
     if isinstance(modules, type):
@@ -110,7 +111,7 @@ def quantize_dynamic(model: nn.Module, config: QuantConfig | None = None, *,
     check_rewritten(model, config, "quanta.quantize_dynamic")
     if per_row is not None:
         config = dataclasses.replace(config, dynamic_per_row=bool(per_row))
-    selected = _selected_types(modules)
+    selected = selected_types(modules)
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "_quanta", None), QuantaState):

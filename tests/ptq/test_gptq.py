@@ -82,6 +82,26 @@ def test_dead_inputs_and_tied_weights_are_handled():
     assert float((got - want).norm() / want.norm()) < 0.02
 
 
+def test_layers_left_float_are_not_rounded():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    model = Net().eval()
+    batches = [torch.randn(2, 5, 8) for _ in range(2)]
+    config = QuantConfig(mode="dynamic", gptq=True)
+    qmodel = quanta.quantize(model, batches, mode="dynamic", config=config, modules={nn.LSTM})
+    assert type(qmodel.head) is nn.Linear and torch.equal(qmodel.head.weight, model.head.weight)
+    assert corrections_of(qmodel).gptq.summary() == "GPTQ: no Linear layer to round (none is quantized)"
+    qmodel = quanta.quantize(model, batches, mode="dynamic", config=config, skip=["head"])
+    assert torch.equal(qmodel.head.weight, model.head.weight)
+
+
 def test_errors_name_the_problem():
     model = nn.Sequential(nn.Linear(8, 8))
     x = torch.randn(4, 8)

@@ -184,8 +184,8 @@ def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None,
         _smooth(rewritten, batches, config, done, show_progress)
     if config.gptq:
         start = time.monotonic()
-        done.gptq = gptq(rewritten, batches, gptq_targets(rewritten, config), config.mode,
-                         show_progress=show_progress)
+        targets = gptq_targets(rewritten, config, kwargs.get("modules"))
+        done.gptq = gptq(rewritten, batches, targets, config.mode, show_progress=show_progress)
         done.seconds["gptq"] = time.monotonic() - start
         rewritten.__dict__["_quanta_gptq"] = True
     quantize = quantize_dynamic if config.mode == "dynamic" else quantize_weight_only
@@ -194,25 +194,23 @@ def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None,
     return qmodel
 
 
-def gptq_targets(model: nn.Module, config: QuantConfig) -> dict[str, QuantSpec]:
-    """The ``nn.Linear`` modules ``config.mode`` (dynamic or weight-only) quantizes, with their
-    weight specs, bits resolved as conversion resolves them."""
-    from quanta.modules import mapping
-    from quanta.modules.weight_only import weight_only_problem
-    from quanta.weight_only import weight_only_spec
+def gptq_targets(model: nn.Module, config: QuantConfig, modules: Any = None) -> dict[str, QuantSpec]:
+    """The ``nn.Linear`` modules ``config.mode`` (dynamic or weight-only) will quantize, with their
+    weight specs at the bits conversion resolves: the mode's own plan decides (``modules``: the
+    dynamic ``modules=`` selection), so no layer left float is rounded."""
+    from quanta.dynamic import plan_dynamic, selected_types
+    from quanta.weight_only import plan_weight_only, weight_only_spec
 
+    weight_only = config.mode == "weight_only"
+    plan = plan_weight_only(model, config) if weight_only else \
+        plan_dynamic(model, config, selected_types(modules))
     targets = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or mapping.mapped_type(m) is not nn.Linear:
+    for name, lp in plan.layers.items():
+        m = model.get_submodule(name)
+        if lp.precision != "int8" or not isinstance(m, nn.Linear):
             continue
-        if config.mode == "weight_only":
-            skipped, spec, _ = weight_only_spec(config, name, m)
-            skipped = skipped or bool(weight_only_problem(m, spec))
-        else:
-            skipped, spec, _, _ = config.for_module(name, m)
-            spec = spec if spec.bits is not None else spec.with_bits(weight_bits_for_cpu())
-        if not skipped:
-            targets[name] = spec
+        spec = weight_only_spec(config, name, m)[1] if weight_only else config.for_module(name, m)[1]
+        targets[name] = spec.with_bits(lp.weight_bits)
     return targets
 
 

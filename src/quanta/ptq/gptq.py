@@ -197,7 +197,8 @@ class GPTQResult:
 
     def summary(self) -> str:
         if not self.layers:
-            return "GPTQ: no Linear layer was called on the calibration data"
+            return ("GPTQ: no Linear layer was called on the calibration data" if self.not_called else
+                    "GPTQ: no Linear layer to round (none is quantized)")
         nearest = sum(r.error_nearest for r in self.layers)
         rounded = sum(r.error_gptq for r in self.layers)
         extra = f"; {len(self.untied)} untied from a shared weight" if self.untied else ""
