@@ -211,8 +211,10 @@ class GPTQResult:
 
 
 class _SecondMoments:
-    """Forward pre-hooks summing ``x^T x`` of each target Linear's input. Linears that read the
-    same tensor (query/key/value, gate/up) share one sum; which share is fixed by the first batch."""
+    """Forward pre-hooks summing ``x^T x`` of each target Linear's input (float32, as GPTQ's own
+    code; every sum is held until the rounding: ``in_features^2 * 4`` bytes each, 0.4 GB for
+    SmolLM2-135M). Linears that read the same tensor (query/key/value, gate/up) share one sum;
+    which share is fixed by the first batch."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -231,8 +233,10 @@ class _SecondMoments:
                                        "calibration batch and not on another")
             if key == name:
                 rows = x.detach().reshape(-1, x.shape[-1]).float()
-                product = (rows.T @ rows).double()
-                self.sums[name] = product if name not in self.sums else self.sums[name] + product
+                if name in self.sums:
+                    self.sums[name].addmm_(rows.T, rows)
+                else:
+                    self.sums[name] = rows.T @ rows
                 self._last = (x, name)
         return record
 
