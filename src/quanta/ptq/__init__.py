@@ -171,7 +171,8 @@ def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None,
     from quanta.dynamic import quantize_dynamic
     from quanta.weight_only import quantize_weight_only
 
-    flags = " and ".join(f"{n}=True" for n in ("smoothquant", "gptq") if getattr(config, n))
+    smoothing = config.smoothquant and config.mode == "dynamic"  # weight-only inputs stay float
+    flags = " and ".join(n for n, on in (("smoothquant=True", smoothing), ("gptq=True", config.gptq)) if on)
     if calibration_data is None:
         raise CalibrationError(f"QuantConfig({flags}) in {config.mode} mode needs calibration_data: the "
                                "inputs of each Linear decide")
@@ -180,7 +181,7 @@ def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None,
     batches = _batches(calibration_data, max_batches)
     rewritten = model if inplace else copy.deepcopy(model)
     done = Corrections()
-    if config.smoothquant:
+    if smoothing:
         _smooth(rewritten, batches, config, done, show_progress)
     if config.gptq:
         start = time.monotonic()
