@@ -6,6 +6,7 @@ rotation; dynamic int8, plain and with SmoothQuant, within the bounds measured."
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -82,6 +83,9 @@ def test_dynamic_int8_with_rotation_within_one_percent(smollm2):
     assert out.shape == (1, 20)
 
 
+@pytest.mark.skipif(bool(os.environ.get("ONEDNN_MAX_CPU_ISA")),
+                    reason="7-bit weights are exact on every CPU: capping oneDNN changes nothing here, and "
+                           "it takes ~2 minutes (the uncapped run and a real AVX2 CPU run it)")
 def test_seven_bit_weights_rotated_with_gptq_within_one_percent(smollm2):
     """AVX2 without VNNI runs 7-bit weights; rotated and rounded by GPTQ they stay within 1 %."""
     model, text, calib = smollm2["model"], smollm2["text"], smollm2["calib"]
