@@ -71,7 +71,8 @@ def check_rewritten(model: nn.Module, config: QuantConfig, where: str) -> None:
                          f"{config.mode!r} (static mode learns its rounding with adaround=True)")
     if "_quanta_gptq" not in getattr(model, "__dict__", {}):
         raise ValueError(f"QuantConfig(gptq=True): {where} has no calibration data to run GPTQ; call "
-                         f"quanta.quantize(model, calibration_data, mode={config.mode!r}, config=...)")
+                         f"quanta.quantize(model, calibration_data, mode={config.mode!r}, config=...), or "
+                         "quanta.ptq.gptq(model, batches, targets, mode) before")
 
 
 def first_batch(calibration_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import quanta
 from quanta.config import WEIGHT_INT8, QuantConfig, QuantSpec
-from quanta.ptq import corrections_of
+from quanta.ptq import corrections_of, gptq, gptq_targets
 from quanta.ptq.gptq import converted_codes, gptq_codes, gptq_codes_reference, grid_for, output_error
 from quanta.weight_only import quantize_weight_only
 from quanta.zoo.minilm import embed, load_minilm, load_polarity_sentences, tokenize
@@ -112,8 +112,13 @@ def test_errors_name_the_problem():
     dynamic = QuantConfig(mode="dynamic", gptq=True)
     with pytest.raises(ValueError, match="quantize_dynamic has no calibration data to run GPTQ"):
         quanta.quantize_dynamic(model, config=dynamic)
+    config = QuantConfig(mode="weight_only", gptq=True)
     with pytest.raises(ValueError, match="quantize_weight_only has no calibration data"):
-        quantize_weight_only(model, config=QuantConfig(mode="weight_only", gptq=True))
+        quantize_weight_only(model, config=config)
+    targets = gptq_targets(model, config)
+    assert list(targets) == ["0"] and targets["0"].bits == 8
+    gptq(model, [x], targets, "weight_only")  # the low-level steps, in order
+    assert quantize_weight_only(model, config=config)[0].weight_bits == 8
     with pytest.raises(ValueError, match="not 'qat'"):
         QuantConfig(mode="qat", gptq=True)
     half = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)

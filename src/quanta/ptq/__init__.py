@@ -42,7 +42,8 @@ from quanta.ptq.rotation import RotatedLinear, RotationResult, rotate
 from quanta.ptq.smoothquant import SmoothedLinear, SmoothingResult, smooth
 
 __all__ = ["Corrections", "RotatedLinear", "SmoothedLinear", "adaround", "correct_bias", "corrections_of",
-           "equalize", "gptq", "learn_ranges", "quantize_corrected", "quantize_with_data", "rotate", "smooth"]
+           "equalize", "gptq", "gptq_targets", "learn_ranges", "quantize_corrected", "quantize_with_data",
+           "rotate", "smooth"]
 
 
 @dataclass
@@ -188,7 +189,6 @@ def quantize_with_data(model: nn.Module, calibration_data: Iterable[Any] | None,
         targets = gptq_targets(rewritten, config, kwargs.get("modules"))
         done.gptq = gptq(rewritten, batches, targets, config.mode, show_progress=show_progress)
         done.seconds["gptq"] = time.monotonic() - start
-        rewritten.__dict__["_quanta_gptq"] = True
     quantize = quantize_dynamic if config.mode == "dynamic" else quantize_weight_only
     qmodel = quantize(rewritten, config=config, inplace=True, **kwargs)
     qmodel._quanta.__dict__["corrections"] = done

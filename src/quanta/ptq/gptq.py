@@ -297,4 +297,5 @@ def gptq(model: nn.Module, batches: Sequence[Any], targets: dict[str, QuantSpec]
             with torch.no_grad():
                 linear.weight.copy_(rounded)
     result.seconds = time.monotonic() - start
+    model.__dict__["_quanta_gptq"] = result  # what quantize_dynamic / quantize_weight_only check
     return result
