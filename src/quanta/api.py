@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -13,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from quanta.capture.plan import Plan, plan_static
-from quanta.capture.record import call_with, capture
+from quanta.capture.record import call_with, capture, first_batch
 from quanta.config import QuantConfig, QuantSpec, check_mode_weights
 from quanta.debug.coverage import warning_text as coverage_warning
 from quanta.errors import CalibrationError, QuantaWarning, UnsupportedModelError
@@ -23,6 +22,7 @@ from quanta.modules.mapping import MAPPING, mapped_type
 from quanta.modules.observed import ObservedModule, fold_batchnorm
 from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
 from quanta.progress import progress
+from quanta.rewrites import check_rewritten
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module | nn.Parameter) -> None:
@@ -54,35 +54,6 @@ def _resolve_config(config: QuantConfig | None, mode: str, skip: Iterable[str] |
         config = QuantConfig(**{**config.__dict__, "skip": tuple(config.skip) + tuple(skip)})
     check_mode_weights(config)
     return config
-
-
-def check_rewritten(model: nn.Module, config: QuantConfig, where: str) -> None:
-    """The float rewrites ``quanta.quantize`` runs before quantizing (``rotate``: one example
-    input; ``gptq``: calibration data) reached a function that cannot run them: the model must
-    have been rewritten already, else this raises rather than silently ignore the flag."""
-    if config.rotate and "_quanta_rotation" not in getattr(model, "__dict__", {}):
-        raise ValueError(f"QuantConfig(rotate=True): {where} does not rotate the model; call "
-                         "quanta.quantize(model, ..., example_inputs=...), which rotates first, or "
-                         "quanta.ptq.rotate(model, example_inputs) before")
-    if not config.gptq:
-        return
-    if config.mode not in ("dynamic", "weight_only"):
-        raise ValueError(f"QuantConfig(gptq=True) rounds weights for mode='dynamic' or 'weight_only', not "
-                         f"{config.mode!r} (static mode learns its rounding with adaround=True)")
-    if "_quanta_gptq" not in getattr(model, "__dict__", {}):
-        raise ValueError(f"QuantConfig(gptq=True): {where} has no calibration data to run GPTQ; call "
-                         f"quanta.quantize(model, calibration_data, mode={config.mode!r}, config=...), or "
-                         "quanta.ptq.gptq(model, batches, targets, mode) before")
-
-
-def first_batch(calibration_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
-    """(the first batch, or None if there is none; the data to iterate from its start): a
-    one-shot iterator gets the batch taken from it put back in front."""
-    iterator = iter(calibration_data)
-    batch = next(iterator, None)
-    if iterator is calibration_data and batch is not None:
-        calibration_data = itertools.chain([batch], iterator)
-    return batch, calibration_data
 
 
 def _copy(model: nn.Module, inplace: bool) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module, check_rewritten, warn_low_coverage
+from quanta.api import _copy, _resolve_config, _set_module, warn_low_coverage
 from quanta.capture.callsites import LeafMarker
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig
@@ -23,6 +23,7 @@ from quanta.modules import mapping
 from quanta.modules.backends import resolve_weight_bits
 from quanta.modules.dynamic import DynamicModule, QuantizedEmbedding, embedding_weight_spec
 from quanta.modules.sites import QuantaState
+from quanta.rewrites import check_rewritten
 
 
 def dynamic_types() -> tuple[type[nn.Module], ...]:

@@ -15,13 +15,14 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from quanta.api import _copy, _resolve_config, _set_module, check_rewritten
+from quanta.api import _copy, _resolve_config, _set_module
 from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import UnsupportedModelError
 from quanta.modules import mapping
 from quanta.modules.sites import QuantaState
 from quanta.modules.weight_only import weight_only_problem
+from quanta.rewrites import check_rewritten
 
 
 def weight_only_spec(config: QuantConfig, name: str, module: nn.Module) -> tuple[bool, QuantSpec, str]:

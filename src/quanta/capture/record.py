@@ -8,7 +8,8 @@ calls at the top level of a forward become ``function`` nodes keyed by call site
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,16 @@ def call_with(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def first_batch(calibration_data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """(the first batch, or None if there is none; the data to iterate from its start): a
+    one-shot iterator gets the batch taken from it put back in front."""
+    iterator = iter(calibration_data)
+    batch = next(iterator, None)
+    if iterator is calibration_data and batch is not None:
+        calibration_data = itertools.chain([batch], iterator)
+    return batch, calibration_data
 
 
 def batch_tensors(batch: Any) -> list[torch.Tensor]:

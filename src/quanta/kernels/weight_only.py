@@ -39,7 +39,7 @@ def quantize_int8(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     return q, scale
 
 
-def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+def padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     """[N, G, group] view of [N, K] with the last group padded by repeating its last column
     (which changes no group's min, max or absolute max)."""
     n, k = w.shape
@@ -58,7 +58,7 @@ def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = False
     n, k = w.shape
     if k % 32 or group % 32 or group <= 0:
         raise ValueError(f"int4 weights need in_features and group_size multiples of 32, got {k} and {group}")
-    g = _groups(w, group)
+    g = padded_groups(w, group)
     if symmetric:
         scale = (g.abs().amax(dim=2) / 7.0).clamp_min(_TINY)
         offset = -8.0 * scale

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quanta.api import first_batch
+from quanta.capture.record import first_batch
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import CalibrationError
 from quanta.kernels.cpu import weight_bits_for_cpu

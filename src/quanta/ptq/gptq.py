@@ -29,13 +29,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quanta.capture.record import call_with
 from quanta.capture.weightops import tied_parameters
 from quanta.config import QuantSpec
 from quanta.errors import CalibrationError, UnsupportedModelError
 from quanta.kernels import weight_only as weight_only_kernels
 from quanta.modules.quantized import quantize_weight
 from quanta.progress import progress
+from quanta.ptq.layer_inputs import feed_layer_inputs
 
 BLOCK = 128  # columns per lazy-update block
 DAMPING = 0.01  # fraction of H's mean diagonal added to it before inverting (GPTQ's default)
@@ -65,7 +65,7 @@ def _expand(per_group: torch.Tensor, group: int, k: int) -> torch.Tensor:
 def _group_argmax(values: torch.Tensor, group: int) -> torch.Tensor:
     """[N, K] bool: the first largest element of each group of ``group`` columns of each row."""
     n, k = values.shape
-    padded = weight_only_kernels._groups(values, group)  # pads with the last column: never a new max
+    padded = weight_only_kernels.padded_groups(values, group)  # pads with the last column: never a new max
     first = torch.zeros_like(padded, dtype=torch.bool)
     first.scatter_(2, padded.argmax(dim=2, keepdim=True), True)
     return first.reshape(n, -1)[:, :k]
@@ -106,8 +106,7 @@ def grid_for(weight: torch.Tensor, spec: QuantSpec, mode: str) -> Grid:
         # not -half - 1: that code would widen the row's scale
         pinned, low, high = _group_argmax(w.abs(), k), -half, half
     scale, offset = scale.double(), offset.double()
-    nearest = ((w.double() - offset) / scale).round().clamp(low, high)
-    return Grid(scale, offset, low, high, pinned, nearest)
+    return Grid(scale, offset, low, high, pinned, converted_codes(w, spec, mode).double())
 
 
 def _inverse_factor(hessian: torch.Tensor) -> torch.Tensor:
@@ -222,23 +221,19 @@ class _SecondMoments:
         self._last: tuple[torch.Tensor, str] | None = None
         self.names = names
 
-    def hook(self, name: str) -> Any:
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                return
-            key = self._last[1] if self._last is not None and self._last[0] is x else name
-            if self.owner.setdefault(name, key) != key:
-                raise CalibrationError(f"GPTQ: {name} shared its input with {self.owner[name]} on one "
-                                       "calibration batch and not on another")
-            if key == name:
-                rows = x.detach().reshape(-1, x.shape[-1]).float()
-                if name in self.sums:
-                    self.sums[name].addmm_(rows.T, rows)
-                else:
-                    self.sums[name] = rows.T @ rows
-                self._last = (x, name)
-        return record
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Count ``x``, an input of Linear ``name``."""
+        key = self._last[1] if self._last is not None and self._last[0] is x else name
+        if self.owner.setdefault(name, key) != key:
+            raise CalibrationError(f"GPTQ: {name} shared its input with {self.owner[name]} on one "
+                                   "calibration batch and not on another")
+        if key == name:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            if name in self.sums:
+                self.sums[name].addmm_(rows.T, rows)
+            else:
+                self.sums[name] = rows.T @ rows
+            self._last = (x, name)
 
     def end_batch(self) -> None:
         self._last = None  # a tensor of the next batch never counts as this one's
@@ -263,19 +258,8 @@ def gptq(model: nn.Module, batches: Sequence[Any], targets: dict[str, QuantSpec]
             raise UnsupportedModelError(f"GPTQ: {name} has {str(m.weight.dtype).removeprefix('torch.')} "
                                         "weights; it writes float32 values on the int8/int4 grid: quantize "
                                         "model.float() with gptq=True")
-    handles = [m.register_forward_pre_hook(moments.hook(name)) for name, m in modules.items()]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in progress(batches, total=len(batches), description="GPTQ inputs",
-                                  enabled=show_progress):
-                call_with(model, batch)
-                moments.end_batch()
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    feed_layer_inputs(model, batches, modules, moments.add, after_batch=moments.end_batch,
+                      description="GPTQ inputs", show_progress=show_progress)
     for name in progress(list(targets), total=len(targets), description="GPTQ", enabled=show_progress):
         hessian = moments.of(name)
         if hessian is None:

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from quanta.api import _set_module
-from quanta.capture.record import call_with
 from quanta.capture.weightops import tied_parameters
 from quanta.config import QuantConfig
 from quanta.progress import progress
+from quanta.ptq.layer_inputs import feed_layer_inputs
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)  # searched per layer when QuantConfig.smoothquant_alpha is None
 _MAX_ROWS = 8192  # calibration rows (tokens) kept per layer for the search: the first ones
@@ -135,26 +135,13 @@ def smooth(model: nn.Module, batches: Sequence[Any], config: QuantConfig, *, alp
 
     kept = dict.fromkeys(targets, 0)
 
-    def keep(name: str):  # noqa: ANN202 - a forward pre-hook
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and kept[name] < _MAX_ROWS:
-                rows = x.detach().reshape(-1, x.shape[-1])[:_MAX_ROWS - kept[name]].float()
-                inputs[name].append(rows)  # at most _MAX_ROWS per layer: memory stays bounded
-                kept[name] += rows.shape[0]
-        return hook
+    def keep(name: str, x: torch.Tensor) -> None:
+        if kept[name] < _MAX_ROWS:
+            rows = x.reshape(-1, x.shape[-1])[:_MAX_ROWS - kept[name]].float()
+            inputs[name].append(rows)  # at most _MAX_ROWS per layer: memory stays bounded
+            kept[name] += rows.shape[0]
 
-    handles = [m.register_forward_pre_hook(keep(name)) for name, m in targets.items()]
-    training = model.training
-    model.eval()  # the inputs inference will see (no dropout)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                call_with(model, batch)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    feed_layer_inputs(model, batches, targets, keep)
     alphas = ALPHAS if alpha is None else (alpha,)
     for name in progress(list(targets), total=len(targets), description="SmoothQuant", enabled=show_progress):
         if not inputs[name]:
