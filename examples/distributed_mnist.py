@@ -63,17 +63,17 @@ def main() -> None:
         print(f"PTQ int8 accuracy: {evaluate(ptq, test_x, test_y):.2f} %")
         same = float(agreed[0]) == -float(agreed[1])
         print(f"QAT int8 accuracy: {accuracy:.2f} % (same on every rank: {same})", flush=True)
-    # every rank tears down together: a rank destroying gloo's group while another still works
-    # left the pair hanging at exit in about one run in three
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done with the process group
+    # Leave without tearing down. torch 2.13's gloo process group can deadlock in its destructor:
+    # it joins its worker thread while holding the GIL, and that thread may be freeing a finished
+    # collective's tensors, which needs the GIL (seen in the tests: at destroy_process_group, at
+    # interpreter exit, and when DistributedDataParallel's reducer was freed as main() returned).
+    # os._exit runs no destructor; multiprocessing's children (quanta.distributed.launch) leave
+    # the same way. Everything is written and flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
-    # gloo's threads can still wait on a closed connection when the interpreter finalizes, and
-    # then the process never exits (seen once in the tests after main() had returned): leave now,
-    # as multiprocessing's children do; everything is written and flushed
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

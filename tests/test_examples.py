@@ -47,9 +47,11 @@ def test_qat_mnist_example():
 
 @pytest.mark.slow
 def test_distributed_mnist_example_under_torchrun(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           str(EXAMPLES / "distributed_mnist.py"), "--steps", "5", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    # --standalone: a free port, so another run at the same time cannot collide on torchrun's default
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(EXAMPLES / "distributed_mnist.py"),
+                           "--steps", "5", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ranks: 2" in done.stdout and "same on every rank: True" in done.stdout
     assert float(done.stdout.split("PTQ int8 accuracy: ")[1].split(" %")[0]) >= 98.5
