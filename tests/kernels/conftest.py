@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The native passes split their work across OpenMP threads: every kernel test runs on at least
+    two, whatever the session's setting (one per pytest-xdist worker), so the splits are checked."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(2, previous))
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(params=["native", "torch.ops"])
