@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 import quanta  # noqa: E402
 from quanta.config import QuantConfig  # noqa: E402
-from quanta.kernels.cpu import has_vnni, weight_bits_for_cpu  # noqa: E402
+from quanta.kernels.cpu import has_vnni, model_name, weight_bits_for_cpu  # noqa: E402
 from quanta.zoo import minilm  # noqa: E402
 
 Runner = Callable[[dict[str, torch.Tensor]], np.ndarray]
@@ -202,7 +202,8 @@ def main() -> None:
     meta = {"model": "all-MiniLM-L6-v2" + (" (random weights)" if ARGS.random else ""),
             "threads": ARGS.threads, "reps": reps, "torch": torch.__version__, "vnni": has_vnni(),
             "weight_bits": weight_bits_for_cpu(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-            "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "cpu_model": model_name()}
     out = Path(ARGS.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out.with_suffix(".tmp")

@@ -222,7 +222,11 @@ def main() -> None:
               f"{r['prefill_median']:7.0f} {r['prefill_vs_fp32']:5.2f}x {r['decode_median']:6.1f} "
               f"{r['decode_vs_fp32']:5.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.json, json.dumps({"args": vars(args), "results": results}, indent=1).encode())
+    from quanta.kernels.cpu import model_name, weight_bits_for_cpu
+
+    meta = {"cpu_model": model_name(), "weight_bits": weight_bits_for_cpu(), "cpu_count": os.cpu_count()}
+    atomic_write_bytes(args.json, json.dumps({"args": vars(args), "meta": meta, "results": results},
+                                             indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--json", default="", help="results file (default: results/end_to_end_<isa>.json)")
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE for a loaded machine (default: spin-waiting, see above)")
     return p.parse_args()
@@ -63,6 +64,8 @@ sys.path.insert(0, HERE)
 from bench_models import CASES, calibration, rel_l2  # noqa: E402
 from bench_peers import ROWS  # noqa: E402
 from readme_table import write_readme  # noqa: E402
+
+from quanta.kernels.cpu import model_name  # noqa: E402
 
 DYNAMIC_ONLY = {"quanta dynamic int8", "torch.ao dynamic", "ORT dynamic"}
 # ``--isa avx2`` caps oneDNN, MKL and ATen through their environment variables; these engines
@@ -167,13 +170,14 @@ def main() -> None:
             results.extend(rows)
     meta = {
         "isa": ARGS.isa, "threads": 2, "reps": reps, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_flags": _cpu_flags(),
+        "cpu": platform.processor() or platform.machine(), "cpu_model": model_name(),
+        "cpu_flags": _cpu_flags(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "quick": ARGS.quick,
         "minutes": round((time.time() - started) / 60, 1),
         "env": {k: os.environ[k] for k in (*_AVX2_ENV, "OMP_WAIT_POLICY") if k in os.environ},
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"end_to_end_{ARGS.isa}.json")
+    path = ARGS.json or os.path.join(HERE, "results", f"end_to_end_{ARGS.isa}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"meta": meta, "rows": results}, f, indent=1)
     os.replace(path + ".tmp", path)
