@@ -3,7 +3,7 @@ and GPTQ learn from."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from quanta.capture.record import call_with
 from quanta.progress import progress
 
 
-def feed_layer_inputs(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module],
+def feed_layer_inputs(model: nn.Module, batches: Iterable[Any], layers: dict[str, nn.Module],
                       on_input: Callable[[str, torch.Tensor], None], *,
                       after_batch: Callable[[], None] | None = None, description: str = "",
                       show_progress: bool = False) -> None:
@@ -33,7 +33,8 @@ def feed_layer_inputs(model: nn.Module, batches: Sequence[Any], layers: dict[str
     model.eval()  # the inputs inference will see (no dropout)
     try:
         with torch.no_grad():
-            for batch in progress(batches, total=len(batches), description=description,
+            total = len(batches) if isinstance(batches, Sized) else None  # a generator has no length
+            for batch in progress(batches, total=total, description=description,
                                   enabled=show_progress and bool(description)):
                 call_with(model, batch)
                 if after_batch is not None:
