@@ -71,25 +71,34 @@ def _group_argmax(values: torch.Tensor, group: int) -> torch.Tensor:
     return first.reshape(n, -1)[:, :k]
 
 
+def _convert(weight: torch.Tensor, spec: QuantSpec, mode: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``mode``'s conversion computes for ``weight`` under ``spec``: (codes int64 [N, K],
+    scales, offsets): int4 scales and offsets per group [N, G]; int8 scales per row [N], offsets 0."""
+    if spec.bits == 4:
+        packed, scale, offset = weight_only_kernels.quantize_int4(weight, spec.group_size or weight.shape[1],
+                                                                  spec.symmetric)
+        return weight_only_kernels.unpack_int4(packed)[:, :weight.shape[1]].long(), scale, offset
+    if mode == "weight_only":
+        codes, scale = weight_only_kernels.quantize_int8(weight)
+    else:
+        codes, scale = quantize_weight(weight, spec)
+    return codes.long(), scale, torch.zeros_like(scale)
+
+
 def converted_codes(weight: torch.Tensor, spec: QuantSpec, mode: str) -> torch.Tensor:
     """The integer codes ``mode``'s conversion stores for ``weight`` under ``spec`` (int64 [N, K]):
     signed int8 values, or int4 codes 0..15."""
-    if spec.bits == 4:
-        packed, _, _ = weight_only_kernels.quantize_int4(weight, spec.group_size or weight.shape[1],
-                                                          spec.symmetric)
-        return weight_only_kernels.unpack_int4(packed)[:, :weight.shape[1]].long()
-    if mode == "weight_only":
-        return weight_only_kernels.quantize_int8(weight)[0].long()
-    return quantize_weight(weight, spec)[0].long()
+    return _convert(weight, spec, mode)[0]
 
 
 def grid_for(weight: torch.Tensor, spec: QuantSpec, mode: str) -> Grid:
     """The grid ``mode``'s conversion puts ``weight`` on (``spec.bits`` resolved)."""
     w = weight.detach().float()
     n, k = w.shape
+    codes, scale, offset = _convert(w, spec, mode)
     if spec.bits == 4:
         group = spec.group_size or k
-        _, scale, offset = weight_only_kernels.quantize_int4(w, group, spec.symmetric)
         scale, offset = _expand(scale, group, k), _expand(offset, group, k)
         if spec.symmetric:  # codes 1..15 are -7..7 steps: the group's largest magnitude is 7 steps
             pinned, low = _group_argmax(w.abs(), group), 1
@@ -98,15 +107,10 @@ def grid_for(weight: torch.Tensor, spec: QuantSpec, mode: str) -> Grid:
         high = 15
     else:
         half = 2 ** (spec.bits - 1) - 1
-        if mode == "weight_only":
-            _, row_scale = weight_only_kernels.quantize_int8(w)
-        else:
-            _, row_scale = quantize_weight(w, spec)
-        scale, offset = row_scale.float()[:, None].expand(n, k), torch.zeros(n, k)
+        scale, offset = scale.float()[:, None].expand(n, k), offset.float()[:, None].expand(n, k)
         # not -half - 1: that code would widen the row's scale
         pinned, low, high = _group_argmax(w.abs(), k), -half, half
-    scale, offset = scale.double(), offset.double()
-    return Grid(scale, offset, low, high, pinned, converted_codes(w, spec, mode).double())
+    return Grid(scale.double(), offset.double(), low, high, pinned, codes.double())
 
 
 def _inverse_factor(hessian: torch.Tensor) -> torch.Tensor:
