@@ -18,8 +18,9 @@ from quanta.kernels.reference import NUMERICS
 # version 2 added QuantSpec.group_size and mode "weight_only"; version 3 the post-training
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
 # version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; version 8 rotate,
-# rotation_seed; version 9 gptq; older dicts load unchanged
-CONFIG_VERSION = 9
+# rotation_seed; version 9 gptq; version 10 int4_activations (older dicts load with "float", the
+# arithmetic they were saved with); older dicts load unchanged otherwise
+CONFIG_VERSION = 10
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -151,6 +152,7 @@ class Override:
 
 RUNTIMES = ("graph", "eager")
 NONFINITE = ("raise", "propagate")
+INT4_ACTIVATIONS = ("int8", "float")
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,10 @@ class QuantConfig:
     # GPTQ: each Linear's weights rounded for the least output error on the calibration inputs
     # (quanta.ptq.gptq), after the rotation and SmoothQuant; dynamic and weight-only modes
     gptq: bool = False
+    # weight-only int4 decode (GEMV, fewer than PREFILL_ROWS rows): "int8" quantizes the input per
+    # block of 32 columns and sums each block's products in integers (llama.cpp's Q4 x Q8; ~1.4x
+    # faster per token, docs/weight_only.md); "float" multiplies float inputs by the dequantized weights
+    int4_activations: str = "int8"
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -216,6 +222,9 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"QuantConfig.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if self.int4_activations not in INT4_ACTIVATIONS:
+            raise ValueError(f"QuantConfig.int4_activations must be one of {INT4_ACTIVATIONS}, "
+                             f"got {self.int4_activations!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:
@@ -295,6 +304,8 @@ class QuantConfig:
         d = dict(d)
         if d.get("version", CONFIG_VERSION) > CONFIG_VERSION:
             raise ValueError(f"config version {d['version']} is newer than this quanta ({CONFIG_VERSION})")
+        if d.get("version", CONFIG_VERSION) < 10:  # saved before int8 activations existed
+            d.setdefault("int4_activations", "float")
         for key in ("weight", "activation"):
             if isinstance(d.get(key), dict):
                 d[key] = QuantSpec(**d[key])

@@ -31,11 +31,12 @@ def weight_only_spec(config: QuantConfig, name: str, module: nn.Module) -> tuple
     return skipped, dataclasses.replace(spec, bits=spec.bits or 8), why
 
 
-def _describe(spec: QuantSpec) -> str:
+def _describe(spec: QuantSpec, int4_activations: str) -> str:
     if spec.bits == 8:
         return "weight-only int8 (per output channel)"
     groups = f"groups of {spec.group_size}" if spec.group_size else "per output channel"
-    return f"weight-only int4 ({'symmetric' if spec.symmetric else 'asymmetric'}, {groups})"
+    decode = "int8 activations per block of 32" if int4_activations == "int8" else "float activations"
+    return f"weight-only int4 ({'symmetric' if spec.symmetric else 'asymmetric'}, {groups}; decode: {decode})"
 
 
 def plan_weight_only(model: nn.Module, config: QuantConfig) -> Plan:
@@ -62,7 +63,7 @@ def plan_weight_only(model: nn.Module, config: QuantConfig) -> Plan:
             else:
                 lp.precision, lp.quantized_type, lp.weight_bits = "int8", target.__name__, spec.bits
                 lp.weight_only = True
-                lp.reason, lp.backend = _describe(spec), "native"
+                lp.reason, lp.backend = _describe(spec, config.int4_activations), "native"
         plan.layers[name] = lp
     return plan
 
@@ -94,7 +95,8 @@ def quantize_weight_only(model: nn.Module, config: QuantConfig | None = None, *,
         float_module = modules[lp.name]
         _, spec, _ = weight_only_spec(config, lp.name, float_module)
         qtype = mapping.MAPPING[mapping.mapped_type(float_module)]["weight_only"]
-        _set_module(model, lp.name, qtype(float_module, spec, layer_name=lp.name))
+        _set_module(model, lp.name, qtype(float_module, spec, layer_name=lp.name,
+                                          int4_activations=config.int4_activations))
     model.eval()
     # no low-coverage warning: weight-only layers multiply in float by design (their MACs count as
     # float in the report), the saving is in the bytes read

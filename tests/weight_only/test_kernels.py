@@ -100,3 +100,76 @@ def test_tiled_prefill_matches_reference(fmt, monkeypatch):
         y = wo.linear(x, q, scale, offset, group, bias)
         assert y.shape == (m, n) and not y.is_contiguous()  # the tiled path's transposed view
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+# int4 GEMV with int8 activations (QuantConfig.int4_activations="int8") against its own
+# specification, reference_linear_int8_activations: the block products are exact integers in both,
+# so only float32 accumulation of one term per block (and of the group sums) separates them
+INT8_ACTIVATION_LIMIT = 1e-6
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+def test_activation_blocks_are_bit_exact_in_c():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
+    x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    x[1, 32:64] = torch.arange(32) * 0.5 - 8.0  # max 7.5 -> step 7.5/127: many values land near ties
+    x[2, 64] = 127.0 * 3.0  # one large value: the rest of its block rounds to small codes
+    xq, xs = wo.quantize_activation_blocks(x)
+    cq, cs, nonfinite = wo.native_quantize_activation_blocks(x)
+    assert torch.equal(xq, cq) and torch.equal(xs, cs) and not nonfinite
+    assert float(xs[0, 0]) == 0.0 and not xq[0, :32].any()
+    assert int(xq.abs().max()) == 127 and float(xs[2, 2]) == pytest.approx(3.0)
+    assert float((xq.float().reshape(3, 3, 32) * xs[..., None] - x.reshape(3, 3, 32)).abs().max()) <= \
+        float(xs.max()) / 2 + 1e-6
+    x[1, 40] = float("inf")
+    assert wo.native_quantize_activation_blocks(x)[2]
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+@pytest.mark.parametrize("plain", [False, True], ids=["avx2", "plain"])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g128", "int4-g128-sym", "int4-g64-k1536"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_gemv_with_int8_activations_matches_its_specification(fmt, plain, m):
+    n = 203  # not a multiple of the kernel's four rows at a time
+    k = 1536 if fmt.endswith("k1536") else 576  # 576 = 4 * 128 + 64: the last group of 128 is short
+    group = int(fmt.split("-g")[1].split("-")[0])
+    w = _weights(n, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+    bias = torch.randn(n)
+    q, scale, offset = wo.quantize_int4(w, group, symmetric=fmt.endswith("sym"))
+    spec = wo.reference_linear_int8_activations(x, q, scale, offset, group, bias)
+    y = wo.native_linear(x, q, scale, offset, group, bias, plain=plain, int8_activations=True)
+    err = float((y - spec).abs().max() / spec.abs().max())
+    assert err < INT8_ACTIVATION_LIMIT, err
+    # and what the int8 activations cost against float ones: per-block 8-bit inputs, ~0.5 %
+    exact = wo.reference_linear(x, q, scale, offset, group, bias)
+    cost = float((spec - exact).abs().max() / exact.abs().max())
+    assert 1e-4 < cost < 2e-2, cost
+    if not plain:  # the dispatcher sends few rows to this GEMV
+        assert torch.equal(wo.linear(x, q, scale, offset, group, bias, int8_activations=True), y)
+
+
+@pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
+def test_int4_gemv_with_int8_activations_runs_nonfinite_inputs_in_float():
+    q, scale, offset = wo.quantize_int4(_weights(40, 64, seed=9), 32)
+    x = torch.randn(2, 64)
+    x[1, 3] = float("nan")
+    y = wo.native_linear(x, q, scale, offset, 32, None, int8_activations=True)
+    float_gemv = wo.native_linear(x, q, scale, offset, 32, None)
+    assert torch.equal(y[0], float_gemv[0])  # the whole call ran the float GEMV
+    assert bool(torch.isnan(y[1]).all()) and bool(torch.isfinite(y[0]).all())
+
+
+def test_reference_backend_follows_the_int8_activation_path():
+    from quanta.config import QuantSpec
+    from quanta.modules.weight_only import WeightOnlyLinear
+
+    layer = WeightOnlyLinear(torch.nn.Linear(64, 24), QuantSpec(bits=4, group_size=32), "fc")
+    layer.backend = "reference"
+    x = torch.randn(2, 64)
+    spec = wo.reference_linear_int8_activations(x, layer.weight, layer.weight_scale, layer.weight_offset, 32,
+                                                layer.bias)
+    assert torch.equal(layer(x), spec)
+    many = torch.randn(wo.PREFILL_ROWS, 64)  # prefill rows: float activations
+    assert torch.equal(layer(many), wo.reference_linear(many, layer.weight, layer.weight_scale,
+                                                        layer.weight_offset, 32, layer.bias))

@@ -209,7 +209,8 @@ def _build_quantized(model: nn.Module, plan: Plan, config: QuantConfig, modules:
         elif plan.mode == "weight_only":  # shapes follow the saved spec (bits, group size)
             from quanta.weight_only import weight_only_spec
 
-            quantized = cls.empty(float_module, weight_only_spec(config, name, float_module)[1], name)
+            quantized = cls.empty(float_module, weight_only_spec(config, name, float_module)[1], name,
+                                  int4_activations=config.int4_activations)
         else:  # modules built from the float module and a weight spec (dynamic types)
             spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=lp.weight_bits or 8)
             backend = config.backend_for(name, lp.float_type)[0]

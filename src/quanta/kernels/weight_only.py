@@ -13,6 +13,11 @@ float64. :func:`linear` is the fast path: the native GEMV (``native/weight_only.
 dequantized in registers inside the dot product) for few rows (decode), and for many rows
 (prefill) the weights dequantized by a native pass followed by a float32 matmul (tile by tile
 when the matrix is larger than the cache).
+
+int4 decode with ``int8_activations`` (``QuantConfig.int4_activations="int8"``, the default):
+the GEMV quantizes each row of x per block of 32 columns to int8 and sums each block's products
+exactly in integers (``native/weight_only_q8.c``, as llama.cpp's Q4 x Q8 and ONNX Runtime's
+MatMulNBits at accuracy level 4). Its specification is :func:`reference_linear_int8_activations`.
 """
 
 from __future__ import annotations
@@ -104,13 +109,47 @@ def reference_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
     return y.float()
 
 
+def quantize_activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] (K a multiple of 32) -> (xq int8 [M, K], xs float32 [M, K / 32]): per block
+    of 32 columns xs = max|x| / 127 and xq = round-half-even(x / xs) (0 for an all-zero block)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    xs = blocks.abs().amax(dim=2) / 127.0
+    safe = torch.where(xs > 0, xs, torch.ones_like(xs))
+    xq = torch.where(xs[..., None] > 0, torch.round(blocks / safe[..., None]), torch.zeros_like(blocks))
+    return xq.clamp_(-127, 127).to(torch.int8).reshape(m, k), xs
+
+
+def reference_linear_int8_activations(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                                      offset: torch.Tensor, group: int, bias: torch.Tensor | None
+                                      ) -> torch.Tensor:
+    """The specification of the int4 GEMV with int8 activations, in integers and float64:
+    y = sum_b xs_b scale_g(b) sum_{i in b} (q_i - 8) xq_i + sum_g (offset_g + 8 scale_g) sum_{i in g} x_i
+    (+ bias); for finite x (the kernel runs the float GEMV, :func:`reference_linear`, otherwise)."""
+    m, k = x.shape
+    n, blocks, per = q.shape[0], k // 32, group // 32
+    xq, xs = quantize_activation_blocks(x)
+    centred = (unpack_int4(q).to(torch.int32) - 8).reshape(n, blocks, 32)
+    dots = (xq.to(torch.int32).reshape(m, 1, blocks, 32) * centred[None]).sum(dim=3)  # [M, N, B] exact
+    block_group = torch.arange(blocks) // per
+    y = (dots.double() * xs.double()[:, None, :] * scale.double()[None, :, block_group]).sum(dim=2)
+    xsum = torch.zeros(m, scale.shape[1], dtype=torch.float64)
+    xsum.index_add_(1, block_group, x.double().reshape(m, blocks, 32).sum(dim=2))
+    y = y + xsum @ (offset.double() + 8.0 * scale.double()).T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
 def native_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                  group: int, bias: torch.Tensor | None, plain: bool = False) -> torch.Tensor:
-    """The native GEMV: x float32 [M, K] contiguous -> float32 [M, N]. ``plain``: the non-AVX2 build."""
+                  group: int, bias: torch.Tensor | None, plain: bool = False,
+                  int8_activations: bool = False) -> torch.Tensor:
+    """The native GEMV: x float32 [M, K] contiguous -> float32 [M, N]. ``plain``: the non-AVX2 build;
+    ``int8_activations``: int4 weights times x quantized per block of 32 (ignored for int8 weights)."""
     lib = native.load()
     if lib is None:
         raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
@@ -121,9 +160,22 @@ def native_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
         lib.qk_wo_linear_s8(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), n, _ptr(bias),
                             y.data_ptr(), ctypes.c_int(plain))
     else:
-        lib.qk_wo_linear_u4(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n,
-                            _ptr(bias), y.data_ptr(), ctypes.c_int(plain))
+        gemv = lib.qk_wo_linear_u4_q8 if int8_activations else lib.qk_wo_linear_u4
+        gemv(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), offset.data_ptr(), group, n, _ptr(bias),
+             y.data_ptr(), ctypes.c_int(plain))
     return y
+
+
+def native_quantize_activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The C pass of :func:`quantize_activation_blocks` (xq, xs, whether x held NaN/Inf), for tests."""
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
+    x = x.float().contiguous()
+    m, k = x.shape
+    xq, xs = torch.empty(m, k, dtype=torch.int8), torch.empty(m, k // 32, dtype=torch.float32)
+    nonfinite = lib.qk_wo_quantize_blocks(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
+    return xq, xs, bool(nonfinite)
 
 
 def native_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
@@ -165,14 +217,15 @@ def _tiled_prefill(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
-           bias: torch.Tensor | None) -> torch.Tensor:
-    """float32 x [M, K] (contiguous) -> [M, N]: GEMV for few rows; for many, dequantize + sgemm
-    (tile by tile for matrices larger than the cache, whose result is a transposed view); torch
-    ops when the native kernels are unavailable."""
+           bias: torch.Tensor | None, int8_activations: bool = False) -> torch.Tensor:
+    """float32 x [M, K] (contiguous) -> [M, N]: GEMV for few rows (int4 with ``int8_activations``:
+    x quantized per block of 32); for many, dequantize + sgemm (tile by tile for matrices larger
+    than the cache, whose result is a transposed view); torch ops on float activations when the
+    native kernels are unavailable."""
     if native.load() is None:
         return F.linear(x, dequantize(q, scale, offset, group), bias)
     if x.shape[0] < PREFILL_ROWS:
-        return native_linear(x, q, scale, offset, group, bias)
+        return native_linear(x, q, scale, offset, group, bias, int8_activations=int8_activations)
     if q.shape[0] * x.shape[1] >= TILED_FROM_WEIGHTS:
         return _tiled_prefill(x, q, scale, offset, group, bias)
     return F.linear(x, native_dequantize(q, scale, offset, group), bias)
@@ -180,14 +233,14 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.
 
 @torch.library.custom_op("quanta::weight_only_linear", mutates_args=())
 def linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
-              bias: torch.Tensor | None) -> torch.Tensor:
+              bias: torch.Tensor | None, int8_activations: bool = False) -> torch.Tensor:
     """:func:`linear` as one opaque torch op, for ``torch.compile``: dynamo cannot trace the native
     kernels' ctypes calls (each would break the graph), but it keeps a custom op whole. Its
     output is contiguous, as the fake below says (``linear`` may return a transposed view)."""
-    return linear(x, q, scale, offset, group, bias).contiguous()
+    return linear(x, q, scale, offset, group, bias, int8_activations).contiguous()
 
 
 @linear_op.register_fake
 def _linear_op_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                     group: int, bias: torch.Tensor | None) -> torch.Tensor:
+                     group: int, bias: torch.Tensor | None, int8_activations: bool = False) -> torch.Tensor:
     return x.new_empty((x.shape[0], scale.shape[0]))

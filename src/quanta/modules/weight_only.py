@@ -39,7 +39,7 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
     weight_only = True
 
     def __init__(self, float_module: nn.Linear, weight_spec: QuantSpec, layer_name: str = "",
-                 quantize: bool = True) -> None:
+                 quantize: bool = True, int4_activations: str = "int8") -> None:
         super().__init__()
         problem = weight_only_problem(float_module, weight_spec)
         if problem:
@@ -50,6 +50,8 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
         self.symmetric = weight_spec.symmetric
         self.group_size = weight_spec.group_size or self.in_features
         self.backend = "native"
+        # int4 decode: the input quantized per block of 32 ("int8") or float ("float"); QuantConfig.int4_activations
+        self.int4_activations = int4_activations
         n, k = self.out_features, self.in_features
         bias = float_module.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -68,9 +70,15 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
         self.register_buffer("weight_offset", None if offset is None else offset.float().contiguous())
 
     @classmethod
-    def empty(cls, float_module: nn.Linear, weight_spec: QuantSpec, layer_name: str = "") -> WeightOnlyLinear:
+    def empty(cls, float_module: nn.Linear, weight_spec: QuantSpec, layer_name: str = "",
+              int4_activations: str = "int8") -> WeightOnlyLinear:
         """The module with zeroed buffers of the right shapes (for loading a saved file)."""
-        return cls(float_module, weight_spec, layer_name, quantize=False)
+        return cls(float_module, weight_spec, layer_name, quantize=False, int4_activations=int4_activations)
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether few-row calls (decode) quantize the input per block of 32 (int4 weights only)."""
+        return self.weight_bits == 4 and getattr(self, "int4_activations", "float") == "int8"
 
     def describe(self) -> str:
         return f"{self.layer_name or 'WeightOnlyLinear'} (WeightOnlyLinear)"
@@ -84,15 +92,18 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
                 f"{self.describe()} expects [..., {self.in_features}] input, got shape {tuple(x.shape)}")
         dtype = x.dtype
         rows = x.reshape(-1, self.in_features).float().contiguous()
+        int8 = self.int8_activations
         if self.backend == "reference":
-            y = kernels.reference_linear(rows, self.weight, self.weight_scale, self.weight_offset,
-                                         self.group_size, self.bias)
+            spec = kernels.reference_linear
+            if int8 and rows.shape[0] < kernels.PREFILL_ROWS and bool(torch.isfinite(rows).all()):
+                spec = kernels.reference_linear_int8_activations
+            y = spec(rows, self.weight, self.weight_scale, self.weight_offset, self.group_size, self.bias)
         elif torch.compiler.is_compiling():  # one opaque op in the compiled graph (no graph break)
             y = kernels.linear_op(rows, self.weight, self.weight_scale, self.weight_offset, self.group_size,
-                                  self.bias)
+                                  self.bias, int8)
         else:
             y = kernels.linear(rows, self.weight, self.weight_scale, self.weight_offset, self.group_size,
-                               self.bias)
+                               self.bias, int8)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if dtype == torch.float32 else y.to(dtype)
 
@@ -105,5 +116,6 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
 
     def extra_repr(self) -> str:
         fmt = "int8 per channel" if self.weight_bits == 8 else (
-            f"int4 {'symmetric' if self.symmetric else 'asymmetric'} groups of {self.group_size}")
+            f"int4 {'symmetric' if self.symmetric else 'asymmetric'} groups of {self.group_size}, "
+            f"{'int8' if self.int8_activations else 'float'} activations in decode")
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt} (weight-only)"

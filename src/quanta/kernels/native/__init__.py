@@ -1,6 +1,6 @@
 """Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
 (``primitives.c``), elementwise loops (``elementwise.c``), dynamic quantization passes
-(``dynamic.c``), weight-only GEMV (``weight_only.c``) and the executor that runs a whole converted
+(``dynamic.c``), weight-only GEMVs (``weight_only.c``, ``weight_only_q8.c``) and the executor that runs a whole converted
 forward in one call (``program.c``), one shared library.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("primitives.c", "elementwise.c", "dynamic.c", "weight_only.c", "program.c")]
-_HEADERS = [Path(__file__).with_name("common.h")]  # in the build key, not on the command line
+            for name in ("primitives.c", "elementwise.c", "dynamic.c", "weight_only.c", "weight_only_q8.c",
+                         "program.c")]
+# in the build key, not on the command line
+_HEADERS = [Path(__file__).with_name(name) for name in ("common.h", "weight_only.h")]
 _LIBRARY = "libtorch_cpu.so"
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -162,6 +164,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_rows_epilogue.argtypes = [p, i64, i64, p, p, p, p]
     lib.qk_wo_linear_s8.argtypes = [p, i64, i64, p, p, i64, p, p, ctypes.c_int]
     lib.qk_wo_linear_u4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
+    lib.qk_wo_linear_u4_q8.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
+    lib.qk_wo_quantize_blocks.argtypes = [p, i64, i64, p, p]
+    lib.qk_wo_quantize_blocks.restype = ctypes.c_int
     lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p, ctypes.c_int]
     lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p, ctypes.c_int]
     lib.qk_program_run.argtypes = [p, i64, p, p]

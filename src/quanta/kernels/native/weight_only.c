@@ -8,20 +8,9 @@
  * nibble and column b + 16 in its high nibble; q in 0..15 means q * scale[j, g] + offset[j, g]
  * for group g = i / group (group a multiple of 32; the last group may be shorter), so
  * y[m, j] = sum_g scale[j, g] * sum_{i in g} q x[m, i] + offset[j, g] * sum_{i in g} x[m, i]. */
-#include <stdint.h>
 #include <stdlib.h>
 
-#include "common.h"
-#if QK_X86
-#include <immintrin.h>
-#endif
-
-#define QK_WO_PARALLEL_MIN 65536 /* weights below which one thread runs the whole layer */
-/* Decode reads each weight once from DRAM: the hardware prefetcher alone left the GEMV at a third
-   of the memory bandwidth (8 GB/s against sgemv's 26, measured), so the loops also prefetch this
-   many bytes ahead in the weight stream (a thread's rows are contiguous, so this runs into the
-   next rows). */
-#define QK_WO_PREFETCH 4096
+#include "weight_only.h"
 
 /* ---- plain builds ---- */
 static float dot_s8_plain(const float *x, const int8_t *w, int64_t k) {
@@ -39,13 +28,6 @@ static float dot_u4_plain(const float *x, const uint8_t *w, int64_t len) {
 }
 
 #if QK_X86
-QK_TARGET("avx2,fma") static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 QK_TARGET("avx2,fma") static float dot_s8_avx2(const float *x, const int8_t *w, int64_t k) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
@@ -63,7 +45,7 @@ QK_TARGET("avx2,fma") static float dot_s8_avx2(const float *x, const int8_t *w, 
     for (; i + 8 <= k; i += 8)
         a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i)))),
                              _mm256_loadu_ps(x + i), a0);
-    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float acc = qk_hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < k; i++) acc += x[i] * (float)w[i];
     return acc;
 }
@@ -99,7 +81,7 @@ QK_TARGET("avx2,fma") static float row_u4_avx2(const float *x, const float *xsum
         acc = _mm256_fmadd_ps(dot_u4_avx2(x + i, w + i / 2, len), _mm256_set1_ps(scale[g]), acc);
         off += offset[g] * xsum[g];
     }
-    return hsum256(acc) + off;
+    return qk_hsum256(acc) + off;
 }
 #endif
 

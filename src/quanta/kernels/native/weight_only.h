@@ -1,0 +1,30 @@
+/* What the two weight-only C files share: the parallel threshold, the prefetch distance, the
+ * AVX2 horizontal sum and the float-activation int4 GEMV (the int8-activation one falls back to
+ * it on NaN/Inf inputs). */
+#pragma once
+#include <stdint.h>
+
+#include "common.h"
+#if QK_X86
+#include <immintrin.h>
+#endif
+
+#define QK_WO_PARALLEL_MIN 65536 /* weights below which one thread runs the whole layer */
+/* Decode reads each weight once from DRAM: the hardware prefetcher alone left the GEMV at a third
+   of the memory bandwidth (8 GB/s against sgemv's 26, measured), so the loops also prefetch this
+   many bytes ahead in the weight stream (a thread's rows are contiguous, so this runs into the
+   next rows). */
+#define QK_WO_PREFETCH 4096
+
+#if QK_X86
+QK_TARGET("avx2,fma") static inline float qk_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+void qk_wo_linear_u4(const float *x, int64_t m, int64_t k, const uint8_t *w, const float *scale,
+                     const float *offset, int64_t group, int64_t n, const float *bias, float *y,
+                     int plain);

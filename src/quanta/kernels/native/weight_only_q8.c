@@ -1,0 +1,151 @@
+/* The int4 weight-only GEMV with int8 activations (QuantConfig.int4_activations = "int8"), the
+ * decode path of 4-bit weight-only layers. Each row of x is quantized per block of 32 columns
+ * (symmetric: xs = max|x| / 127, xq = round-half-even(x / xs)), and each block's 32 products
+ * (q - 8) * xq are summed exactly in integers: vpmaddubsw's int16 pairs hold 2 * 8 * 127 = 2032,
+ * so there is no saturation on any AVX2 CPU, VNNI or not. That is one float multiply-add per
+ * block of 32 weights instead of one per weight (the float-activation GEMV in weight_only.c is
+ * bound by its conversions, not by memory). As in llama.cpp's Q4 x Q8 dot products:
+ *   y[m, j] = sum_b xs[m, b] * scale[j, g(b)] * sum_{i in b} (q[j, i] - 8) * xq[m, i]
+ *           + sum_g (offset[j, g] + 8 * scale[j, g]) * sum_{i in g} x[m, i]   (float sums of x)
+ * Centring q on 8 keeps the integer sums small against the float term. NaN/Inf in x: the whole
+ * call runs the float-activation GEMV, which carries them as float does. The specification is
+ * quanta.kernels.weight_only.reference_linear_int8_activations (plain torch integer arithmetic). */
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "weight_only.h"
+
+/* xq [m, k] int8 and xs [m, k / 32] (k a multiple of 32); returns 1 if x holds NaN or Inf */
+int qk_wo_quantize_blocks(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs) {
+    int nonfinite = 0;
+    for (int64_t b = 0; b < m * (k / 32); b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            float a = fabsf(xb[i]);
+            if (!(a <= FLT_MAX)) nonfinite = 1;
+            else if (a > amax) amax = a;
+        }
+        float s = amax / 127.0f;
+        xs[b] = s;
+        for (int i = 0; i < 32; i++) {
+            float v = s > 0.0f ? nearbyintf(xb[i] / s) : 0.0f;
+            xq[b * 32 + i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+        }
+    }
+    return nonfinite;
+}
+
+static float row_q8_plain(const int8_t *xq, const float *xs, const uint8_t *w, const float *scale,
+                          int64_t k, int64_t per) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 16, xq += 32) {
+        int32_t dot = 0;
+        for (int i = 0; i < 16; i++)
+            dot += ((w[i] & 15) - 8) * xq[i] + ((w[i] >> 4) - 8) * xq[i + 16];
+        acc += (float)dot * (xs[b] * scale[b / per]);
+    }
+    return acc;
+}
+
+#if QK_X86
+/* block b of one weight row: its 32 values q - 8 as int8, in x's column order */
+QK_TARGET("avx2,fma") static inline __m256i centred_nibbles(const uint8_t *w) {
+    const __m128i low = _mm_set1_epi8(15);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)w);
+    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+}
+
+/* sum over the block of (q - 8) * xq as 8 int32 lanes, then scaled into acc; |xq| is unsigned,
+   the sign moves onto the weights (vpmaddubsw multiplies unsigned by signed bytes) */
+#define QK_Q8_BLOCK(acc, wrow, srow)                                                              \
+    do {                                                                                          \
+        __m256i q = _mm256_sign_epi8(centred_nibbles((wrow) + b * 16), xv);                      \
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, q), ones);                         \
+        __m256 f = _mm256_mul_ps(xsb, _mm256_broadcast_ss((srow) + b / per));                     \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc);                                    \
+    } while (0)
+
+/* rows j .. j + count - 1 (count 1 or 4: four rows share each block of x) */
+QK_TARGET("avx2,fma") static void rows_q8_avx2(const int8_t *xq, const float *xs, const uint8_t *w,
+                                               const float *scale, int64_t k, int64_t per,
+                                               int64_t groups, int count, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t stride = k / 2;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        __m256i ax = _mm256_sign_epi8(xv, xv);
+        __m256 xsb = _mm256_broadcast_ss(xs + b);
+        if ((b & 3) == 0)
+            for (int r = 0; r < count; r++)
+                _mm_prefetch((const char *)(w + r * stride + b * 16) + QK_WO_PREFETCH, _MM_HINT_T0);
+        QK_Q8_BLOCK(a0, w, scale);
+        if (count == 4) {
+            QK_Q8_BLOCK(a1, w + stride, scale + groups);
+            QK_Q8_BLOCK(a2, w + 2 * stride, scale + 2 * groups);
+            QK_Q8_BLOCK(a3, w + 3 * stride, scale + 3 * groups);
+        }
+    }
+    out[0] = qk_hsum256(a0);
+    if (count == 4) {
+        out[1] = qk_hsum256(a1);
+        out[2] = qk_hsum256(a2);
+        out[3] = qk_hsum256(a3);
+    }
+}
+#endif
+
+/* the layout and arguments of qk_wo_linear_u4 (weight_only.c); `plain`: no AVX2 */
+void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, const float *scale,
+                        const float *offset, int64_t group, int64_t n, const float *bias, float *y,
+                        int plain) {
+    int fast = !plain && has_avx2_fma();
+    int64_t groups = (k + group - 1) / group, blocks = k / 32, per = group / 32;
+    int8_t *xq = malloc((size_t)(m * k > 0 ? m * k : 1));
+    float *xs = malloc(sizeof(float) * (size_t)(m * blocks > 0 ? m * blocks : 1));
+    float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? m * groups : 1));
+    if (xq == NULL || xs == NULL || xsum == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs)) {
+        free(xq), free(xs), free(xsum);
+        qk_wo_linear_u4(x, m, k, w, scale, offset, group, n, bias, y, plain);
+        return;
+    }
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            int64_t stop = (g + 1) * group < k ? (g + 1) * group : k;
+            for (int64_t i = g * group; i < stop; i++) s += x[r * k + i];
+            xsum[r * groups + g] = s;
+        }
+    int64_t quads = (n + 3) / 4;
+#pragma omp parallel for schedule(static) if (n * k >= QK_WO_PARALLEL_MIN)
+    for (int64_t t = 0; t < quads; t++) {
+        int64_t j0 = 4 * t, count = n - j0 < 4 ? n - j0 : 4;
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xr = xq + r * k;
+            const float *sr = xs + r * blocks, *xg = xsum + r * groups;
+            float dots[4];
+#if QK_X86
+            if (fast && count == 4) {
+                rows_q8_avx2(xr, sr, w + j0 * (k / 2), scale + j0 * groups, k, per, groups, 4, dots);
+            } else if (fast) {
+                for (int64_t c = 0; c < count; c++)
+                    rows_q8_avx2(xr, sr, w + (j0 + c) * (k / 2), scale + (j0 + c) * groups, k, per, groups,
+                                 1, dots + c);
+            } else
+#endif
+                for (int64_t c = 0; c < count; c++)
+                    dots[c] = row_q8_plain(xr, sr, w + (j0 + c) * (k / 2), scale + (j0 + c) * groups, k, per);
+            for (int64_t c = 0; c < count; c++) {
+                const float *sj = scale + (j0 + c) * groups, *oj = offset + (j0 + c) * groups;
+                float v = dots[c];
+                for (int64_t g = 0; g < groups; g++) v += (oj[g] + 8.0f * sj[g]) * xg[g];
+                y[r * n + j0 + c] = bias ? v + bias[j0 + c] : v;
+            }
+        }
+    }
+    free(xq), free(xs), free(xsum);
+    (void)fast;
+}
