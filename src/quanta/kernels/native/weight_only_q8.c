@@ -7,7 +7,12 @@
  * bound by its conversions, not by memory). As in llama.cpp's Q4 x Q8 dot products:
  *   y[m, j] = sum_b xs[m, b] * scale[j, g(b)] * sum_{i in b} (q[j, i] - 8) * xq[m, i]
  *           + sum_g (offset[j, g] + 8 * scale[j, g]) * sum_{i in g} x[m, i]   (float sums of x)
- * Centring q on 8 keeps the integer sums small against the float term. NaN/Inf in x: the whole
+ * Centring q on 8 halves the error against float activations (|q - 8| <= 8, q <= 15). The loops
+ * multiply q itself (vpmaddubsw takes unsigned bytes times signed ones) and fold the -8 into the
+ * group term, per row of x and group: -8 * scale * sum_{b in g} xs[b] * sum_{i in b} xq[i], so
+ *   y = sum_b xs * scale * sum q xq + sum_g offset * xsum[g] + 8 * scale * (xsum[g] - xqsum[g])
+ * with xqsum[g] the sum of the quantized x (the same value; one float term per group, not per
+ * block and row). NaN/Inf in x: the whole
  * call runs the float-activation GEMV, which carries them as float does. The specification is
  * quanta.kernels.weight_only.reference_linear_int8_activations (plain torch integer arithmetic). */
 #include <float.h>
@@ -42,30 +47,26 @@ static float row_q8_plain(const int8_t *xq, const float *xs, const uint8_t *w, c
     float acc = 0.0f;
     for (int64_t b = 0; b < k / 32; b++, w += 16, xq += 32) {
         int32_t dot = 0;
-        for (int i = 0; i < 16; i++)
-            dot += ((w[i] & 15) - 8) * xq[i] + ((w[i] >> 4) - 8) * xq[i + 16];
-        acc += (float)dot * (xs[b] * scale[b / per]);
+        for (int i = 0; i < 16; i++) dot += (w[i] & 15) * xq[i] + (w[i] >> 4) * xq[i + 16];
+        acc += (float)dot * (xs[b] * scale[b / per]);  /* (the AVX2 loop walks groups, no division) */
     }
     return acc;
 }
 
 #if QK_X86
-/* block b of one weight row: its 32 values q - 8 as int8, in x's column order */
-QK_TARGET("avx2,fma") static inline __m256i centred_nibbles(const uint8_t *w) {
-    const __m128i low = _mm_set1_epi8(15);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)w);
-    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-    return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+/* block b of one weight row: its 32 values q (0..15) as bytes, in x's column order: the 16 bytes
+   in both 128-bit lanes, the high lane shifted right by 4 (one broadcast load, one shift, one and) */
+QK_TARGET("avx2,fma") static inline __m256i block_nibbles(const uint8_t *w) {
+    __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
 }
 
-/* sum over the block of (q - 8) * xq as 8 int32 lanes, then scaled into acc; |xq| is unsigned,
-   the sign moves onto the weights (vpmaddubsw multiplies unsigned by signed bytes) */
-#define QK_Q8_BLOCK(acc, wrow, srow)                                                              \
+/* sum over block b of q * xq (vpmaddubsw: unsigned q times signed xq, pairs <= 2 * 15 * 127)
+   as 8 int32 lanes, scaled by xs[b] * (the row's group scale, broadcast) into acc */
+#define QK_Q8_BLOCK(acc, wrow, sv)                                                                \
     do {                                                                                          \
-        __m256i q = _mm256_sign_epi8(centred_nibbles((wrow) + b * 16), xv);                      \
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, q), ones);                         \
-        __m256 f = _mm256_mul_ps(xsb, _mm256_broadcast_ss((srow) + b / per));                     \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc);                                    \
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(block_nibbles((wrow) + b * 16), xv), ones); \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(xsb, sv), acc);               \
     } while (0)
 
 /* rows j .. j + count - 1 (count 1 or 4: four rows share each block of x) */
@@ -73,20 +74,28 @@ QK_TARGET("avx2,fma") static void rows_q8_avx2(const int8_t *xq, const float *xs
                                                const float *scale, int64_t k, int64_t per,
                                                int64_t groups, int count, float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t stride = k / 2;
+    const int64_t stride = k / 2, blocks = k / 32;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t b = 0; b < k / 32; b++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-        __m256i ax = _mm256_sign_epi8(xv, xv);
-        __m256 xsb = _mm256_broadcast_ss(xs + b);
-        if ((b & 3) == 0)
-            for (int r = 0; r < count; r++)
-                _mm_prefetch((const char *)(w + r * stride + b * 16) + QK_WO_PREFETCH, _MM_HINT_T0);
-        QK_Q8_BLOCK(a0, w, scale);
+    for (int64_t g = 0, b = 0; g < groups; g++) {
+        __m256 s0 = _mm256_broadcast_ss(scale + g), s1 = s0, s2 = s0, s3 = s0;
         if (count == 4) {
-            QK_Q8_BLOCK(a1, w + stride, scale + groups);
-            QK_Q8_BLOCK(a2, w + 2 * stride, scale + 2 * groups);
-            QK_Q8_BLOCK(a3, w + 3 * stride, scale + 3 * groups);
+            s1 = _mm256_broadcast_ss(scale + groups + g);
+            s2 = _mm256_broadcast_ss(scale + 2 * groups + g);
+            s3 = _mm256_broadcast_ss(scale + 3 * groups + g);
+        }
+        int64_t stop = b + per < blocks ? b + per : blocks;
+        for (; b < stop; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+            __m256 xsb = _mm256_broadcast_ss(xs + b);
+            if ((b & 3) == 0)
+                for (int r = 0; r < count; r++)
+                    _mm_prefetch((const char *)(w + r * stride + b * 16) + QK_WO_PREFETCH, _MM_HINT_T0);
+            QK_Q8_BLOCK(a0, w, s0);
+            if (count == 4) {
+                QK_Q8_BLOCK(a1, w + stride, s1);
+                QK_Q8_BLOCK(a2, w + 2 * stride, s2);
+                QK_Q8_BLOCK(a3, w + 3 * stride, s3);
+            }
         }
     }
     out[0] = qk_hsum256(a0);
@@ -106,18 +115,25 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     int64_t groups = (k + group - 1) / group, blocks = k / 32, per = group / 32;
     int8_t *xq = malloc((size_t)(m * k > 0 ? m * k : 1));
     float *xs = malloc(sizeof(float) * (size_t)(m * blocks > 0 ? m * blocks : 1));
-    float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? m * groups : 1));
+    float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? 2 * m * groups : 1));
+    float *xres = xsum + m * groups;
     if (xq == NULL || xs == NULL || xsum == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs)) {
         free(xq), free(xs), free(xsum);
         qk_wo_linear_u4(x, m, k, w, scale, offset, group, n, bias, y, plain);
         return;
     }
-    for (int64_t r = 0; r < m; r++)
+    for (int64_t r = 0; r < m; r++)  /* xsum: sum of x per group; xres: its part the int8 blocks lose */
         for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
+            float s = 0.0f, sq = 0.0f;
             int64_t stop = (g + 1) * group < k ? (g + 1) * group : k;
             for (int64_t i = g * group; i < stop; i++) s += x[r * k + i];
+            for (int64_t b = g * per; b < (stop + 31) / 32; b++) {
+                int32_t t = 0;
+                for (int i = 0; i < 32; i++) t += xq[r * k + b * 32 + i];
+                sq += xs[r * blocks + b] * (float)t;
+            }
             xsum[r * groups + g] = s;
+            xres[r * groups + g] = s - sq;
         }
     int64_t quads = (n + 3) / 4;
 #pragma omp parallel for schedule(static) if (n * k >= QK_WO_PARALLEL_MIN)
@@ -125,7 +141,7 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
         int64_t j0 = 4 * t, count = n - j0 < 4 ? n - j0 : 4;
         for (int64_t r = 0; r < m; r++) {
             const int8_t *xr = xq + r * k;
-            const float *sr = xs + r * blocks, *xg = xsum + r * groups;
+            const float *sr = xs + r * blocks, *xg = xsum + r * groups, *xr_res = xres + r * groups;
             float dots[4];
 #if QK_X86
             if (fast && count == 4) {
@@ -141,7 +157,7 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
             for (int64_t c = 0; c < count; c++) {
                 const float *sj = scale + (j0 + c) * groups, *oj = offset + (j0 + c) * groups;
                 float v = dots[c];
-                for (int64_t g = 0; g < groups; g++) v += (oj[g] + 8.0f * sj[g]) * xg[g];
+                for (int64_t g = 0; g < groups; g++) v += oj[g] * xg[g] + 8.0f * sj[g] * xr_res[g];
                 y[r * n + j0 + c] = bias ? v + bias[j0 + c] : v;
             }
         }
