@@ -201,9 +201,9 @@ class QuantConfig:
     # GPTQ: each Linear's weights rounded for the least output error on the calibration inputs
     # (quanta.ptq.gptq), after the rotation and SmoothQuant; dynamic and weight-only modes
     gptq: bool = False
-    # weight-only int4 decode (GEMV, fewer than PREFILL_ROWS rows): "int8" quantizes the input per
-    # block of 32 columns and sums each block's products in integers (llama.cpp's Q4 x Q8; ~1.4x
-    # faster per token, docs/weight_only.md); "float" multiplies float inputs by the dequantized weights
+    # weight-only int4 decode (the GEMV, fewer than 8 rows per call): "int8" quantizes the input per
+    # block of 32 columns and sums each block's products in integers (llama.cpp's Q4 x Q8 blocks;
+    # docs/architecture.md); "float" multiplies float inputs by the weights dequantized in registers
     int4_activations: str = "int8"
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds

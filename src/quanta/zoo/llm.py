@@ -58,3 +58,16 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """exp(mean next-token negative log-likelihood) of ``ids`` [1, T] in one forward (float64 loss)."""
     logits = model(ids).logits[0, :-1].double()
     return math.exp(F.cross_entropy(logits, ids[0, 1:]).item())
+
+
+def decode_perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """:func:`perplexity` with one token per forward through transformers' KV cache: the path
+    ``generate`` takes after the prompt (weight-only layers run their few-row GEMV, not prefill)."""
+    from transformers import DynamicCache
+
+    cache, logits = DynamicCache(), []
+    for i in range(ids.shape[1] - 1):
+        out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[0, -1].double())
+    return math.exp(F.cross_entropy(torch.stack(logits), ids[0, 1:]).item())
