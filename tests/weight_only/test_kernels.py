@@ -109,20 +109,27 @@ INT8_ACTIVATION_LIMIT = 1e-6
 
 
 @pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")
-def test_activation_blocks_are_bit_exact_in_c():
+@pytest.mark.parametrize("plain", [False, True], ids=["avx2", "plain"])
+def test_activation_blocks_are_bit_exact_in_c(plain):
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6))
     x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
     x[1, 32:64] = torch.arange(32) * 0.5 - 8.0  # max 7.5 -> step 7.5/127: many values land near ties
     x[2, 64] = 127.0 * 3.0  # one large value: the rest of its block rounds to small codes
     xq, xs = wo.quantize_activation_blocks(x)
-    cq, cs, nonfinite = wo.native_quantize_activation_blocks(x)
+    cq, cs, nonfinite = wo.native_quantize_activation_blocks(x, plain)
     assert torch.equal(xq, cq) and torch.equal(xs, cs) and not nonfinite
     assert float(xs[0, 0]) == 0.0 and not xq[0, :32].any()
     assert int(xq.abs().max()) == 127 and float(xs[2, 2]) == pytest.approx(3.0)
     assert float((xq.float().reshape(3, 3, 32) * xs[..., None] - x.reshape(3, 3, 32)).abs().max()) <= \
         float(xs.max()) / 2 + 1e-6
+    wide = torch.randn(16, 1536, generator=torch.Generator().manual_seed(10))
+    wide *= torch.logspace(-6, 6, 16)[:, None]
+    spec, native_pass = wo.quantize_activation_blocks(wide), wo.native_quantize_activation_blocks(wide, plain)
+    assert torch.equal(spec[0], native_pass[0]) and torch.equal(spec[1], native_pass[1])
     x[1, 40] = float("inf")
-    assert wo.native_quantize_activation_blocks(x)[2]
+    assert wo.native_quantize_activation_blocks(x, plain)[2]
+    x[1, 40] = float("nan")
+    assert wo.native_quantize_activation_blocks(x, plain)[2]
 
 
 @pytest.mark.skipif(native.load() is None, reason="native kernels unavailable")

@@ -166,15 +166,18 @@ def native_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
     return y
 
 
-def native_quantize_activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The C pass of :func:`quantize_activation_blocks` (xq, xs, whether x held NaN/Inf), for tests."""
+def native_quantize_activation_blocks(x: torch.Tensor, plain: bool = False
+                                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The C pass of :func:`quantize_activation_blocks` (xq, xs, whether x held NaN/Inf), for tests;
+    ``plain``: the loop without AVX2."""
     lib = native.load()
     if lib is None:
         raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
     x = x.float().contiguous()
     m, k = x.shape
     xq, xs = torch.empty(m, k, dtype=torch.int8), torch.empty(m, k // 32, dtype=torch.float32)
-    nonfinite = lib.qk_wo_quantize_blocks(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
+    nonfinite = lib.qk_wo_quantize_blocks(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(),
+                                          ctypes.c_int(plain))
     return xq, xs, bool(nonfinite)
 
 

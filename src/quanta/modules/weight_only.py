@@ -50,7 +50,8 @@ class WeightOnlyLinear(LeafMarker, nn.Module):
         self.symmetric = weight_spec.symmetric
         self.group_size = weight_spec.group_size or self.in_features
         self.backend = "native"
-        # int4 decode: the input quantized per block of 32 ("int8") or float ("float"); QuantConfig.int4_activations
+        # int4 decode: the input quantized per block of 32 ("int8") or float ("float"), from
+        # QuantConfig.int4_activations
         self.int4_activations = int4_activations
         n, k = self.out_features, self.in_features
         bias = float_module.bias

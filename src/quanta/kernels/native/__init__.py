@@ -1,7 +1,7 @@
 """Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
 (``primitives.c``), elementwise loops (``elementwise.c``), dynamic quantization passes
-(``dynamic.c``), weight-only GEMVs (``weight_only.c``, ``weight_only_q8.c``) and the executor that runs a whole converted
-forward in one call (``program.c``), one shared library.
+(``dynamic.c``), weight-only GEMVs (``weight_only.c``, ``weight_only_q8.c``) and the executor
+that runs a whole converted forward in one call (``program.c``), one shared library.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
 ~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
@@ -165,7 +165,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_wo_linear_s8.argtypes = [p, i64, i64, p, p, i64, p, p, ctypes.c_int]
     lib.qk_wo_linear_u4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
     lib.qk_wo_linear_u4_q8.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
-    lib.qk_wo_quantize_blocks.argtypes = [p, i64, i64, p, p]
+    lib.qk_wo_quantize_blocks.argtypes = [p, i64, i64, p, p, ctypes.c_int]
     lib.qk_wo_quantize_blocks.restype = ctypes.c_int
     lib.qk_wo_dequant_s8.argtypes = [p, p, i64, i64, p, ctypes.c_int]
     lib.qk_wo_dequant_u4.argtypes = [p, p, p, i64, i64, i64, p, ctypes.c_int]

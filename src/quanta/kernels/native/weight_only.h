@@ -23,6 +23,13 @@ QK_TARGET("avx2,fma") static inline float qk_hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+QK_TARGET("avx2,fma") static inline float qk_hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 #endif
 
 void qk_wo_linear_u4(const float *x, int64_t m, int64_t k, const uint8_t *w, const float *scale,

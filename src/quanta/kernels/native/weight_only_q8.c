@@ -21,24 +21,71 @@
 
 #include "weight_only.h"
 
-/* xq [m, k] int8 and xs [m, k / 32] (k a multiple of 32); returns 1 if x holds NaN or Inf */
-int qk_wo_quantize_blocks(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs) {
+/* one block of 32: xs = max|x| / 127, xq = round-half-even(x / xs); returns 1 if x holds NaN or Inf */
+static int quantize_block_plain(const float *xb, int8_t *q, float *xs) {
     int nonfinite = 0;
-    for (int64_t b = 0; b < m * (k / 32); b++) {
-        const float *xb = x + b * 32;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) {
-            float a = fabsf(xb[i]);
-            if (!(a <= FLT_MAX)) nonfinite = 1;
-            else if (a > amax) amax = a;
-        }
-        float s = amax / 127.0f;
-        xs[b] = s;
-        for (int i = 0; i < 32; i++) {
-            float v = s > 0.0f ? nearbyintf(xb[i] / s) : 0.0f;
-            xq[b * 32 + i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
-        }
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        float a = fabsf(xb[i]);
+        if (!(a <= FLT_MAX)) nonfinite = 1;
+        else if (a > amax) amax = a;
     }
+    float s = amax / 127.0f;
+    *xs = s;
+    for (int i = 0; i < 32; i++) {
+        float v = s > 0.0f ? nearbyintf(xb[i] / s) : 0.0f;
+        q[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    }
+    return nonfinite;
+}
+
+#if QK_X86
+/* the same block with AVX2: the same IEEE division and round-to-nearest-even, so the same bytes */
+QK_TARGET("avx2,fma") static int quantize_block_avx2(const float *xb, int8_t *q, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(FLT_MAX);
+    __m256 v[4], amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        __m256 a = _mm256_andnot_ps(sign, v[i]);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or > FLT_MAX */
+        amax = _mm256_max_ps(amax, a);
+    }
+    if (_mm256_movemask_ps(bad)) return quantize_block_plain(xb, q, xs);
+    float s = qk_hmax256(amax) / 127.0f;
+    *xs = s;
+    if (!(s > 0.0f)) {
+        for (int i = 0; i < 32; i++) q[i] = 0;
+        return 0;
+    }
+    __m256 sv = _mm256_set1_ps(s), lim = _mm256_set1_ps(127.0f);
+    __m256i n[4];
+    for (int i = 0; i < 4; i++) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        n[i] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim)));
+    }
+    /* int32 -> int8 keeping order: the packs interleave 128-bit lanes, the permute undoes it */
+    __m256i a16 = _mm256_packs_epi32(n[0], n[1]), b16 = _mm256_packs_epi32(n[2], n[3]);
+    __m256i b8 = _mm256_packs_epi16(a16, b16);
+    b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, b8);
+    return 0;
+}
+#endif
+
+/* xq [m, k] int8 and xs [m, k / 32] (k a multiple of 32); returns 1 if x holds NaN or Inf;
+   `plain`: the loop without AVX2 (the same bytes) */
+int qk_wo_quantize_blocks(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs, int plain) {
+    int nonfinite = 0, fast = !plain && has_avx2_fma();
+    for (int64_t b = 0; b < m * (k / 32); b++) {
+#if QK_X86
+        if (fast) {
+            nonfinite |= quantize_block_avx2(x + b * 32, xq + b * 32, xs + b);
+            continue;
+        }
+#endif
+        nonfinite |= quantize_block_plain(x + b * 32, xq + b * 32, xs + b);
+    }
+    (void)fast;
     return nonfinite;
 }
 
@@ -132,7 +179,7 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     float *xs = malloc(sizeof(float) * (size_t)(m * blocks > 0 ? m * blocks : 1));
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? 2 * m * groups : 1));
     float *xres = xsum + m * groups;
-    if (xq == NULL || xs == NULL || xsum == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs)) {
+    if (xq == NULL || xs == NULL || xsum == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs, plain)) {
         free(xq), free(xs), free(xsum);
         qk_wo_linear_u4(x, m, k, w, scale, offset, group, n, bias, y, plain);
         return;
