@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -178,6 +179,9 @@ def main() -> None:
         rows["quanta weight-only int8, forward compiled"] = _compiled(int8)
         cfg = QuantConfig(weight=QuantSpec(bits=4, group_size=32), overrides=int8_head)
         rows["quanta weight-only int4 g32, lm_head int8, forward compiled"] = _compiled(
+            quanta.quantize(model, mode="weight_only", config=cfg))
+        cfg = dataclasses.replace(cfg, int4_activations="float")  # the GEMV before int8 activation blocks
+        rows["quanta weight-only int4 g32, lm_head int8, float activations, forward compiled"] = _compiled(
             quanta.quantize(model, mode="weight_only", config=cfg))
         ao = rows.get("torchao int8 weight-only")
         if isinstance(ao, torch.nn.Module):
