@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 or int4 weights, float activations, no calibration data.
+"""Weight-only quantization: int8 or int4 weights, float activations, no calibration data
+(int4 decode quantizes its input to int8 blocks inside the kernel: ``QuantConfig.int4_activations``).
 
 For decoder language models on CPU, where a decode step reads every weight once per token:
 ``quantize_weight_only`` swaps each ``nn.Linear`` (the mapping table's ``"weight_only"`` entry)

@@ -2,6 +2,8 @@
 
 For decoder language models on CPU: a decode step multiplies one row by every weight matrix, so
 its time is the time to read the weights; int8 reads a quarter of fp32's bytes, int4 an eighth.
+Float in, float out; int4 decode calls (fewer than 8 rows) quantize their input to int8 blocks
+inside the kernel unless ``int4_activations="float"`` (``QuantConfig.int4_activations``).
 Buffers (see :mod:`quanta.kernels.weight_only` for the formats): ``weight`` (int8 [N, K], or
 uint8 [N, K/2] packed int4), ``weight_scale`` (float32 [N], or [N, groups]), ``weight_offset``
 (int4 only, float32 [N, groups]) and the float ``bias``.
