@@ -130,7 +130,8 @@ def reference_linear_int8_activations(x: torch.Tensor, q: torch.Tensor, scale: t
     n, blocks, per = q.shape[0], k // 32, group // 32
     xq, xs = quantize_activation_blocks(x)
     centred = (unpack_int4(q).to(torch.int32) - 8).reshape(n, blocks, 32)
-    dots = (xq.to(torch.int32).reshape(m, 1, blocks, 32) * centred[None]).sum(dim=3)  # [M, N, B] exact
+    # [M, N, B] block sums, exact: |sum| <= 32 * 8 * 127; an integer einsum keeps no [M, N, B, 32] product
+    dots = torch.einsum("nbk,mbk->mnb", centred, xq.to(torch.int32).reshape(m, blocks, 32))
     block_group = torch.arange(blocks) // per
     y = (dots.double() * xs.double()[:, None, :] * scale.double()[None, :, block_group]).sum(dim=2)
     xsum = torch.zeros(m, scale.shape[1], dtype=torch.float64)
