@@ -135,13 +135,7 @@ void qk_wo_linear_u4(const float *x, int64_t m, int64_t k, const uint8_t *w, con
     int64_t groups = (k + group - 1) / group;
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? m * groups : 1));
     if (xsum == NULL) return;
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            int64_t stop = (g + 1) * group < k ? (g + 1) * group : k;
-            for (int64_t i = g * group; i < stop; i++) s += x[r * k + i];
-            xsum[r * groups + g] = s;
-        }
+    qk_wo_group_sums(x, m, k, group, xsum);
 #pragma omp parallel for schedule(static) if (n * k >= QK_WO_PARALLEL_MIN)
     for (int64_t j = 0; j < n; j++) {
         const uint8_t *wj = w + j * (k / 2);

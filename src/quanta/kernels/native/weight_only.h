@@ -32,6 +32,19 @@ QK_TARGET("avx2,fma") static inline float qk_hmax256(__m256 v) {
 }
 #endif
 
+/* xsum [m, groups]: the float sum of each row of x [m, k] over each group of `group` columns
+   (the last group may be shorter); both int4 GEMVs apply their offsets through it */
+static inline void qk_wo_group_sums(const float *x, int64_t m, int64_t k, int64_t group, float *xsum) {
+    int64_t groups = (k + group - 1) / group;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            int64_t stop = (g + 1) * group < k ? (g + 1) * group : k;
+            for (int64_t i = g * group; i < stop; i++) s += x[r * k + i];
+            xsum[r * groups + g] = s;
+        }
+}
+
 void qk_wo_linear_u4(const float *x, int64_t m, int64_t k, const uint8_t *w, const float *scale,
                      const float *offset, int64_t group, int64_t n, const float *bias, float *y,
                      int plain);

@@ -1,7 +1,7 @@
 /* The int4 weight-only GEMV with int8 activations (QuantConfig.int4_activations = "int8"), the
  * decode path of 4-bit weight-only layers. Each row of x is quantized per block of 32 columns
  * (symmetric: xs = max|x| / 127, xq = round-half-even(x / xs)), and each block's 32 products
- * (q - 8) * xq are summed exactly in integers: vpmaddubsw's int16 pairs hold 2 * 8 * 127 = 2032,
+ * q * xq are summed exactly in integers: vpmaddubsw's int16 pairs hold at most 2 * 15 * 127 = 3810,
  * so there is no saturation on any AVX2 CPU, VNNI or not. That is one float multiply-add per
  * block of 32 weights instead of one per weight (the float-activation GEMV in weight_only.c is
  * bound by its conversions, not by memory). As in llama.cpp's Q4 x Q8 dot products:
@@ -12,8 +12,8 @@
  * group term, per row of x and group: -8 * scale * sum_{b in g} xs[b] * sum_{i in b} xq[i], so
  *   y = sum_b xs * scale * sum q xq + sum_g offset * xsum[g] + 8 * scale * (xsum[g] - xqsum[g])
  * with xqsum[g] the sum of the quantized x (the same value; one float term per group, not per
- * block and row). NaN/Inf in x: the whole
- * call runs the float-activation GEMV, which carries them as float does. The specification is
+ * block and row). NaN/Inf in x: the whole call runs the float-activation GEMV, which carries
+ * them as float does. The specification is
  * quanta.kernels.weight_only.reference_linear_int8_activations (plain torch integer arithmetic). */
 #include <float.h>
 #include <math.h>
@@ -175,27 +175,26 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
                         int plain) {
     int fast = !plain && has_avx2_fma();
     int64_t groups = (k + group - 1) / group, blocks = k / 32, per = group / 32;
-    int8_t *xq = malloc((size_t)(m * k > 0 ? m * k : 1));
-    float *xs = malloc(sizeof(float) * (size_t)(m * blocks > 0 ? m * blocks : 1));
-    float *xsum = malloc(sizeof(float) * (size_t)(m * groups > 0 ? 2 * m * groups : 1));
-    float *xres = xsum + m * groups;
-    if (xq == NULL || xs == NULL || xsum == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs, plain)) {
-        free(xq), free(xs), free(xsum);
+    /* one allocation: xs [m, blocks], xsum and xres [m, groups] floats, then xq [m, k] bytes */
+    float *xs = malloc(sizeof(float) * (size_t)(m * (blocks + 2 * groups)) + (size_t)(m * k) + 1);
+    float *xsum = xs + m * blocks, *xres = xsum + m * groups;
+    int8_t *xq = (int8_t *)(xres + m * groups);
+    if (xs == NULL || qk_wo_quantize_blocks(x, m, k, xq, xs, plain)) {
+        free(xs);
         qk_wo_linear_u4(x, m, k, w, scale, offset, group, n, bias, y, plain);
         return;
     }
-    for (int64_t r = 0; r < m; r++)  /* xsum: sum of x per group; xres: its part the int8 blocks lose */
+    qk_wo_group_sums(x, m, k, group, xsum);
+    for (int64_t r = 0; r < m; r++)  /* xres: the part of each group's sum the int8 blocks lose */
         for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f, sq = 0.0f;
+            float sq = 0.0f;
             int64_t stop = (g + 1) * group < k ? (g + 1) * group : k;
-            for (int64_t i = g * group; i < stop; i++) s += x[r * k + i];
             for (int64_t b = g * per; b < (stop + 31) / 32; b++) {
                 int32_t t = 0;
                 for (int i = 0; i < 32; i++) t += xq[r * k + b * 32 + i];
                 sq += xs[r * blocks + b] * (float)t;
             }
-            xsum[r * groups + g] = s;
-            xres[r * groups + g] = s - sq;
+            xres[r * groups + g] = xsum[r * groups + g] - sq;
         }
     int64_t quads = (n + 3) / 4;
 #pragma omp parallel for schedule(static) if (n * k >= QK_WO_PARALLEL_MIN)
@@ -229,6 +228,6 @@ void qk_wo_linear_u4_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, 
             }
         }
     }
-    free(xq), free(xs), free(xsum);
+    free(xs);
     (void)fast;
 }
