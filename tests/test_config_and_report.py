@@ -17,7 +17,7 @@ def test_config_is_frozen_and_round_trips():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.mode = "dynamic"
     again = QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config and again.version == CONFIG_VERSION == 10
+    assert again == config and again.version == CONFIG_VERSION == 11
 
 
 def test_newer_config_version_is_rejected():

@@ -186,6 +186,31 @@ def test_nan_and_inf_inputs_raise_or_propagate_as_configured(runtime: str, backe
         assert sqnr(want[[0, 2]], got[[0, 2]]) >= 25.0
 
 
+class _AddOfInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x) + y)  # the operator: torch turns a TypeError inside it into NotImplemented
+
+
+@pytest.mark.parametrize("runtime", ["graph", "eager"])
+def test_nan_at_an_operator_site_names_that_site(runtime: str):
+    """The int8 add of `a(x) + y` gets a NaN in its float input y: the error names the add. (It
+    used to become NotImplemented inside Tensor.__add__, so Python retried y.__radd__, a second
+    add that shifted the site keys, and the NaN surfaced at the next layer instead.)"""
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 8), torch.randn(4, 8)) for _ in range(3)]
+    q = quanta.quantize(_AddOfInput().eval(), calib, config=quanta.QuantConfig(runtime=runtime),
+                        show_progress=False)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    q(x, y)
+    y[0, 0] = float("nan")
+    with pytest.raises(quanta.QuantizedInputError, match=r"call site model:add#0 \(add\).*NaN/Inf"):
+        q(x, y)
+
+
 @pytest.mark.parametrize("nonfinite", ["raise", "propagate"])
 def test_nan_input_in_dynamic_mode(nonfinite: str):
     torch.manual_seed(0)

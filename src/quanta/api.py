@@ -213,6 +213,9 @@ def convert(prepared: nn.Module, *, inplace: bool = False, config: QuantConfig |
     for site in state.sites.values():
         lp = plan.layers[site.key]
         lp.output_qparams = _qparams(site.observer, site.spec or config.activation)
+        if site.op == "matmul":
+            spec = site.spec or config.activation
+            site.set_input_qparams([_qparams(o, spec) for o in site.input_observers])
         site.set_qparams(*lp.output_qparams)
         site.output_int8 = lp.output_int8
     for name, m in observed.items():

@@ -19,8 +19,8 @@ from quanta.kernels.reference import NUMERICS
 # corrections (bias_correction, equalize, adaround); version 4 numerics; version 5 learn_ranges;
 # version 6 smoothquant; version 7 adaround_iterations, learn_ranges_steps; version 8 rotate,
 # rotation_seed; version 9 gptq; version 10 int4_activations (older dicts load with "float", the
-# arithmetic they were saved with); older dicts load unchanged otherwise
-CONFIG_VERSION = 10
+# arithmetic they were saved with); version 11 activation_matmul; older dicts load unchanged otherwise
+CONFIG_VERSION = 11
 OBSERVERS = ("minmax", "moving_average", "percentile", "histogram", "entropy")
 MODES = ("static", "dynamic", "qat", "weight_only")
 BACKENDS = ("auto", "reference", "onednn")
@@ -153,6 +153,7 @@ class Override:
 RUNTIMES = ("graph", "eager")
 NONFINITE = ("raise", "propagate")
 INT4_ACTIVATIONS = ("int8", "float")
+ACTIVATION_MATMUL = ("float", "int8")
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,10 @@ class QuantConfig:
     # block of 32 columns and sums each block's products in integers (llama.cpp's Q4 x Q8 blocks;
     # docs/architecture.md); "float" multiplies float inputs by the weights dequantized in registers
     int4_activations: str = "int8"
+    # static mode: a matmul of two activations (attention's Q.K^T and P.V) in "float", or "int8"
+    # (uint8 operands, exact int32 sums, a float output or an int8 one for an int8 reader). Float by
+    # default: on the CPUs measured int8 ran slower and lost accuracy (docs/architecture.md)
+    activation_matmul: str = "float"
     # whose int8 rounding the model reproduces bit for bit: "onnxruntime" (its .onnx export) or
     # "xnnpack" (its ExecuTorch .pte); they differ in how float inputs are quantized and adds
     # rounded, by one LSB on ~1e-6 / ~2e-5 of values (reference.NUMERICS)
@@ -225,6 +230,9 @@ class QuantConfig:
         if self.int4_activations not in INT4_ACTIVATIONS:
             raise ValueError(f"QuantConfig.int4_activations must be one of {INT4_ACTIVATIONS}, "
                              f"got {self.int4_activations!r}")
+        if self.activation_matmul not in ACTIVATION_MATMUL:
+            raise ValueError(f"QuantConfig.activation_matmul must be one of {ACTIVATION_MATMUL}, "
+                             f"got {self.activation_matmul!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"QuantConfig.numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if not self.adaround_seconds > 0:

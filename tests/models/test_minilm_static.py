@@ -41,3 +41,22 @@ def test_report_shows_what_stays_float_and_why(minilm):
     adds = [r for r in rows if r["op"] == "add"]
     assert adds and all(r["precision"] == "float" and "read in float" in r["reason"] for r in adds)
     assert qmodel.state_dict()["embeddings.word_embeddings.weight"].dtype == torch.int8
+
+
+def test_int8_attention_matmuls_on_real_sentences(minilm):
+    """QuantConfig(activation_matmul="int8"): the 12 attention matmuls (Q.K^T, P.V) int8 as well
+    as the 36 Linears; Q, K, V leave their Linears as uint8 and the softmax output is quantized."""
+    model, qmodel, tokenizer, sentences = minilm
+    sentences_calib, _ = load_polarity_sentences()
+    calib = [tokenize(tokenizer, sentences_calib[i:i + 100:10]) for i in (0, 100)]
+    config = quanta.QuantConfig(activation_matmul="int8")
+    int8 = quanta.quantize(model, calib, config=config, show_progress=False)
+    rows = quanta.report(int8).to_dict()["layers"]
+    assert sum(r["op"] == "matmul" and r["precision"] == "int8" for r in rows) == 12
+    assert sum(r["op"] == "Linear" and r["precision"] == "int8" for r in rows) == 36
+    ref = embed(model, tokenizer, sentences)
+    cos = (ref * embed(int8, tokenizer, sentences)).sum(1)
+    base = (ref * embed(qmodel, tokenizer, sentences)).sum(1)
+    # measured (AMD EPYC, AVX2): min 0.9787, mean 0.9902; float attention: 0.9832, 0.9904
+    assert float(cos.min()) >= 0.97 and float(cos.mean()) >= 0.985, (float(cos.min()), float(cos.mean()))
+    assert float(base.mean() - cos.mean()) < 0.005

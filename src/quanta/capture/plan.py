@@ -140,6 +140,11 @@ def _sole_consumer(record: DataflowRecord, node: Node) -> Node | None:
     return record.nodes[node.consumers[0]]
 
 
+# why a matmul of two activations stays float, by whether the mode is static
+_MATMUL_FLOAT = {True: "activation x activation matmul: int8 with QuantConfig(activation_matmul='int8')",
+                 False: "activation x activation matmul: int8 in static mode only"}
+
+
 def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -> Plan:
     """Decide, for every leaf module and call site, its precision, fusion and int8 flow."""
     mode = config.mode
@@ -201,6 +206,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             lp.precision, lp.reason = "native", "runs on int8 data natively"
         elif n.op in mapping.INT8_SITE_OPS and len(n.inputs) >= 2 and not config.for_module(n.name, model)[0]:
             lp.precision, lp.quantized_type, lp.reason = "int8", f"int8 {n.op}", ""
+            if n.op == "matmul" and (mode != "static" or config.activation_matmul != "int8"):
+                lp.precision, lp.quantized_type, lp.reason = "float", "", _MATMUL_FLOAT[mode == "static"]
         plan.layers[n.name] = lp
 
     # 3. Fusion: BatchNorm folding, then ReLU/ReLU6 folding into the producer's output range.
@@ -246,7 +253,8 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
             nodes = calls.get(lp.name) or [n for n in record.nodes if n.name == lp.name]
             lp.output_int8 = bool(nodes) and not lp.weight_only and all(
                 _reads_int8(record, plan, n, set()) for n in nodes)
-            if lp.kind == "site" and not lp.output_int8 and not lp.weight:
+            # a matmul keeps its int8 inputs and exact int32 sums with a float output
+            if lp.kind == "site" and not lp.output_int8 and not lp.weight and lp.float_type != "matmul":
                 lp.precision, lp.quantized_type = "float", ""
                 lp.reason = "its result is read in float: no int8 gain"
                 changed = True

@@ -177,6 +177,9 @@ def build_parser() -> Parser:
                         "the calibration data (GPTQ)")
     q.add_argument("--bias-correction", action="store_true",
                    help="static: move each layer's mean output error into its bias")
+    q.add_argument("--activation-matmul", choices=("float", "int8"),
+                   help="static: matmuls of two activations (attention's Q.K^T and P.V) in float (default) "
+                        "or int8")
     q.add_argument("--numerics", choices=("onnxruntime", "xnnpack"),
                    help="whose int8 rounding the model reproduces bit for bit: onnxruntime (default; "
                         "for export --onnx) or xnnpack (for export --pte)")

@@ -73,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> quanta.QuantConfig:
         fields.update(smoothquant=True, smoothquant_alpha=alpha)
     if args.numerics is not None:
         fields["numerics"] = args.numerics
+    if args.activation_matmul is not None:
+        fields["activation_matmul"] = args.activation_matmul
     try:
         return dataclasses.replace(config, **fields)
     except ValueError as e:

@@ -245,6 +245,12 @@ class _ExportSiteMode(TorchFunctionMode):
             args = tuple(self._requantized(a) for a in args)
         elif op == "cat" and args and isinstance(args[0], (list, tuple)):
             args = ([self._requantized(t) for t in args[0]], *args[1:])
+        elif op == "matmul" and len(args) == 2 and not kwargs:  # an operand in float: the site's qparams
+            in_qp = list(zip(site.input_scale.tolist(), site.input_zero_point.tolist(), strict=True))
+            args = tuple(self._requantized(a) if self.qparams.of(a) is not None else
+                         self.qparams.quant_dequant(a, *in_qp[i]) for i, a in enumerate(args))
+            if not site.output_int8:
+                return func(*args)
         y = func(*args, **kwargs)
         scale, zero_point = float(site.output_scale), int(site.output_zero_point)
         y = self.qparams.steps.activation(y, site.activation, zero_point)

@@ -278,6 +278,26 @@ def requantize(
     return quantize_per_tensor(dequantize_per_tensor(q, scale, zero_point), out_scale, out_zero_point)
 
 
+def matmul_accumulate(
+    a_q: torch.Tensor, a_zero_point: int, b_q: torch.Tensor, b_zero_point: int
+) -> torch.Tensor:
+    """int32 ``sum_k (a[..., m, k] - zp_a) * (b[..., k, n] - zp_b)``: an int8 activation times an
+    int8 activation (attention's Q.K^T and P.V), batch dimensions broadcast as ``torch.matmul``."""
+    return torch.matmul(a_q.double() - a_zero_point, b_q.double() - b_zero_point).to(torch.int32)
+
+
+def matmul(
+    a_q: torch.Tensor, a_scale: float, a_zero_point: int,
+    b_q: torch.Tensor, b_scale: float, b_zero_point: int,
+    out_scale: float | None = None, out_zero_point: int = 0,
+) -> torch.Tensor:
+    """Quantized activation x activation matmul: float32 ``acc * f32(s_a * s_b)``, or uint8
+    ``clamp(round_half_even(acc * M) + zp_y)`` with ``M = f32(f32(s_a * s_b) / s_y)`` if
+    ``out_scale`` is set (the conv/linear requantization with one per-tensor multiplier)."""
+    acc = matmul_accumulate(a_q, a_zero_point, b_q, b_zero_point)
+    return epilogue(acc, a_scale, torch.tensor([b_scale]), -1, "none", out_scale, out_zero_point)
+
+
 # --- dynamic quantization: float in, activations quantized on the fly, float out ---------
 
 

@@ -127,10 +127,12 @@ def _select_site_backends(model: nn.Module, plan: Plan, requested: str, config: 
             override, where = config.backend_for(site.key, site.op)
             if where != "config":
                 asked, source = override, where
-        if site.op not in ("add", "mul", "cat"):
+        if site.op not in ("add", "mul", "cat", "matmul"):
             backend, why = "reference", f"{site.op}: requantize + torch op"
         elif asked == "reference":
             backend, why = "reference", f"reference requested ({source})"
+        elif site.op == "matmul":  # the fast backend, without oneDNN: kernels/matmul.py
+            backend, why = "onednn", "int8 x int8 codes summed exactly in one float32 sgemm"
         elif not cpu.onednn_available():
             backend, why = "reference", "oneDNN int8 kernels unavailable in this torch build"
         elif site.op == "cat":

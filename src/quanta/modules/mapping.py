@@ -48,7 +48,9 @@ INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 # functional ops with their own observed output qparams (keyed by call site)
-INT8_SITE_OPS: tuple[str, ...] = ("add", "cat", "mul")
+# ("matmul" here is activation x activation, attention's Q.K^T and P.V; a matmul by a parameter
+# is a weight op)
+INT8_SITE_OPS: tuple[str, ...] = ("add", "cat", "mul", "matmul")
 # every functional op the call-site mode keys at run time (the recorder keys all of them while
 # capturing; counters are per op name, so keying more ops never shifts these keys): the int8
 # sites above and the weight ops (capture.weightops). The eager site mode, the graph runtime's

@@ -21,8 +21,9 @@ from quanta.capture.callsites import LeafMarker, SiteTracker, canonical_op_name
 from quanta.capture.plan import Plan
 from quanta.capture.record import batch_tensors
 from quanta.config import QuantConfig, QuantSpec
-from quanta.errors import QuantizedInputError
+from quanta.errors import NonFiniteInputError, QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
+from quanta.kernels import matmul as matmul_kernels
 from quanta.modules import graph
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedModule, bump_generation, forget_quantized_input
@@ -52,6 +53,11 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.observer = make_observer(spec, f"{key} ({op})") if spec is not None else None
         self.register_buffer("output_scale", torch.tensor(1.0))
         self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
+        if op == "matmul":  # qparams for an operand that arrives in float (a softmax's output)
+            self.register_buffer("input_scale", torch.ones(2))
+            self.register_buffer("input_zero_point", torch.zeros(2, dtype=torch.int32))
+            self.input_observers = None if spec is None else nn.ModuleList(
+                make_observer(spec, f"{key} ({op} operand {i})") for i in range(2))
         self.converted = False
         self.output_int8 = True
         self.backend = "reference"  # "onednn": fused one-pass int8 add (set by select_backends)
@@ -67,8 +73,20 @@ class QuantizedSite(LeafMarker, nn.Module):
         self.observer = None
         bump_generation(self)
 
+    def set_input_qparams(self, qparams: list[tuple[float, int]]) -> None:
+        """The (scale, zero point) each matmul operand is quantized at when it arrives in float."""
+        for i, (scale, zero_point) in enumerate(qparams):
+            self.input_scale[i] = scale
+            self.input_zero_point[i] = zero_point
+        self.__dict__.pop("_input_qp", None)
+        self.input_observers = None
+        bump_generation(self)
+
     def run(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.converted:
+            if self.op == "matmul" and self.input_observers is not None:
+                for observer, operand in zip(self.input_observers, args, strict=False):
+                    observer(dequantize_any(operand))
             out = func(*args, **kwargs)
             if self.activation != "none":  # fused: a replaced ReLU module after it no longer runs
                 out = reference.apply_activation(dequantize_any(out), self.activation)
@@ -78,6 +96,8 @@ class QuantizedSite(LeafMarker, nn.Module):
                     return observed
             return out
         scale, zp = self.qparams()
+        if self.op == "matmul":
+            return self._matmul(func, args, kwargs, scale, zp)
         q = self._int8(func, args, kwargs, scale, zp)
         if q is None:
             y = func(*dequantize_any(args), **dequantize_any(kwargs))
@@ -94,6 +114,43 @@ class QuantizedSite(LeafMarker, nn.Module):
             q = reference.quantize_per_tensor(y, scale, zp, numerics=self.numerics)
         out = QTensor(q, scale, zp)
         return out if self.output_int8 else out.dequantize()
+
+    def _matmul(self, func: Callable, args: tuple, kwargs: dict, scale: float, zp: int) -> Any:
+        """int8 x int8 with an exact int32 accumulator; the output int8 for an int8 reader, else
+        float straight from the accumulator (no output rounding for a softmax or a scale)."""
+        operands = [self._operand(i, t) for i, t in enumerate(args)] if len(args) == 2 and not kwargs else []
+        if len(operands) != 2 or None in operands:
+            y = func(*dequantize_any(args), **dequantize_any(kwargs))
+            if not bool(torch.isfinite(y).all()):
+                return self._nonfinite(y)
+            q = reference.quantize_per_tensor(y, scale, zp, numerics=self.numerics)
+            return QTensor(q, scale, zp) if self.output_int8 else y
+        (a, sa, za), (b, sb, zb) = operands
+        kernel = matmul_kernels.matmul if self.backend != "reference" else reference.matmul
+        if self.output_int8:
+            return QTensor(kernel(a, sa, za, b, sb, zb, scale, zp), scale, zp)
+        return kernel(a, sa, za, b, sb, zb)
+
+    def _operand(self, i: int, t: Any) -> tuple[torch.Tensor, float, int] | None:
+        """An operand's (codes, scale, zero point): a QTensor's own, or a finite float tensor
+        quantized at this site's calibrated qparams for operand ``i``."""
+        if isinstance(t, QTensor):
+            return t.int_data, t.scale, t.zero_point
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return None
+        qp = self.__dict__.get("_input_qp")
+        if qp is None:
+            qp = self.__dict__["_input_qp"] = [(float(s), int(z)) for s, z in
+                                                zip(self.input_scale, self.input_zero_point, strict=True)]
+        scale, zp = qp[i]
+        if self.backend == "reference":
+            if not bool(torch.isfinite(t).all()):
+                return None
+            return reference.quantize_per_tensor(t, scale, zp, numerics=self.numerics), scale, zp
+        try:  # one native pass, which also finds NaN/Inf
+            return onednn.quantize_uint8(t, scale, zp, numerics=self.numerics), scale, zp
+        except NonFiniteInputError:
+            return None
 
     def _nonfinite(self, y: torch.Tensor) -> torch.Tensor:
         """NaN/Inf in a float input: a clear error, or (``nonfinite="propagate"``) the float result."""
@@ -141,6 +198,7 @@ class QuantizedSite(LeafMarker, nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self.__dict__.pop("_qp", None)
+        self.__dict__.pop("_input_qp", None)
         bump_generation(self)
 
     def extra_repr(self) -> str:
@@ -179,9 +237,17 @@ class _EagerCall:
         model = self.model
         state = model.__dict__.get("_quanta")
         forget_quantized_input()
-        if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
-            return nn.Module._call_impl(model, *args, **kwargs)
-        return graph.run(state, model, args, kwargs, lambda: nn.Module._call_impl(model, *args, **kwargs))
+        if state is not None:
+            state._modes.error = None
+        try:
+            if model.training or state is None or state.config.runtime != "graph" or torch.jit.is_tracing():
+                return nn.Module._call_impl(model, *args, **kwargs)
+            return graph.run(state, model, args, kwargs, lambda: nn.Module._call_impl(model, *args, **kwargs))
+        except TypeError as e:
+            pending = getattr(state._modes, "error", None) if state is not None else None
+            if pending is None or pending is e:
+                raise
+            raise pending from None
 
 
 _SITE_OP_OF: dict[Callable, str | None] = {}  # torch function -> its site op name, None if not one
@@ -211,7 +277,13 @@ class _SiteMode(TorchFunctionMode):
         site = self.state.sites_by_key.get(tracker.next_key(op))
         if site is None:
             return _call(func, types, args, kwargs)
-        return site.run(func, args, kwargs)
+        try:
+            return site.run(func, args, kwargs)
+        except QuantizedInputError as e:
+            # inside an operator (x + y, q @ k) torch turns a TypeError into NotImplemented and
+            # Python into "unsupported operand": kept here so _EagerCall raises this one instead
+            self.state._modes.error = e
+            raise
 
 
 _QTENSOR_ONLY = (QTensor,)
