@@ -324,3 +324,37 @@ def test_demo_prints_accuracy_size_and_latency() -> None:
     assert float_acc > 98.0 and int8_acc >= float_acc - 0.5
     assert "model size" in result.stdout and "latency, batch 1 " in result.stdout
     assert "QuantizedConv2d" in result.stdout
+
+
+ATTENTION_FACTORY = '''
+import math
+import torch
+from torch import nn
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (y.view(b, t, 4, 8).transpose(1, 2) for y in self.qkv(x).split(32, -1))
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(8), -1)
+        return self.out(torch.matmul(p, v).transpose(1, 2).reshape(b, t, 32))
+
+def make():
+    torch.manual_seed(0)
+    return {"model": Attention().eval(), "calib": [torch.randn(2, 16, 32) for _ in range(3)]}
+'''
+
+
+@pytest.mark.parametrize("flag", [(), ("--activation-matmul", "int8")])
+def test_quantize_with_int8_attention_matmuls(tmp_path: Path, flag: tuple[str, ...]) -> None:
+    factory = tmp_path / "attention_models.py"
+    factory.write_text(textwrap.dedent(ATTENTION_FACTORY))
+    out = tmp_path / "attention.quanta.safetensors"
+    result = run("quantize", f"{factory}:make", *flag, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(run("report", str(out), "--json").stdout)
+    matmuls = [r["precision"] for r in report["layers"] if r["op"] == "matmul"]
+    assert matmuls == (["int8", "int8"] if flag else ["float", "float"])
