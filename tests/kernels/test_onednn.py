@@ -274,11 +274,13 @@ def test_dispatch_honours_request_and_rule(monkeypatch):
     if has_vnni():  # end to end the int8 stem wins: the float path adds a dequantize + quantize
         assert choose_backend("conv2d", stem, "auto")[0] == "onednn"
     small = {"in_features": 384, "out_features": 384, "rows": 1}
-    assert choose_backend("linear", small, "auto")[0] == "float"
     if not is_x86():
         return
     from quanta.kernels import dispatch
+    from quanta.kernels.native import ops as native_ops
 
+    monkeypatch.setattr(dispatch, "_profile", lambda: "vnni")
+    assert choose_backend("linear", small, "auto")[0] == "float"  # M=1 384->384 on VNNI: int8 0.76x
     monkeypatch.setattr(dispatch, "_profile", lambda: "avx2")
     dw = {"kernel": (3, 3), "groups": 96, "in_channels": 96, "out_channels": 96}
     backend, reason = choose_backend("conv2d", dw, "auto")
@@ -286,7 +288,10 @@ def test_dispatch_honours_request_and_rule(monkeypatch):
     assert backend == "onednn" and "depthwise" in reason and "end to end" in reason
     assert choose_backend("conv2d", stem, "auto")[0] == "onednn"
     linear = {"in_features": 384, "out_features": 384, "rows": 8}
-    assert choose_backend("linear", linear, "auto")[0] == "float"  # M=8 on AVX2: int8 0.56x
+    # M=8 on AVX2: int8 beats the float path it would otherwise take (53 vs 123 us, AMD EPYC), and
+    # without the native kernels torch.ops.onednn's per-call primitive costs more than it saves
+    assert choose_backend("linear", linear, "auto")[0] == ("onednn" if native_ops.available() else "float")
+    assert choose_backend("linear", small, "auto")[0] == ("onednn" if native_ops.available() else "float")
 
 
 def test_linear_break_even_depends_on_the_path_and_neighbours(monkeypatch):
@@ -304,6 +309,10 @@ def test_linear_break_even_depends_on_the_path_and_neighbours(monkeypatch):
     assert not dispatch.linear_prefers_int8(1, 384, 1536)  # torch.ops: ~2M MACs break-even
     assert not dispatch.linear_prefers_int8(1, 384, 384, int8_neighbour=True)
     assert dispatch.linear_prefers_int8(8, 512, 1000)
+    monkeypatch.setattr(dispatch, "_profile", lambda: "avx2")  # the AVX2 rule
+    assert not dispatch.linear_prefers_int8(8, 384, 384)  # torch.ops: rebuilds cost more
+    monkeypatch.setattr(native_ops, "available", lambda: True)
+    assert dispatch.linear_prefers_int8(1, 384, 384)  # kept primitives: int8 at every row count
 
 
 _SATURATION_SCRIPT = textwrap.dedent("""
