@@ -5,7 +5,8 @@ default); the same with them int8; and, with ``--onnx``, both quanta models expo
 run by ONNX Runtime. Accuracy: cosine of the mean-pooled sentence embedding against fp32 on the
 200 polarity sentences (min and mean). Latency: median over interleaved rounds (every row once
 per round) at batch 1 and 8, for a short sentence (its own length) and 184 tokens (eight
-sentences joined). Calibration: 20 sentences, as tests/models/test_minilm_static.py.
+sentences joined). Calibration: 20 sentences, as tests/models/test_minilm_static.py. The ONNX
+files leave batch and sequence free (``export_onnx(..., dynamic_dims=(0, 1))``).
 
     python benchmarks/bench_attention.py --onnx       # writes results/attention.json
 """
@@ -40,7 +41,7 @@ def _parse() -> argparse.Namespace:
 def _ort_runner(qmodel: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, threads: int):
     import onnxruntime as ort
 
-    quanta.export_onnx(qmodel, (example["input_ids"], example["attention_mask"]), path)
+    quanta.export_onnx(qmodel, (example["input_ids"], example["attention_mask"]), path, dynamic_dims=(0, 1))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # its threads would otherwise spin after each call and slow the torch row timed next
@@ -66,7 +67,6 @@ def main() -> None:
     runners = {"fp32 eager": lambda batch: model(**batch)}
     exports = tempfile.TemporaryDirectory()
     example = minilm.tokenize(tokenizer, [" ".join(sentences[:8])])
-    length = example["input_ids"].shape[1]
     for name, config in quantized.items():
         qmodel = quanta.quantize(model, calib, config=config, show_progress=False)
         cos = (reference * minilm.embed(qmodel, tokenizer, sentences)).sum(1)
@@ -85,9 +85,7 @@ def main() -> None:
     with torch.inference_mode():
         for shape, texts in shapes.items():
             batch = minilm.tokenize(tokenizer, texts)
-            # quanta's ONNX export keeps the traced sequence length (only the batch is dynamic)
-            fits = {name: run for name, run in runners.items()
-                    if "ONNX" not in name or batch["input_ids"].shape[1] == length}
+            fits = runners  # the exports leave batch and sequence free (dynamic_dims=(0, 1))
             times: dict[str, list[float]] = {name: [] for name in fits}
             for run in fits.values():
                 run(**batch) if isinstance(run, torch.nn.Module) else run(batch)

@@ -358,3 +358,20 @@ def test_quantize_with_int8_attention_matmuls(tmp_path: Path, flag: tuple[str, .
     report = json.loads(run("report", str(out), "--json").stdout)
     matmuls = [r["precision"] for r in report["layers"] if r["op"] == "matmul"]
     assert matmuls == (["int8", "int8"] if flag else ["float", "float"])
+
+
+def test_export_onnx_with_a_dynamic_sequence(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    factory = tmp_path / "attention_models.py"
+    factory.write_text(textwrap.dedent(ATTENTION_FACTORY))
+    saved, out = tmp_path / "attention.quanta.safetensors", tmp_path / "attention.onnx"
+    assert run("quantize", f"{factory}:make", "--out", str(saved)).returncode == 0
+    export = ("export", str(saved), "--model", f"{factory}:make", "--onnx", str(out))
+    result = run(*export, "--dynamic-dims", "0,1")
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in ((1, 5, 32), (3, 21, 32)):  # calibrated and exported at (2, 16, 32)
+        y = session.run(None, {session.get_inputs()[0].name: torch.randn(shape).numpy()})[0]
+        assert y.shape == shape
+    bad = run(*export, "--dynamic-dims", "0,x")
+    assert_one_line_error(bad, 2, "--dynamic-dims")

@@ -359,3 +359,38 @@ def test_requantize_pairs_at_equal_qparams_are_dropped_without_changing_a_number
     x = torch.randn(3, 3, 32, 32)
     assert np.array_equal(_run_ort(path, x), _run_ort(raw, x))
     assert torch.equal(torch.from_numpy(_run_ort(path, x)), q(x))  # and quanta's integer reference
+
+
+def test_onnx_export_with_a_dynamic_sequence_length(tmp_path: Path) -> None:
+    """``dynamic_dims=(0, 1)``: one file for every [batch, sequence] shape; a dimension an input
+    does not have is refused by name. (Float attention: with int8 attention the float softmaxes of
+    ONNX Runtime and torch differ in the last bit and move P's rounding at ties, ~1e-3 here.)"""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = (y.view(b, t, 4, 16).transpose(1, 2) for y in self.qkv(x).split(64, -1))
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / 4.0, -1)
+            return self.out(torch.matmul(p, v).transpose(1, 2).reshape(b, t, 64))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 24, 64)
+    calib = [torch.randn(2, 24, 64) for _ in range(4)]
+    qmodel = quanta.quantize(Attention().eval(), calib, show_progress=False)
+    path = quanta.export_onnx(qmodel, (x,), tmp_path / "attention.onnx", dynamic_dims=(0, 1))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((1, 7, 64), (2, 40, 64)):  # the example was (3, 24, 64)
+        xs = torch.randn(shape)
+        out = session.run(None, {session.get_inputs()[0].name: xs.numpy()})[0]
+        with torch.no_grad():
+            y = qmodel(xs)
+        assert out.shape == tuple(y.shape)
+        assert float((torch.from_numpy(out) - y).abs().max()) < 1e-4 * float(y.abs().max())
+    with pytest.raises(ValueError, match=r"dynamic_dims=\(0, 3\): input has shape \(3, 24, 64\)"):
+        quanta.export_onnx(qmodel, (x,), tmp_path / "bad.onnx", dynamic_dims=(0, 3))
+    assert not (tmp_path / "bad.onnx").exists()

@@ -141,3 +141,4 @@ def test_executorch_export_runs_like_quanta(tmp_path: Path) -> None:
         y = qmodel(x)
     got = run_pte(load_pte(path), x)
     assert float((got - y).abs().max()) < 1e-4 * float(y.abs().max())  # measured 1.2e-7 of 0.44
+

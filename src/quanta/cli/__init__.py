@@ -229,6 +229,9 @@ def build_parser() -> Parser:
                    help="auto (default): exact in ONNX Runtime on every CPU (int8 where weights fit "
                         "7 bits, else uint8 with zero point 128); int8: fastest, exact only on "
                         "VNNI/AMX/ARM CPUs for 8-bit weights")
+    e.add_argument("--dynamic-dims", default="0", metavar="DIMS",
+                   help="--onnx: dimensions of every input and output left free, comma-separated "
+                        "(default 0, the batch; 0,1 for [batch, sequence] transformers)")
 
     b = _command(sub, "bench", "Time float vs int8 inference on this machine.", BENCH_EPILOG, common)
     b.add_argument("file", metavar="FILE", help="a saved quantized model")

@@ -335,10 +335,12 @@ def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
-                weight_format: str = "auto") -> Path:
+                weight_format: str = "auto", dynamic_dims: tuple[int, ...] = (0,)) -> Path:
     """Write ``model`` (quantized by quanta) to ``path`` as a QDQ ONNX model, atomically.
 
-    The batch dimension (dim 0 of every input and output) is dynamic. The graph is checked
+    ``dynamic_dims``: the dimensions of every input and output left free in the file, by default
+    the batch (dim 0); ``(0, 1)`` for a transformer's [batch, sequence, ...] tensors, so one file
+    takes any sequence length (otherwise the example's is fixed). The graph is checked
     with ``onnx.checker`` before it is written. ``weight_format``: "auto" (default) writes
     weights every CPU's int8 kernels add exactly (int8 where |w| <= 64, else uint8 with zero
     point 128); "int8" always int8 (fastest, but exact only on VNNI/AMX/ARM CPUs when weights
@@ -361,7 +363,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     with torch.no_grad():
         outputs = batch_tensors(wrapper(*args, **kwargs))
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+    tensors = dict(zip(input_names + output_names, [*batch_tensors((args, kwargs)), *outputs], strict=True))
+    for name, t in tensors.items():
+        if any(not 0 <= d < t.dim() for d in dynamic_dims):
+            raise ValueError(f"dynamic_dims={tuple(dynamic_dims)}: {name} has shape {tuple(t.shape)}; "
+                             "each dynamic dimension must exist in every input and output")
+    names = {0: "batch", 1: "sequence"}
+    dynamic_axes = {name: {d: names.get(d, f"dim{d}") for d in dynamic_dims} for name in tensors}
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
