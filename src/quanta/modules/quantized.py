@@ -28,6 +28,7 @@ from quanta.capture.callsites import LeafMarker
 from quanta.config import QuantSpec
 from quanta.errors import NonFiniteInputError, QuantizedInputError
 from quanta.kernels import dispatch, onednn, reference
+from quanta.modules.float_inputs import quantize_float_input
 from quanta.numerics.qparams import choose_qparams, quantize
 from quanta.qtensor import QTensor
 
@@ -75,34 +76,6 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu6":
         return y.clamp_(0.0, 6.0)
     return reference.apply_activation(y, activation)
-
-
-_LAST_QUANTIZED: list[Any] = [None]  # (input, its version, scale, zero point, uint8 result)
-
-
-def forget_quantized_input() -> None:
-    """Start a forward with no remembered input: the sharing is for sibling layers of one
-    forward, not for the next call with the same tensor (a benchmark repeating one input would
-    skip the stem's quantization), and the last input is not kept alive after its forward."""
-    _LAST_QUANTIZED[0] = None
-
-
-def _quantize_shared(
-    x: torch.Tensor, scale: float, zero_point: int, channels_last: bool = False,
-    numerics: str = "onnxruntime",
-) -> torch.Tensor:
-    """``onednn.quantize_uint8`` remembering the last call: sibling layers fed the same float
-    tensor at the same qparams (attention query/key/value after a LayerNorm) quantize it once.
-    Keyed on tensor identity and its version counter, so an in-place change invalidates it;
-    inference-mode tensors have no version counter and are always quantized afresh."""
-    if x.is_inference():
-        return onednn.quantize_uint8(x, scale, zero_point, channels_last, numerics)
-    last = _LAST_QUANTIZED[0]
-    if last is not None and last[0] is x and last[1:5] == (x._version, scale, zero_point, numerics):
-        return last[5]
-    q = onednn.quantize_uint8(x, scale, zero_point, channels_last, numerics)
-    _LAST_QUANTIZED[0] = (x, x._version, scale, zero_point, numerics, q)
-    return q
 
 
 class QuantizedModule(LeafMarker, nn.Module):
@@ -269,11 +242,8 @@ class QuantizedModule(LeafMarker, nn.Module):
                 return x.int_data
             return reference.requantize(x.int_data, x.scale, x.zero_point, scale, zero_point)
         self._check_float_input(x)
-        if self.backend == "reference":
-            if not bool(torch.isfinite(x).all()):
-                raise NonFiniteInputError("input holds NaN or Inf")
-            return reference.quantize_per_tensor(x, scale, zero_point, numerics=self.numerics)
-        return _quantize_shared(x, scale, zero_point, self.channels_last_input, self.numerics)
+        return quantize_float_input(x, scale, zero_point, self.backend, self.numerics,
+                                    self.channels_last_input)
 
     def dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The float value the int8 op would see: a QTensor dequantized, a float tensor

@@ -25,8 +25,9 @@ from quanta.errors import NonFiniteInputError, QuantizedInputError
 from quanta.kernels import eltwise, onednn, reference
 from quanta.kernels import matmul as matmul_kernels
 from quanta.modules import graph
+from quanta.modules.float_inputs import forget_quantized_input, quantize_float_input
 from quanta.modules.mapping import KEYED_OPS
-from quanta.modules.quantized import QuantizedModule, bump_generation, forget_quantized_input
+from quanta.modules.quantized import QuantizedModule, bump_generation
 from quanta.numerics.observers import make_observer
 from quanta.qtensor import _METADATA, QTensor, dequantize_any
 
@@ -143,13 +144,9 @@ class QuantizedSite(LeafMarker, nn.Module):
             qp = self.__dict__["_input_qp"] = [(float(s), int(z)) for s, z in
                                                 zip(self.input_scale, self.input_zero_point, strict=True)]
         scale, zp = qp[i]
-        if self.backend == "reference":
-            if not bool(torch.isfinite(t).all()):
-                return None
-            return reference.quantize_per_tensor(t, scale, zp, numerics=self.numerics), scale, zp
-        try:  # one native pass, which also finds NaN/Inf
-            return onednn.quantize_uint8(t, scale, zp, numerics=self.numerics), scale, zp
-        except NonFiniteInputError:
+        try:
+            return quantize_float_input(t, scale, zp, self.backend, self.numerics), scale, zp
+        except NonFiniteInputError:  # the float fallback names it, or propagates it
             return None
 
     def _nonfinite(self, y: torch.Tensor) -> torch.Tensor:
