@@ -107,6 +107,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _dimensions(text: str) -> tuple[int, ...]:
+    """--dynamic-dims: comma-separated dimension indices ("0,1")."""
+    return tuple(int(d) for d in text.split(","))
+
+
 def _command(sub: Any, name: str, help_text: str, epilog: str, common: argparse.ArgumentParser) -> Parser:
     return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, parents=[common],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,7 +234,7 @@ def build_parser() -> Parser:
                    help="auto (default): exact in ONNX Runtime on every CPU (int8 where weights fit "
                         "7 bits, else uint8 with zero point 128); int8: fastest, exact only on "
                         "VNNI/AMX/ARM CPUs for 8-bit weights")
-    e.add_argument("--dynamic-dims", default="0", metavar="DIMS",
+    e.add_argument("--dynamic-dims", type=_dimensions, default=(0,), metavar="DIMS",
                    help="--onnx: dimensions of every input and output left free, comma-separated "
                         "(default 0, the batch; 0,1 for [batch, sequence] transformers)")
 

@@ -334,11 +334,7 @@ def export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # the ONNX tracer warns about Python scalars it records as constants: quanta's qparams are
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        try:
-            dims = tuple(int(d) for d in args.dynamic_dims.split(","))
-        except ValueError:
-            raise UsageError(f"--dynamic-dims takes integers like 0,1; got {args.dynamic_dims!r}") from None
-        export_onnx(qmodel, example, out, weight_format=args.weight_format, dynamic_dims=dims)
+        export_onnx(qmodel, example, out, weight_format=args.weight_format, dynamic_dims=args.dynamic_dims)
     _console().print(f"[bold green]exported[/] {out} ({_kib(out.stat().st_size)}, ONNX QDQ, "
                      f"weight format {args.weight_format})")
     return 0

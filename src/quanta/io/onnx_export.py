@@ -358,12 +358,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                       ".onnx", stacklevel=2)
     wrapper, tracker = export_twin(model, weight_format)
     args, kwargs = _as_args(example_inputs)
-    n_inputs = len(batch_tensors((args, kwargs)))
-    input_names = ["input"] if n_inputs == 1 else [f"input_{i}" for i in range(n_inputs)]
+    inputs = batch_tensors((args, kwargs))
+    input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
     with torch.no_grad():
         outputs = batch_tensors(wrapper(*args, **kwargs))
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-    tensors = dict(zip(input_names + output_names, [*batch_tensors((args, kwargs)), *outputs], strict=True))
+    tensors = dict(zip(input_names + output_names, [*inputs, *outputs], strict=True))
     for name, t in tensors.items():
         if any(not 0 <= d < t.dim() for d in dynamic_dims):
             raise ValueError(f"dynamic_dims={tuple(dynamic_dims)}: {name} has shape {tuple(t.shape)}; "
