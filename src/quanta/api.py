@@ -20,7 +20,8 @@ from quanta.modules import opsites
 from quanta.modules.backends import resolve_weight_bits, select_backends
 from quanta.modules.mapping import MAPPING, mapped_type
 from quanta.modules.observed import ObservedModule, fold_batchnorm
-from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
+from quanta.modules.sites import QuantizedSite
+from quanta.modules.state import QuantaState, site_module_key
 from quanta.progress import progress
 from quanta.rewrites import check_rewritten
 

@@ -22,7 +22,7 @@ from quanta.errors import UnsupportedModelError
 from quanta.modules import mapping
 from quanta.modules.backends import resolve_weight_bits
 from quanta.modules.dynamic import DynamicModule, QuantizedEmbedding, embedding_weight_spec
-from quanta.modules.sites import QuantaState
+from quanta.modules.state import QuantaState
 from quanta.rewrites import check_rewritten
 
 

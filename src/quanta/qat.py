@@ -31,7 +31,8 @@ from quanta.errors import UnsupportedModelError
 from quanta.modules.backends import resolve_weight_bits
 from quanta.modules.mapping import MAPPING, mapped_type
 from quanta.modules.qat import FakeQuantize, QATModule
-from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
+from quanta.modules.sites import QuantizedSite
+from quanta.modules.state import QuantaState, site_module_key
 
 
 def prepare_qat(model: nn.Module, example_inputs: Any, config: QuantConfig | None = None, *,

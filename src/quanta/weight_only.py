@@ -21,7 +21,7 @@ from quanta.capture.plan import LayerPlan, Plan
 from quanta.config import QuantConfig, QuantSpec
 from quanta.errors import UnsupportedModelError
 from quanta.modules import mapping
-from quanta.modules.sites import QuantaState
+from quanta.modules.state import QuantaState
 from quanta.modules.weight_only import weight_only_problem
 from quanta.rewrites import check_rewritten
 

@@ -213,3 +213,10 @@ def test_save_into_a_missing_folder_or_onto_a_folder_names_the_target(tmp_path: 
     with pytest.raises(IsADirectoryError, match="it is a folder"):
         quanta.save(q, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written, no temporary left
+
+
+def test_state_classes_stay_where_older_pickles_name_them() -> None:
+    """Models torch.save'd before ``modules/state.py`` existed name ``quanta.modules.sites``."""
+    from quanta.modules import sites, state
+
+    assert sites.QuantaState is state.QuantaState and sites._EagerCall is state._EagerCall

@@ -301,7 +301,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def _plan_holder(manifest: dict[str, Any]) -> nn.Module:
     """A bare module carrying the file's plan, so ``quanta.report`` reads it without the model."""
     from quanta.io.load import parse_manifest
-    from quanta.modules.sites import QuantaState
+    from quanta.modules.state import QuantaState
 
     config, plan = parse_manifest(manifest)
     holder = nn.Module()

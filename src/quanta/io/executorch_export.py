@@ -37,7 +37,7 @@ from quanta.io import delegation
 from quanta.io.atomic import atomic_write_bytes
 from quanta.io.onnx_export import Steps, _activation, _as_args, _ExportQuantized, export_twin
 from quanta.modules.quantized import QuantizedModule
-from quanta.modules.sites import numerics_of
+from quanta.modules.state import numerics_of
 
 
 def _ops() -> Any:

@@ -31,7 +31,8 @@ from quanta.kernels.reference import ACTIVATIONS
 from quanta.modules import opsites
 from quanta.modules.backends import select_backends
 from quanta.modules.mapping import INT8_SITE_OPS, MAPPING, mapped_type
-from quanta.modules.sites import QuantaState, QuantizedSite, site_module_key
+from quanta.modules.sites import QuantizedSite
+from quanta.modules.state import QuantaState, site_module_key
 
 _PARSE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError)
 

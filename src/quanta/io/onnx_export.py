@@ -59,7 +59,7 @@ from quanta.io.save import converted_state
 from quanta.kernels import cpu, reference
 from quanta.modules.mapping import KEYED_OPS
 from quanta.modules.quantized import QuantizedLinear, QuantizedModule, _QuantizedConvNd
-from quanta.modules.sites import numerics_of, site_module_key
+from quanta.modules.state import numerics_of, site_module_key
 from quanta.qtensor import _METADATA, _NATIVE, _avg_pool, _max_pool
 
 OPSET = 17

@@ -22,7 +22,7 @@ from quanta.io import format as fmt
 from quanta.io.atomic import atomic_write_bytes
 from quanta.modules.mapping import MAPPING
 from quanta.modules.observed import ObservedModule
-from quanta.modules.sites import QuantaState
+from quanta.modules.state import QuantaState
 
 
 def quantized_classes() -> dict[str, type[nn.Module]]:
