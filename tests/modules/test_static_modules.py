@@ -101,3 +101,44 @@ def test_int8_chain_keeps_activations_int8():
     x = torch.randn(2, 3, 16, 16)
     out = qmodel(x)
     assert type(out) is torch.Tensor and sqnr(model(x), out) >= 30.0
+
+
+class _SwitchedOff(nn.Module):
+    """An ``nn.Identity`` where a layer is switched off and an eval Dropout sit between a conv
+    and its activation, as real models build them (optional BatchNorm, classifier dropout)."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm, self.drop = nn.Conv2d(3, 8, 3, padding=1), nn.Identity(), nn.Dropout(0.2)
+        self.act, self.head = activation, nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.drop(self.norm(self.conv(x)))))
+
+
+@pytest.mark.parametrize("kind", ["relu6", "silu"])
+def test_activation_fuses_through_identities(kind):
+    """The activation folds into the conv across the identities: its int8 output grid covers
+    the activation's range (ReLU6: [0, 6] at zero point 0), not the pre-activation one."""
+    torch.manual_seed(0)
+    model = _SwitchedOff(ACTIVATIONS[kind]).eval()
+    calib = [4 * torch.randn(4, 3, 16, 16) for _ in range(4)]  # pre-activations well past [0, 6]
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    assert qmodel.conv.activation == kind
+    scale, zero_point = qmodel.conv._out
+    if kind == "relu6":
+        assert zero_point == 0 and scale <= 6 / 255 * 1.01
+    else:  # SiLU's minimum is -0.278: a few codes below zero, none for the clipped negatives
+        assert zero_point <= 16 and isinstance(qmodel.act, nn.Identity)
+    x = 4 * torch.randn(2, 3, 16, 16)
+    assert sqnr(model(x), qmodel(x)) >= 30.0
+
+
+def test_training_dropout_is_not_seen_through_in_qat():
+    """In QAT the Dropout trains (it scales what it keeps), and ReLU6 does not commute with that
+    scaling: the ReLU6 stays outside the conv."""
+    torch.manual_seed(0)
+    model = _SwitchedOff(nn.ReLU6()).train()
+    qat = quanta.prepare_qat(model, torch.randn(2, 3, 16, 16))
+    qmodel = quanta.convert(qat.eval())
+    assert qmodel.conv.activation == "none"

@@ -135,6 +135,16 @@ def _unfuse_partial(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Mo
         ap.reason = f"no int8 kernel ({kind} module called {calls} times, not all after an int8 op)"
 
 
+def _is_pass_through(node: Node, modules: dict[str, nn.Module], mode: str) -> bool:
+    """A module call that returns its input unchanged; Dropout only outside QAT (training runs it,
+    and a fused ReLU6 or SiLU does not commute with its scaling)."""
+    m = modules.get(node.name) if node.kind == "module" else None
+    if m is None:
+        return False
+    dropout = isinstance(m, nn.modules.dropout._DropoutNd) and mode != "qat"
+    return dropout or isinstance(m, nn.Identity) or activations.returns_its_input(m)
+
+
 def _sole_consumer(record: DataflowRecord, node: Node) -> Node | None:
     if node.is_output or len(node.consumers) != 1:
         return None
@@ -304,7 +314,11 @@ def _fuse(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Module], lp:
 
 def _fuse_activation(record: DataflowRecord, plan: Plan, modules: dict[str, nn.Module],
                      lp: LayerPlan, tail: Node) -> None:
+    """Fold the activation that alone reads ``tail``, seen through identities between them (an
+    ``nn.Identity`` where a model switched a layer off, Dropout outside training)."""
     act = _sole_consumer(record, tail)
+    while act is not None and _is_pass_through(act, modules, plan.mode):
+        act = _sole_consumer(record, act)
     if act is None:
         return
     kind = _activation_kind(act, modules)
