@@ -10,6 +10,7 @@ import torch.nn as nn
 import quanta
 from quanta.config import Override, QuantConfig
 from quanta.debug.report import report
+from quanta.debug.sqnr import sqnr
 from quanta.kernels import cpu
 from quanta.modules import backends
 from quanta.modules.quantized import QuantizedModule
@@ -156,3 +157,36 @@ def test_copy_load_state_dict_and_compile_keep_results():
         assert torch.equal(twin(x), expected)
         compiled = torch.compile(qmodel)
         assert torch.equal(compiled(x), expected)
+
+
+def test_grouped_conv_on_oneDNN_reference_kernel_runs_float(monkeypatch):
+    """A grouped conv with 2 input channels per group has no fast oneDNN int8 kernel on some CPUs
+    (AVX2: "ref:any", 10-27x slower than float). quanta asks oneDNN which kernel it picked and
+    runs such a layer in float on its dequantized weights, saying why; a conv with a fast kernel
+    stays int8. A CPU where oneDNN has a fast kernel for it keeps it int8."""
+    from quanta.kernels.native import ops as native_ops
+
+    if not native_ops.available():
+        pytest.skip("native oneDNN kernels unavailable: oneDNN's kernel choice cannot be read")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 16, 1)).eval()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    qmodel = quanta.quantize(model, calib, show_progress=False)
+    plan = qmodel._quanta.plan
+    grouped = qmodel.get_submodule("2")
+    name = grouped._pack().implementation()
+    dense = qmodel.get_submodule("0")._packed_kernel().implementation()
+    assert dense and not dense.startswith("ref")  # oneDNN reports its kernel: a real name here
+    if name.startswith("ref"):
+        assert grouped.backend == "float" and plan.layers["2"].backend == "float"
+        assert "scalar reference kernel (ref:any)" in plan.layers["2"].backend_reason
+        assert "groups=32" in plan.layers["2"].backend_reason
+    else:
+        assert grouped.backend == "onednn"
+    assert plan.layers["0"].backend == "onednn" and plan.layers["4"].backend == "onednn"
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 30.0
+    forced = quanta.quantize(model, calib, config=QuantConfig(backend="onednn"), show_progress=False)
+    assert forced.get_submodule("2").backend == "onednn"  # asked for: oneDNN, however slow

@@ -245,6 +245,10 @@ class PackedConv:
             self.stride, self.padding, self.dilation, self.groups, self._x_shape,
         )
 
+    def implementation(self) -> str:
+        """oneDNN's name for the kernel it picks at the packing shape; "" without the native path."""
+        return self.native.implementation(tuple(self._x_shape)) if self.native is not None else ""
+
     @staticmethod
     def _resolve_padding(
         padding: int | Sequence[int] | str, kernel: list[int], dilation: list[int]

@@ -8,6 +8,8 @@ Order of decisions for each static int8 module:
    requested: such layers run the exact float fallback (dequantized int8 values, float32 op);
 4. otherwise ``kernels.dispatch.choose_backend`` applies the measured per-op rule;
 5. a layer oneDNN cannot run (odd "same" padding, non-zero padding modes) takes the reference.
+6. unless oneDNN was asked for, a layer oneDNN would run on its scalar reference kernel
+   ("ref:any": grouped convs with 1-2 channels per group on AVX2) takes the float path.
 The choice and its reason go into ``plan.layers[name].backend`` / ``.backend_reason``.
 """
 
@@ -95,10 +97,27 @@ def select_backends(model: nn.Module, plan: Plan, requested: str, config: QuantC
         except (NotImplementedError, RuntimeError, ValueError) as e:
             backend, why = "reference", f"oneDNN cannot run this layer ({e})"
             module.set_backend(backend)
+        if backend == "onednn" and asked != "onednn":
+            slow = _reference_kernel(module)
+            if slow:
+                backend, why = "float", slow
+                module.set_backend(backend)
         if lp is not None:
             lp.backend, lp.backend_reason = backend, why
             lp.float_macs = _float_macs(module, lp)
     _select_site_backends(model, plan, requested, config)
+
+
+def _reference_kernel(module: nn.Module) -> str:
+    """Why ``module`` should not run on oneDNN although it can: for some grouped convs (1-2
+    channels per group) no fast oneDNN kernel exists on some CPUs and oneDNN runs its scalar
+    reference ("ref:any"), 10-27x slower than float (AVX2, session 26). "" when oneDNN is fast."""
+    implementation = getattr(module._packed_kernel(), "implementation", None)
+    name = implementation() if implementation is not None else ""
+    if not name.startswith("ref"):
+        return ""
+    return (f"float faster: oneDNN has only its scalar reference kernel ({name}) for this conv "
+            f"({module.in_channels}->{module.out_channels}, groups={module.groups}) on this CPU")
 
 
 def _float_macs(module: nn.Module, lp: object) -> int:

@@ -146,6 +146,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qk_linear_create.argtypes = [i64, i64, i64, p, p, p, ctypes.POINTER(Epilogue), i32]
     lib.qk_run.argtypes = [p, p, p, f32, i32, f32, i32]
     lib.qk_destroy.argtypes = [p]
+    lib.qk_impl_name.argtypes = [p]
+    lib.qk_impl_name.restype = ctypes.c_char_p
     lib.qk_add_u8.argtypes = [p, p, p, i64, f32, f32, f32, f32, f32]
     lib.qk_add_fixed_u8.argtypes = [p, p, p, i64, *[i32] * 7]
     lib.qk_quantize_u8.argtypes = [p, p, i64, i64, i64, f32, i32, ctypes.c_int, f32]

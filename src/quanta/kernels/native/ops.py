@@ -159,6 +159,12 @@ class NativeConv2d:
         op, (out_shape, dst_scale) = hit
         return op, out_shape, dst_scale
 
+    def implementation(self, shape: tuple[int, ...]) -> str:
+        """oneDNN's name for the kernel it picks for this input shape ("ref:any" is its scalar
+        reference, which it falls back to for shapes no fast kernel takes)."""
+        op, _, _ = self.primitive(torch.Size(shape), "none", None, 0)
+        return (op.lib.qk_impl_name(op.handle) or b"").decode()
+
     def __call__(
         self, x_u8: torch.Tensor, activation: str = "none",
         out_scale: float | None = None, out_zero_point: int = 0,

@@ -43,7 +43,7 @@
     X(dnnl_convolution_forward_primitive_desc_create) X(dnnl_matmul_primitive_desc_create)      \
     X(dnnl_reorder_primitive_desc_create) X(dnnl_primitive_desc_query_md)                       \
     X(dnnl_primitive_desc_destroy) X(dnnl_primitive_create) X(dnnl_primitive_execute)           \
-    X(dnnl_primitive_destroy) X(dnnl_get_effective_cpu_isa)     \
+    X(dnnl_primitive_destroy) X(dnnl_get_effective_cpu_isa) X(dnnl_primitive_desc_query)    \
     X(dnnl_memory_desc_clone) X(dnnl_stream_destroy)
 
 #define QK_POINTER(name) static __typeof__(&name) p_##name;
@@ -130,6 +130,7 @@ typedef struct {
     int32_t src_zp;
     qk_slot *slots[QK_SLOTS];
     int busy[QK_SLOTS];
+    char impl[64]; /* oneDNN's name for the kernel it picked ("ref:any" is its scalar one) */
 } qk_op;
 
 /* Per calling thread: a stream (oneDNN streams are not thread-safe) and a scratchpad. */
@@ -282,6 +283,9 @@ static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_
     dnnl_primitive_t reorder = NULL;
     if (!op || !thread) goto fail;
     CHECK(p_dnnl_primitive_create(&op->primitive, pd));
+    const char *impl = NULL;
+    if (p_dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl)
+        strncpy(op->impl, impl, sizeof op->impl - 1);
     const_dnnl_memory_desc_t w_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     const_dnnl_memory_desc_t src_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
     const_dnnl_memory_desc_t dst_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
@@ -420,6 +424,9 @@ static void slot_release(qk_op *op, qk_slot *slot, int index) {
     else
         __atomic_store_n(&op->busy[index], 0, __ATOMIC_RELEASE);
 }
+
+/* oneDNN's name for the kernel of op ("jit:avx2", "brg_conv_fwd:avx512_core_amx", "ref:any"). */
+const char *qk_impl_name(const qk_op *op) { return op->impl; }
 
 /* Runs a built op. src_scale / dst_scale / zero points are used only where the op was built
  * to take them (see qk_epilogue). Returns 0 on success. Safe to call from several threads at
