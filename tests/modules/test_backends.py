@@ -159,6 +159,7 @@ def test_copy_load_state_dict_and_compile_keep_results():
         assert torch.equal(compiled(x), expected)
 
 
+@pytest.mark.isa  # which kernel oneDNN picks depends on the ISA: run it capped at AVX2 too
 def test_grouped_conv_on_oneDNN_reference_kernel_runs_float(monkeypatch):
     """A grouped conv with 2 input channels per group has no fast oneDNN int8 kernel on some CPUs
     (AVX2: "ref:any", 10-27x slower than float). quanta asks oneDNN which kernel it picked and
