@@ -160,7 +160,7 @@ def test_copy_load_state_dict_and_compile_keep_results():
 
 
 @pytest.mark.isa  # which kernel oneDNN picks depends on the ISA: run it capped at AVX2 too
-def test_grouped_conv_on_oneDNN_reference_kernel_runs_float(monkeypatch):
+def test_grouped_conv_on_oneDNN_reference_kernel_runs_float():
     """A grouped conv with 2 input channels per group has no fast oneDNN int8 kernel on some CPUs
     (AVX2: "ref:any", 10-27x slower than float). quanta asks oneDNN which kernel it picked and
     runs such a layer in float on its dequantized weights, saying why; a conv with a fast kernel
@@ -176,7 +176,7 @@ def test_grouped_conv_on_oneDNN_reference_kernel_runs_float(monkeypatch):
     qmodel = quanta.quantize(model, calib, show_progress=False)
     plan = qmodel._quanta.plan
     grouped = qmodel.get_submodule("2")
-    name = grouped._pack().implementation()
+    name = grouped._packed_kernel().implementation()
     dense = qmodel.get_submodule("0")._packed_kernel().implementation()
     assert dense and not dense.startswith("ref")  # oneDNN reports its kernel: a real name here
     if name.startswith("ref"):

@@ -142,7 +142,7 @@ def _is_pass_through(node: Node, modules: dict[str, nn.Module], mode: str) -> bo
     if m is None:
         return False
     dropout = isinstance(m, nn.modules.dropout._DropoutNd) and mode != "qat"
-    return dropout or isinstance(m, nn.Identity) or activations.returns_its_input(m)
+    return dropout or activations.returns_its_input(m)  # nn.Identity included
 
 
 def _sole_consumer(record: DataflowRecord, node: Node) -> Node | None:

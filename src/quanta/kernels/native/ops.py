@@ -161,8 +161,10 @@ class NativeConv2d:
 
     def implementation(self, shape: tuple[int, ...]) -> str:
         """oneDNN's name for the kernel it picks for this input shape ("ref:any" is its scalar
-        reference, which it falls back to for shapes no fast kernel takes)."""
-        op, _, _ = self.primitive(torch.Size(shape), "none", None, 0)
+        reference, which it falls back to for shapes no fast kernel takes). The primitive built to
+        ask is dropped, not cached: it would keep its own copy of the weights for no call."""
+        handle, _, _ = self._build(tuple(shape), "none", None, False)
+        op = _Primitive(self.handles.lib, handle)
         return (op.lib.qk_impl_name(op.handle) or b"").decode()
 
     def __call__(
