@@ -226,15 +226,20 @@ def _native_table() -> dict[Callable, Callable]:
     table[F.hardtanh] = _hardtanh
     for op in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
         table[op] = _avg_pool
-    for op in (F.dropout, F.dropout1d, F.dropout2d):
+    for op in _DROPOUT_TRAINING_DEFAULT:
         table[op] = _dropout
     return table
+
+
+# every dropout function, with its ``training`` argument's default (the alpha ones default to off)
+_DROPOUT_TRAINING_DEFAULT = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+                             F.alpha_dropout: False, F.feature_alpha_dropout: False}
 
 
 def _dropout(func: Callable, args: tuple, kwargs: dict) -> Any:
     """Dropout outside training is the identity: the int8 value passes unchanged (a classifier
     head's ``nn.Dropout`` otherwise dequantized it and the next layer quantized it again)."""
-    training = args[2] if len(args) > 2 else kwargs.get("training", True)
+    training = args[2] if len(args) > 2 else kwargs.get("training", _DROPOUT_TRAINING_DEFAULT[func])
     return args[0] if isinstance(args[0], QTensor) and training is False else NotImplemented
 
 

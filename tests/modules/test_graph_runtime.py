@@ -374,12 +374,13 @@ def test_a_graph_that_raises_where_eager_runs_is_dropped(mixed_int8):
     assert graph.runtime_status(q) == "eager: the graph raised where eager mode ran"
 
 
-def test_classifier_head_dropout_passes_int8_and_a_training_dropout_runs_eagerly():
-    """``nn.Dropout`` in eval mode is the identity on int8 data (the head's conv reads it without
-    a dequantize/quantize round trip); one dropout module switched to training on its own makes
-    the graph step aside, and that call equals eager mode with the same random mask."""
+@pytest.mark.parametrize("dropout", [nn.Dropout, nn.Dropout2d, nn.AlphaDropout])
+def test_classifier_head_dropout_passes_int8_and_a_training_dropout_runs_eagerly(dropout: type) -> None:
+    """A Dropout of any kind in eval mode is the identity on int8 data (the head's conv reads it
+    without a dequantize/quantize round trip); one dropout module switched to training on its own
+    makes the graph step aside, and that call equals eager mode with the same random mask."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8), nn.Dropout(0.2),
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8), dropout(0.2),
                           nn.Conv2d(16, 10, 1), nn.Flatten())
     q = _quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(3)])
     x = torch.randn(2, 3, 8, 8)

@@ -66,6 +66,13 @@ def _probe(m: nn.Module) -> str:
     return ""
 
 
+def is_dropout(m: nn.Module) -> bool:
+    """Whether ``m`` is a Dropout of any kind (``nn.Dropout``, ``Dropout1d/2d/3d``, the alpha
+    variants): the identity outside training, so int8 data passes through it unchanged in eval
+    mode. Callers that may run in training (QAT) check ``m.training`` or their mode."""
+    return isinstance(m, nn.modules.dropout._DropoutNd)
+
+
 def returns_its_input(m: nn.Module) -> bool:
     """Whether ``m`` is an identity by its code: a parameter-free module whose ``forward`` is
     ``return <its one argument>`` (``nn.Identity``, a library's own Identity class, such as

@@ -141,7 +141,7 @@ def _is_pass_through(node: Node, modules: dict[str, nn.Module], mode: str) -> bo
     m = modules.get(node.name) if node.kind == "module" else None
     if m is None:
         return False
-    dropout = isinstance(m, nn.modules.dropout._DropoutNd) and mode != "qat"
+    dropout = activations.is_dropout(m) and mode != "qat"
     return dropout or activations.returns_its_input(m)  # nn.Identity included
 
 
@@ -178,7 +178,7 @@ def plan_static(model: nn.Module, record: DataflowRecord, config: QuantConfig) -
         lp = LayerPlan(name, "module", type(m).__name__, "float")
         skipped, wspec, _, why = config.for_module(name, m)
         if target is None:
-            native = isinstance(m, mapping.INT8_NATIVE_MODULES)
+            native = isinstance(m, mapping.INT8_NATIVE_MODULES) or activations.is_dropout(m)
             same = not native and activations.returns_its_input(m)
             lp.reason = "runs on int8 data natively" if native else \
                 "returns its input (an identity): int8 data passes through" if same else \

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quanta.capture.activations import returns_its_input
+from quanta.capture.activations import is_dropout, returns_its_input
 from quanta.capture.trace import TraceFailed, op_callable
 from quanta.kernels import eltwise, reference
 from quanta.kernels.pooling import avg_pool_data, max_pool_data
@@ -203,7 +203,7 @@ def _module(node: fx.Node, values: dict[fx.Node, Any], gen: Codegen, mod: nn.Mod
         src = f"{gen.const(avg_pool_data)}({gen.const(F.adaptive_avg_pool2d)}, {xv}, {qx[1]!r}, " \
               f"{gen.const((mod.output_size,))}, {{}})"
         return _emit(gen, node, src, qx)
-    if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):  # identity in eval mode; in training
+    if is_dropout(mod):  # identity in eval mode; in training
         # mode (set on this module alone) the graph raises and the call runs eagerly
         return _emit(gen, node, f"({xv} if not {gen.const(mod, 'm')}.training else "
                                 f"{gen.const(_dropout_training)}())", qx)

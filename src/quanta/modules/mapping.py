@@ -44,8 +44,8 @@ FOLDABLE_BATCHNORM: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
 INT8_NATIVE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
-    nn.Dropout, nn.Unflatten, nn.ZeroPad2d,
-)
+    nn.Unflatten, nn.ZeroPad2d,
+)  # and every Dropout (capture.activations.is_dropout): the identity in eval mode
 
 # functional ops with their own observed output qparams (keyed by call site)
 # ("matmul" here is activation x activation, attention's Q.K^T and P.V; a matmul by a parameter

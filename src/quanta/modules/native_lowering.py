@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quanta.capture.activations import returns_its_input
+from quanta.capture.activations import is_dropout, returns_its_input
 from quanta.capture.trace import op_callable
 from quanta.kernels import eltwise, native, reference
 from quanta.kernels.pooling import _global_window, _pair, _pool_size
@@ -143,9 +143,9 @@ class _Builder:
             return self._layer(node, mod, node.args[0], value)
         x = self._arg(node.args[0] if len(node.args) == 1 and not node.kwargs else None)
         kind = type(mod)
-        if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+        if is_dropout(mod):
             self.dropouts.append(mod)  # the identity in eval mode; checked per call
-        if kind in (nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d) or returns_its_input(mod):
+        if kind is nn.Flatten or is_dropout(mod) or returns_its_input(mod):
             return self._alias(node, x, value)
         if kind in _CLAMP_MODULES:
             return self._clamp(node, x, value, *_CLAMP_MODULES[kind])

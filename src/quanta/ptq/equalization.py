@@ -31,7 +31,7 @@ from quanta.modules.mapping import FOLDABLE_BATCHNORM
 
 _LAYER_OPS = ("conv1d", "conv2d", "linear")
 # modules and functions that commute with a positive per-channel scale: f(s * x) = s * f(x)
-_SCALE_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.ZeroPad1d, nn.ZeroPad2d,
+_SCALE_FREE_MODULES = (nn.Identity, nn.ZeroPad1d, nn.ZeroPad2d,
                        nn.ZeroPad3d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _SCALE_FREE_FUNCTIONS = ("relu", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d",
@@ -258,7 +258,7 @@ def _fold_batchnorms(model: nn.Module, record: DataflowRecord, layers: dict[int,
 
 def _module_reason(m: nn.Module) -> str:
     """Why module ``m`` between two layers breaks their pair ("" if it commutes with scaling)."""
-    if isinstance(m, _SCALE_FREE_MODULES):
+    if isinstance(m, _SCALE_FREE_MODULES) or activations.is_dropout(m):  # Dropout: the identity in eval mode
         return ""
     if isinstance(m, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) and m.value == 0:
         return ""

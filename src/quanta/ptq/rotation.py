@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from quanta.api import _set_module
+from quanta.capture.activations import is_dropout
 from quanta.capture.record import DataflowRecord, Node, batch_tensors, call_with, capture
 from quanta.capture.weightops import tied_parameters
 from quanta.errors import UnsupportedModelError
@@ -51,7 +52,6 @@ def tolerance(model: nn.Module) -> float:
 
 # calls between a norm and its readers, or a writer and its add, that keep the last dimension
 _PASS_FUNCTIONS = ("getitem", "contiguous", "view", "reshape", "clone", "dropout", "to", "float")
-_PASS_MODULES = (nn.Dropout, nn.Identity)
 
 
 class Rotation(nn.Module):
@@ -190,7 +190,8 @@ def _linear_weight(node: Node, modules: dict[str, nn.Module]) -> str | None:
 
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
-        return isinstance(modules.get(node.name), _PASS_MODULES)
+        m = modules.get(node.name)
+        return isinstance(m, nn.Identity) or (m is not None and is_dropout(m))
     return node.kind == "function" and node.op in _PASS_FUNCTIONS and len(node.inputs) == 1
 
 
