@@ -7,7 +7,8 @@
  *
  * It links no library: the oneDNN inside torch (libtorch_cpu.so) has the whole C API but does
  * not export it. quanta/kernels/native/__init__.py reads the functions' offsets from that
- * file's symbol table and passes them to qk_init(), which adds the library's load address.
+ * file's symbol table and passes them to qk_init() (onednn.c), which adds the library's load
+ * address.
  * Same oneDNN, same OpenMP thread pool and same numerics as torch's ops.
  *
  * Numerics (scales are runtime arguments, so one primitive serves any qparams of a shape):
@@ -21,94 +22,12 @@
  * call holds at a time, and each calling thread has its own stream and scratchpad. An op is
  * destroyed only by its Python owner, after the last call that holds it has returned.
  */
-#define _GNU_SOURCE
-#include <link.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "oneapi/dnnl/dnnl.h"
-
-#define QK_FUNCTIONS(X)                                                                      \
-    X(dnnl_version) X(dnnl_engine_create) X(dnnl_stream_create) X(dnnl_stream_wait)            \
-    X(dnnl_memory_desc_create_with_tag) X(dnnl_memory_desc_destroy)                            \
-    X(dnnl_memory_desc_get_size) X(dnnl_memory_create) X(dnnl_memory_destroy)                  \
-    X(dnnl_memory_set_data_handle) X(dnnl_primitive_attr_create)                                \
-    X(dnnl_primitive_attr_set_scratchpad_mode)                                                  \
-    X(dnnl_primitive_attr_destroy) X(dnnl_primitive_attr_set_scales_mask)                       \
-    X(dnnl_primitive_attr_set_zero_points_mask) X(dnnl_primitive_attr_set_post_ops)             \
-    X(dnnl_post_ops_create) X(dnnl_post_ops_destroy) X(dnnl_post_ops_append_eltwise)            \
-    X(dnnl_convolution_forward_primitive_desc_create) X(dnnl_matmul_primitive_desc_create)      \
-    X(dnnl_reorder_primitive_desc_create) X(dnnl_primitive_desc_query_md)                       \
-    X(dnnl_primitive_desc_destroy) X(dnnl_primitive_create) X(dnnl_primitive_execute)           \
-    X(dnnl_primitive_destroy) X(dnnl_get_effective_cpu_isa) X(dnnl_primitive_desc_query)    \
-    X(dnnl_memory_desc_clone) X(dnnl_stream_destroy)
-
-#define QK_POINTER(name) static __typeof__(&name) p_##name;
-QK_FUNCTIONS(QK_POINTER)
-#define QK_NAME(name) #name "\n"
-static const char *qk_names = QK_FUNCTIONS(QK_NAME);
-
-static dnnl_engine_t engine;
-static __thread char last_error[256]; /* per calling thread: read right after a failure */
-
-#define CHECK(call)                                                                          \
-    do {                                                                                     \
-        dnnl_status_t s_ = (call);                                                           \
-        if (s_ != dnnl_success) {                                                            \
-            snprintf(last_error, sizeof last_error, "%s failed (oneDNN status %d)", #call, s_); \
-            goto fail;                                                                       \
-        }                                                                                    \
-    } while (0)
-
-const char *qk_symbol_names(void) { return qk_names; }
-const char *qk_last_error(void) { return last_error; }
-
-static uintptr_t torch_base;
-static int find_torch(struct dl_phdr_info *info, size_t size, void *data) {
-    (void)size;
-    const char *name = info->dlpi_name, *want = (const char *)data;
-    size_t n = strlen(name), w = strlen(want);
-    if (n >= w && strcmp(name + n - w, want) == 0) {
-        torch_base = info->dlpi_addr;
-        return 1;
-    }
-    return 0;
-}
-
-/* offsets: the st_value of each name of qk_symbol_names(), in order. Returns oneDNN's
- * major*100+minor on success, 0 on failure (see qk_last_error). */
-int qk_init(const char *library_suffix, const uint64_t *offsets, int count) {
-    int i = 0;
-    torch_base = 0;
-    dl_iterate_phdr(find_torch, (void *)library_suffix);
-    if (!torch_base) {
-        snprintf(last_error, sizeof last_error, "%s is not loaded", library_suffix);
-        return 0;
-    }
-#define QK_ASSIGN(name)                                                                      \
-    if (i >= count || !offsets[i]) {                                                         \
-        snprintf(last_error, sizeof last_error, "symbol %s not found", #name);               \
-        return 0;                                                                            \
-    }                                                                                        \
-    p_##name = (__typeof__(&name))(torch_base + offsets[i++]);
-    QK_FUNCTIONS(QK_ASSIGN)
-    const dnnl_version_t *v = p_dnnl_version();
-    if (v->major != DNNL_VERSION_MAJOR) {
-        snprintf(last_error, sizeof last_error, "oneDNN %d.%d in torch, headers are %d.x",
-                 v->major, v->minor, DNNL_VERSION_MAJOR);
-        return 0;
-    }
-    CHECK(p_dnnl_engine_create(&engine, dnnl_cpu, 0));
-    return v->major * 100 + v->minor;
-fail:
-    return 0;
-}
-
-/* dnnl_cpu_isa_t oneDNN's kernels use here (the hardware, capped by ONEDNN_MAX_CPU_ISA). */
-int qk_effective_isa(void) { return (int)p_dnnl_get_effective_cpu_isa(); }
+#include "onednn.h"
 
 /* What one execution of an op owns: memory objects for its data and runtime qparams. */
 typedef struct {
@@ -158,9 +77,9 @@ static qk_thread *this_thread(void) {
     if (t) return t;
     t = calloc(1, sizeof *t);
     if (!t) return NULL;
-    if (p_dnnl_stream_create(&t->stream, engine, dnnl_stream_default_flags) != dnnl_success) {
+    if (p_dnnl_stream_create(&t->stream, qk_engine, dnnl_stream_default_flags) != dnnl_success) {
         free(t);
-        snprintf(last_error, sizeof last_error, "could not create a oneDNN stream");
+        snprintf(qk_error, sizeof qk_error, "could not create a oneDNN stream");
         return NULL;
     }
     pthread_setspecific(thread_key, t);
@@ -183,7 +102,7 @@ static dnnl_memory_t make_memory(int ndims, const dnnl_dims_t dims, dnnl_data_ty
     dnnl_memory_desc_t md = NULL;
     dnnl_memory_t mem = NULL;
     if (p_dnnl_memory_desc_create_with_tag(&md, ndims, dims, dt, tag) != dnnl_success) return NULL;
-    if (p_dnnl_memory_create(&mem, md, engine, data) != dnnl_success) mem = NULL;
+    if (p_dnnl_memory_create(&mem, md, qk_engine, data) != dnnl_success) mem = NULL;
     p_dnnl_memory_desc_destroy(md);
     return mem;
 }
@@ -203,12 +122,12 @@ static qk_slot *slot_create(const qk_op *op) {
     if (!slot) return NULL;
     slot->src_scale_value = slot->dst_scale_value = 1.0f;
     slot->src_zp_value = op->src_zp;
-    if (p_dnnl_memory_create(&slot->src, op->src_md, engine, DNNL_MEMORY_NONE) != dnnl_success ||
-        p_dnnl_memory_create(&slot->dst, op->dst_md, engine, DNNL_MEMORY_NONE) != dnnl_success ||
+    if (p_dnnl_memory_create(&slot->src, op->src_md, qk_engine, DNNL_MEMORY_NONE) != dnnl_success ||
+        p_dnnl_memory_create(&slot->dst, op->dst_md, qk_engine, DNNL_MEMORY_NONE) != dnnl_success ||
         (op->pad_md &&
-         p_dnnl_memory_create(&slot->scratchpad, op->pad_md, engine, DNNL_MEMORY_NONE) != dnnl_success)) {
+         p_dnnl_memory_create(&slot->scratchpad, op->pad_md, qk_engine, DNNL_MEMORY_NONE) != dnnl_success)) {
         slot_destroy(slot);
-        snprintf(last_error, sizeof last_error, "could not create the memory of an execution slot");
+        snprintf(qk_error, sizeof qk_error, "could not create the memory of an execution slot");
         return NULL;
     }
     slot->src_scale = make_memory(1, one, dnnl_f32, dnnl_a, &slot->src_scale_value);
@@ -217,7 +136,7 @@ static qk_slot *slot_create(const qk_op *op) {
     slot->dst_zp = make_memory(1, one, dnnl_s32, dnnl_a, &slot->dst_zp_value);
     if (!slot->src_scale || !slot->dst_scale || !slot->src_zp || !slot->dst_zp) {
         slot_destroy(slot);
-        snprintf(last_error, sizeof last_error, "could not create the qparams of an execution slot");
+        snprintf(qk_error, sizeof qk_error, "could not create the qparams of an execution slot");
         return NULL;
     }
     return slot;
@@ -290,10 +209,10 @@ static qk_op *finish(dnnl_primitive_desc_t pd, int w_ndims, const dnnl_dims_t w_
     const_dnnl_memory_desc_t src_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0);
     const_dnnl_memory_desc_t dst_md = p_dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0);
     if (posix_memalign(&op->weights_data, 64, p_dnnl_memory_desc_get_size(w_md) + 64)) goto fail;
-    CHECK(p_dnnl_memory_create(&op->weights, w_md, engine, op->weights_data));
+    CHECK(p_dnnl_memory_create(&op->weights, w_md, qk_engine, op->weights_data));
     CHECK(p_dnnl_memory_desc_create_with_tag(&user_md, w_ndims, w_dims, dnnl_s8, w_tag));
-    CHECK(p_dnnl_memory_create(&user_w, user_md, engine, (void *)w));
-    CHECK(p_dnnl_reorder_primitive_desc_create(&reorder_pd, user_md, engine, w_md, engine, NULL));
+    CHECK(p_dnnl_memory_create(&user_w, user_md, qk_engine, (void *)w));
+    CHECK(p_dnnl_reorder_primitive_desc_create(&reorder_pd, user_md, qk_engine, w_md, qk_engine, NULL));
     CHECK(p_dnnl_primitive_create(&reorder, reorder_pd));
     dnnl_exec_arg_t reorder_args[] = {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, op->weights}};
     CHECK(p_dnnl_primitive_execute(reorder, thread->stream, 2, reorder_args));
@@ -369,7 +288,7 @@ qk_op *qk_conv_create(const int64_t *shape, int64_t oc, int64_t groups, int64_t 
     attr = make_attr(e, grouped ? 3 : 1);
     if (!attr) goto fail;
     CHECK(p_dnnl_convolution_forward_primitive_desc_create(
-        &pd, engine, dnnl_forward_inference, dnnl_convolution_direct, src_md, wei_md, bias_md,
+        &pd, qk_engine, dnnl_forward_inference, dnnl_convolution_direct, src_md, wei_md, bias_md,
         dst_md, strides, dil, pad_l, pad_r, attr));
     op = finish(pd, grouped ? 5 : 4, grouped ? w_dims : w_dims + 1, grouped ? dnnl_goihw : dnnl_oihw,
                 w, (int)oc, scales, bias, src_zp);
@@ -393,7 +312,7 @@ qk_op *qk_linear_create(int64_t m, int64_t k, int64_t n, const int8_t *w, const 
     if (bias) CHECK(p_dnnl_memory_desc_create_with_tag(&bias_md, 2, bias_dims, dnnl_f32, dnnl_ab));
     attr = make_attr(e, 1 << 1);
     if (!attr) goto fail;
-    CHECK(p_dnnl_matmul_primitive_desc_create(&pd, engine, src_md, wei_md, bias_md, dst_md, attr));
+    CHECK(p_dnnl_matmul_primitive_desc_create(&pd, qk_engine, src_md, wei_md, bias_md, dst_md, attr));
     op = finish(pd, 2, w_dims, dnnl_ba, w, (int)n, scales, bias, src_zp);
 fail:
     release(pd, attr, src_md, wei_md, bias_md, dst_md);
@@ -461,7 +380,7 @@ int qk_run(qk_op *op, void *src, void *dst, float src_scale, int32_t src_zp, flo
             thread->scratchpad_size = 0;
             if (posix_memalign(&thread->scratchpad, 64, op->scratchpad_size)) {
                 thread->scratchpad = NULL;
-                snprintf(last_error, sizeof last_error, "out of memory for the scratchpad");
+                snprintf(qk_error, sizeof qk_error, "out of memory for the scratchpad");
                 goto fail;
             }
             thread->scratchpad_size = op->scratchpad_size;
