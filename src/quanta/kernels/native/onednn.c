@@ -42,7 +42,7 @@ int qk_init(const char *library_suffix, const uint64_t *offsets, int count) {
     }
 #define QK_ASSIGN(name)                                                                      \
     if (i >= count || !offsets[i]) {                                                         \
-        snprintf(qk_error, sizeof qk_error, "symbol %s not found", #name);               \
+        snprintf(qk_error, sizeof qk_error, "symbol %s not found", #name);                   \
         return 0;                                                                            \
     }                                                                                        \
     p_##name = (__typeof__(&name))(torch_base + offsets[i++]);
