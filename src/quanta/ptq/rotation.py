@@ -191,7 +191,7 @@ def _linear_weight(node: Node, modules: dict[str, nn.Module]) -> str | None:
 def _passes(node: Node, modules: dict[str, nn.Module]) -> bool:
     if node.kind == "module":
         m = modules.get(node.name)
-        return isinstance(m, nn.Identity) or (m is not None and is_dropout(m))
+        return isinstance(m, nn.Identity) or is_dropout(m)  # is_dropout(None) is False
     return node.kind == "function" and node.op in _PASS_FUNCTIONS and len(node.inputs) == 1
 
 
