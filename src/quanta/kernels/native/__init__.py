@@ -1,8 +1,8 @@
 """Build and load quanta's native int8 kernels: oneDNN primitives kept per shape
-(``primitives.c``), elementwise loops (``elementwise.c``), dynamic quantization passes
-(``dynamic.c``), weight-only GEMVs (``weight_only.c``, ``weight_only_q8.c``) and the executor
-that runs a whole converted forward in one call (``program.c``), one shared library; ``onednn.c``
-binds the oneDNN inside torch for them.
+(``primitives.c``), elementwise loops (``elementwise.c``), uint8 pooling (``pooling.c``),
+dynamic quantization passes (``dynamic.c``), weight-only GEMVs (``weight_only.c``,
+``weight_only_q8.c``) and the executor that runs a whole converted forward in one call
+(``program.c``), one shared library; ``onednn.c`` binds the oneDNN inside torch for them.
 
 Why: ``torch.ops.onednn`` rebuilds the oneDNN primitive descriptor on every call, a fixed
 ~30-60 us per op that dominates batch-1 latency. ``primitives.c`` builds each primitive once.
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("onednn.c", "primitives.c", "elementwise.c", "dynamic.c", "weight_only.c",
-                         "weight_only_q8.c", "program.c")]
+            for name in ("onednn.c", "primitives.c", "elementwise.c", "pooling.c", "dynamic.c",
+                         "weight_only.c", "weight_only_q8.c", "program.c")]
 # in the build key, not on the command line
 _HEADERS = [Path(__file__).with_name(name) for name in ("common.h", "onednn.h", "weight_only.h")]
 _LIBRARY = "libtorch_cpu.so"
