@@ -1,0 +1,65 @@
+"""Issue 14 probe: how far per-layer AdaRound's held-out figures trail its own calibration crops.
+
+    python benchmarks/probe_calibration_size.py --calib 256    # 2 h here (1 thread, shared)
+    python benchmarks/probe_calibration_size.py --calib 1024   # more crops, same 2,048 rows
+
+EfficientNet-Lite1, static int8 with 8-bit activations and ``--bits`` weights, calibrated on
+``--calib`` crops of seed 1, then ``quanta.ptq.adaround`` (what the ``adaround`` flag runs) with a
+fixed ``--iterations`` per layer and ``--rows`` sampled output rows per layer. Logit SQNR and top-1
+agreement against float on two held-out sets (256 crops of seed 0, 768 of seed 2) and on the
+first 256 calibration crops, before and after AdaRound. Appends one JSON line to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+import quanta
+from quanta.debug.sqnr import sqnr
+from quanta.ptq.adaround import adaround
+from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--calib", type=int, default=256, help="calibration crops (seed 1)")
+parser.add_argument("--rows", type=int, default=2048, help="sampled output rows per layer")
+parser.add_argument("--iterations", type=int, default=800, help="AdaRound iterations per layer")
+parser.add_argument("--bits", type=int, default=8, help="weight bits")
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--out", default="calibration_size.jsonl", help="JSON lines appended here")
+args = parser.parse_args()
+torch.set_num_threads(args.threads)
+model = load_efficientnet_lite1()
+calib = list(torch.split(photo_inputs(args.calib, seed=1), 16))
+sets = {"seed0_256": photo_inputs(256, seed=0), "seed2_768": photo_inputs(768, seed=2),
+        "calib_256": torch.cat(calib)[:256]}
+
+
+def score(qmodel: torch.nn.Module) -> dict:
+    """Logit SQNR (dB) and top-1 agreement against float on each set."""
+    scores = {}
+    for name, x in sets.items():
+        with torch.no_grad():
+            ref = torch.cat([model(b) for b in torch.split(x, 32)])
+            out = torch.cat([qmodel(b) for b in torch.split(x, 32)])
+        agreement = float((out.argmax(1) == ref.argmax(1)).float().mean())
+        scores[name] = (round(sqnr(ref, out), 2), round(agreement, 4))
+    return scores
+
+
+base = quanta.QuantConfig()
+config = dataclasses.replace(base, weight=dataclasses.replace(base.weight, bits=args.bits))
+qmodel = quanta.quantize(model, calib, config=config)
+plain = score(qmodel)
+print("round to nearest", plain, flush=True)
+start = time.time()
+adaround(model, qmodel, calib, iterations=args.iterations, rows=args.rows)
+record = dict(vars(args), plain=plain, adaround=score(qmodel), adaround_seconds=round(time.time() - start),
+              int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"])
+print(json.dumps(record), flush=True)
+with open(args.out, "a") as f:
+    f.write(json.dumps(record) + "\n")
