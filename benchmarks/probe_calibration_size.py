@@ -36,16 +36,22 @@ torch.set_num_threads(args.threads)
 model = load_efficientnet_lite1()
 calib = list(torch.split(photo_inputs(args.calib, seed=1), 16))
 sets = {"seed0_256": photo_inputs(256, seed=0), "seed2_768": photo_inputs(768, seed=2),
-        "calib_256": torch.cat(calib)[:256]}
+        "calibration_first_256": torch.cat(calib)[:256]}
+
+
+def logits(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([m(b) for b in torch.split(x, 32)])
+
+
+references = {name: logits(model, x) for name, x in sets.items()}  # float: once, for both scores
 
 
 def score(qmodel: torch.nn.Module) -> dict:
     """Logit SQNR (dB) and top-1 agreement against float on each set."""
     scores = {}
     for name, x in sets.items():
-        with torch.no_grad():
-            ref = torch.cat([model(b) for b in torch.split(x, 32)])
-            out = torch.cat([qmodel(b) for b in torch.split(x, 32)])
+        ref, out = references[name], logits(qmodel, x)
         agreement = float((out.argmax(1) == ref.argmax(1)).float().mean())
         scores[name] = (round(sqnr(ref, out), 2), round(agreement, 4))
     return scores
