@@ -135,10 +135,17 @@ def _grouped(layer: QuantizedModule, w: torch.Tensor) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1)
 
 
+def _by_group(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rows [R, groups * n] as [groups, R, n], contiguous: one batched matrix product per step
+    then reads each group's rows in place (einsum on [R, groups, n] copied them every step: 6x
+    slower for a 1,152-channel depthwise conv)."""
+    return rows.reshape(rows.shape[0], groups, -1).transpose(0, 1).contiguous()
+
+
 def _forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    groups = w.shape[0]
-    y = torch.einsum("rgf,gof->rgo", x.reshape(x.shape[0], groups, -1), w).reshape(x.shape[0], -1)
-    return apply_activation(y + bias, activation)
+    """Grouped layer output [groups, R, outputs per group] from grouped rows ``x`` [groups, R,
+    features], weights ``w`` [groups, outputs per group, features] and ``bias`` [groups, 1, outputs]."""
+    return apply_activation(torch.bmm(x, w.transpose(1, 2)) + bias, activation)
 
 
 def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -156,7 +163,10 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
     w_div = _grouped(layer, w_float.detach().float()) / scale
     floor = torch.floor(w_div)
     _, bias = layer._float_params()
-    bias = torch.zeros(scale.shape[0] * scale.shape[1]) if bias is None else bias.float()
+    groups = scale.shape[0]
+    bias = torch.zeros(groups * scale.shape[1]) if bias is None else bias.float()
+    bias = bias.reshape(groups, 1, -1)
+    x, target = _by_group(x, groups), _by_group(target, groups)
     power = float(target.pow(2).mean()) or 1.0
 
     def error(w_int: torch.Tensor) -> float:
@@ -195,7 +205,7 @@ def _iterations_in_time(deadline: float, layers_left: int, x: torch.Tensor, w: t
     one forward."""
     t0 = time.monotonic()
     with torch.no_grad():  # a step is ~3 forwards
-        _forward(x, w, torch.zeros(w.shape[0] * w.shape[1]), "none")
+        _forward(_by_group(x, w.shape[0]), w, torch.zeros(w.shape[0], 1, w.shape[1]), "none")
     step = max(1e-5, 3 * (time.monotonic() - t0))
     return int(min(most, max(least, (deadline - t0) / max(1, layers_left) / step)))
 
