@@ -111,7 +111,7 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     if any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor for v in inputs.values()):
         raise tracing.TraceFailed("an input is a tensor subclass")
     graph = tracing.trace(model, inputs, sites)
-    values, keys = _interpret(model, graph, inputs, sites)
+    values, keys = interpret(model, graph, inputs, sites)
     unused = set(sites) - set(keys.values())
     if unused:
         raise tracing.TraceFailed(f"call site {sorted(unused)[0]} is not in the traced graph")
@@ -139,7 +139,7 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     fn = namespace["forward"]
     got = fn(*[inputs[n] for n in tensor_names])
     try:
-        _check_same(expected, got)
+        check_same(expected, got)
     except tracing.TraceFailed:
         if fused:
             return build(model, sites, args, kwargs, expected, fuse=False)
@@ -147,7 +147,7 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     positional = not kwargs and list(inputs)[:len(args)] == tensor_names
     native = None
     if positional and len(args) == 1 and len(tensor_names) == 1:
-        rerun = lambda x: _interpret(model, graph, {**inputs, tensor_names[0]: x}, sites)[0]  # noqa: E731
+        rerun = lambda x: interpret(model, graph, {**inputs, tensor_names[0]: x}, sites)[0]  # noqa: E731
         native = native_program.Programs(native_lowering.build, graph, keys, sites, model, fn, rerun, args[0],
                                          values, got)
     return GraphRuntime(model, fn, tensor_names, inputs, positional, len(args), tuple(sorted(kwargs)),
@@ -220,43 +220,47 @@ def _emit_generic(node: fx.Node, value: Any, gen: lowering.Codegen, model: nn.Mo
     gen.lines.append(f"{gen.var(node)} = {call}")
 
 
-def _interpret(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any],
-               sites: dict[str, Any]) -> tuple[dict[fx.Node, Any], dict[fx.Node, str]]:
+def interpret(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any],
+              sites: dict[str, Any]) -> tuple[dict[fx.Node, Any], dict[fx.Node, str]]:
     """Run the graph once as eager mode would (QTensors between int8 ops), keying call sites."""
     values: dict[fx.Node, Any] = {}
     keys: dict[fx.Node, str] = {}
     keyer = tracing.SiteKeys(KEYED_OPS)
-
-    def load(a: Any) -> Any:
-        return fx.node.map_arg(a, values.__getitem__)
-
     for node in graph.nodes:
         if node.op == "placeholder":
             values[node] = tracing.placeholder_value(node, inputs)
-        elif node.op == "get_attr":
-            obj = model
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            values[node] = obj
-        elif node.op == "call_module":
-            values[node] = model.get_submodule(node.target)(*load(node.args), **load(node.kwargs))
-        elif node.op in ("call_function", "call_method"):
-            args, kwargs = load(node.args), load(node.kwargs)
-            has_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0])
-            key = keyer.key(node, has_tensor)
-            site = sites.get(key) if key is not None else None
+            continue
+        site = None
+        if node.op in ("call_function", "call_method"):
+            flat = tree_flatten(fx.node.map_arg((node.args, node.kwargs), values.__getitem__))[0]
+            key = keyer.key(node, any(isinstance(t, torch.Tensor) for t in flat))
             if key is not None:
                 keys[node] = key
-            if site is not None:
-                values[node] = site.run(tracing.op_callable(node), args, kwargs)
-            elif node.op == "call_method":
-                values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                values[node] = node.target(*args, **kwargs)
+                site = sites.get(key)
+        if node.op != "output":
+            values[node] = node_value(model, node, values, site)
     return values, keys
 
 
-def _check_same(expected: Any, got: Any) -> None:
+def node_value(model: nn.Module, node: fx.Node, values: dict[fx.Node, Any], site: Any) -> Any:
+    """One node's value (not a placeholder's or the output's) from the values of the nodes it
+    reads, as eager mode computes it; ``site``: the int8 call site this node's key names, if any."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+    if node.op == "get_attr":
+        obj = model
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if node.op == "call_module":
+        return model.get_submodule(node.target)(*args, **kwargs)
+    if site is not None:
+        return site.run(tracing.op_callable(node), args, kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def check_same(expected: Any, got: Any) -> None:
     want, _ = tree_flatten(expected)
     have, _ = tree_flatten(got)
     if len(want) != len(have):

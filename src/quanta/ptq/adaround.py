@@ -7,8 +7,9 @@ layer's output on the calibration inputs *as the int8 model delivers them* match
 model's output (both after the fused activation). Scales stay; int8 values move by at most one
 step from floor. Conv outputs are sampled (``rows`` output positions per layer, read as patches),
 so one optimization step is a batched matrix product. Layers run one at a time in execution
-order, each one's inputs captured after every layer before it was rounded (a pass stops at the
-layer), within a wall-time budget; a layer whose learned rounding does not lower its output error keeps
+order, each one's inputs captured after every layer before it was rounded (a pass resumes where
+the last one paused and pauses at the layer: :mod:`quanta.ptq.paused_forward`), within a
+wall-time budget; a layer whose learned rounding does not lower its output error keeps
 round-to-nearest, so the correction never makes a layer worse on the data it saw.
 """
 
@@ -32,6 +33,7 @@ from quanta.modules.quantized import QuantizedLinear, QuantizedModule
 from quanta.numerics.qparams import qrange
 from quanta.progress import progress
 from quanta.ptq.bias_correction import _first_tensor, correctable_layers, int8_inputs
+from quanta.ptq.paused_forward import PausedForward
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (the paper's values)
 _IMAGE_SEED = 1_000_003
@@ -115,8 +117,8 @@ def _float_targets(float_model: Any, qmodel: Any, layers: Sequence[tuple[LayerPl
 
 
 def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]],
-                 samplers: dict[str, _Sampler], batches: Sequence[Any],
-                 stop_after: str | None) -> dict[str, torch.Tensor | None]:
+                 samplers: dict[str, _Sampler], batches: Sequence[Any], stop_after: str | None,
+                 paused: PausedForward | None) -> dict[str, torch.Tensor | None]:
     got: dict[str, list[torch.Tensor]] = {lp.name: [] for lp, _ in group}
     for lp, _ in group:
         samplers[lp.name].reset()
@@ -125,7 +127,7 @@ def _int8_inputs(qmodel: Any, group: Sequence[tuple[LayerPlan, QuantizedModule]]
         for i in range(x.shape[0]):  # one image at a time: unfolded patches are large
             got[name].append(samplers[name].take(_rows_of(layer, x[i:i + 1])))
 
-    int8_inputs(qmodel, group, batches, on_input, stop_after)
+    int8_inputs(qmodel, group, batches, on_input, stop_after, paused)
     return {name: torch.cat(rows) if rows else None for name, rows in got.items()}
 
 
@@ -229,11 +231,12 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
     done = 0
     bar = progress(range(len(layers)), total=len(layers), description="AdaRound", enabled=show_progress)
     calls = {lp.name: samplers[lp.name].images for lp, _ in layers}  # float-side images seen
+    paused = PausedForward.build(qmodel, batches)
     for g in range(0, len(layers), group):
         members = layers[g:g + group]
         last = members[-1][0].name
         once = calls[last] == images  # called once per image: the pass can stop there
-        inputs = _int8_inputs(qmodel, members, samplers, batches, last if once else None)
+        inputs = _int8_inputs(qmodel, members, samplers, batches, last if once else None, paused)
         for lp, layer in members:
             next(bar, None)
             x, target = inputs[lp.name], targets[lp.name]

@@ -14,7 +14,6 @@ Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from quanta.debug.taps import tap_float
 from quanta.modules import opsites
 from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, QuantizedModule
 from quanta.progress import progress
+from quanta.ptq.paused_forward import Pause, PausedForward, eager_runtime
 from quanta.qtensor import QTensor
 
 _CORRECTABLE = (QuantizedConv1d, QuantizedConv2d, QuantizedLinear)
@@ -123,50 +123,47 @@ def float_means(float_model: nn.Module, qmodel: nn.Module,
     return means
 
 
-class _Stop(Exception):
-    """Raised by a hook once the last layer of interest has its input: the rest of the forward
-    is not needed."""
-
-
 def int8_inputs(qmodel: nn.Module, layers: Sequence[tuple[LayerPlan, QuantizedModule]],
                 batches: Sequence[Any], on_input: Callable[[str, QuantizedModule, torch.Tensor], None],
-                stop_after: str | None = None) -> None:
+                stop_after: str | None = None, paused: PausedForward | None = None) -> None:
     """Run the int8 model eagerly on ``batches`` and pass each call of ``layers`` to
     ``on_input(name, layer, x)`` with ``x`` the float value its int8 op sees (dequantized).
-    ``stop_after``: a layer called once per forward, after which the forward stops."""
+    ``stop_after``: a layer called once per forward, after which the forward stops.
+    ``paused``: the forward of ``batches`` paused where the last such pass stopped, resumed
+    there instead of run from the input (same values, linear in depth)."""
     handles = []
     for lp, layer in layers:
         def pre_hook(module: QuantizedModule, args: tuple, name: str = lp.name) -> None:
             with torch._C.DisableTorchFunction():
                 on_input(name, module, module.dequantized_input(args[0]))
             if name == stop_after:
-                raise _Stop
+                raise Pause
         handles.append(layer.register_forward_pre_hook(pre_hook))
-    state = qmodel._quanta
-    config = state.config
-    state.config = dataclasses.replace(config, runtime="eager")  # the graph runtime skips hooks
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_runtime(qmodel):
+            if paused is not None:
+                paused.run([layer for _, layer in layers])
+                return
             for batch in batches:
                 try:
                     call_with(qmodel, batch)
-                except _Stop:
+                except Pause:
                     pass
     finally:
-        state.config = config
         for h in handles:
             h.remove()
 
 
 def _quantized_means(qmodel: nn.Module, group: Sequence[tuple[LayerPlan, QuantizedModule]],
-                     batches: Sequence[Any], stop_after: str | None = None) -> dict[str, _ChannelMean]:
+                     batches: Sequence[Any], stop_after: str | None = None,
+                     paused: PausedForward | None = None) -> dict[str, _ChannelMean]:
     """Per layer of ``group``: the per-channel mean of its pre-activation output in the int8 model."""
     means = {lp.name: _ChannelMean(_channel_dim(layer)) for lp, layer in group}
 
     def on_input(name: str, layer: QuantizedModule, x: torch.Tensor) -> None:
         means[name].add(layer.float_op(x, *layer._float_params()))
 
-    int8_inputs(qmodel, group, batches, on_input, stop_after)
+    int8_inputs(qmodel, group, batches, on_input, stop_after, paused)
     return means
 
 
@@ -196,10 +193,11 @@ def correct_bias(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
     layers = [(lp, layer) for lp, layer in layers if ref[lp.name].count > 0]  # not reached: unchanged
     shifts: dict[str, BiasShift] = {}
     groups = [layers[i:i + group] for i in range(0, len(layers), group)]
+    paused = PausedForward.build(qmodel, batches)
     for members in progress(groups, total=len(groups), description="bias correction", enabled=show_progress):
         last = members[-1][0].name
         once = ref[last].calls == len(batches)  # called once per forward: stop the pass there
-        got = _quantized_means(qmodel, members, batches, stop_after=last if once else None)
+        got = _quantized_means(qmodel, members, batches, last if once else None, paused)
         for lp, layer in members:
             want = ref[lp.name].mean()
             if got[lp.name].count == 0 or got[lp.name].mean().shape != want.shape:
