@@ -1,6 +1,6 @@
 """Issue 14 probe: how far per-layer AdaRound's held-out figures trail its own calibration crops.
 
-    python benchmarks/probe_calibration_size.py --calib 256    # 2 h here (1 thread, shared)
+    python benchmarks/probe_calibration_size.py --calib 256    # 2 h here in session 28 (1 thread, shared)
     python benchmarks/probe_calibration_size.py --calib 1024   # more crops, same 2,048 rows
 
 EfficientNet-Lite1, static int8 with 8-bit activations and ``--bits`` weights, calibrated on
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import time
 
 import torch
@@ -65,7 +66,8 @@ print("round to nearest", plain, flush=True)
 start = time.time()
 adaround(model, qmodel, calib, iterations=args.iterations, rows=args.rows)
 record = dict(vars(args), plain=plain, adaround=score(qmodel), adaround_seconds=round(time.time() - start),
-              int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"])
+              int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"],
+              peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
 print(json.dumps(record), flush=True)
 with open(args.out, "a") as f:
     f.write(json.dumps(record) + "\n")
