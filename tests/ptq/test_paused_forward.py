@@ -120,8 +120,19 @@ def test_untraceable_or_mixed_batches_are_not_paused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.a(x) if float(x.sum()) > 0 else self.b(x)  # data-dependent: FX cannot trace it
 
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.calls = nn.Linear(4, 4), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1  # Python state a trace would run only once: later calls would differ
+            return self.a(x) * (2.0 if self.calls > 1000 else 1.0)
+
     calib = [torch.randn(3, 4), -torch.rand(3, 4)]
     q = quanta.quantize(Branchy().eval(), calib, show_progress=False)
+    assert PausedForward.build(q, calib) is None
+    q = quanta.quantize(Counting().eval(), calib, show_progress=False)
     assert PausedForward.build(q, calib) is None
     lin = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     q = quanta.quantize(lin, [torch.randn(3, 4)], show_progress=False)

@@ -8,7 +8,8 @@ EfficientNet-Lite1 that was 75 % of AdaRound's time. Here the forward runs as it
 batch keeps the live values at the node where it paused, so a pass runs only the nodes between
 two layers. Exact: a batch resumes only where no layer changed before its pause point; else it
 starts over. A model whose interpreted graph does not reproduce eager mode's output bit for
-bit on the first batch is not paused (``PausedForward.build`` returns None).
+bit on the first batch, or whose forward changes Python attributes of its modules, is not paused
+(``PausedForward.build`` returns None).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn as nn
 from quanta.capture import trace as tracing
 from quanta.capture.record import call_with
 from quanta.modules import graph as graph_runtime
+from quanta.modules import graph_guards
 from quanta.modules.float_inputs import forget_quantized_input
 
 
@@ -86,7 +88,11 @@ class PausedForward:
                 output = next(n for n in graph.nodes if n.op == "output")
                 got = fx.node.map_arg(output.args[0], values.__getitem__)
                 forget_quantized_input()
-                graph_runtime.check_same(call_with(qmodel, batches[0]), got)
+                before = graph_guards.python_state(qmodel)
+                expected = call_with(qmodel, batches[0])
+                if graph_guards.python_state(qmodel) != before:  # a counter, a cache: the trace froze it
+                    return None
+                graph_runtime.check_same(expected, got)
         except tracing.TraceFailed:
             return None
         except Exception:  # noqa: BLE001 - pausing is a speed-up: any doubt means rerun eagerly
