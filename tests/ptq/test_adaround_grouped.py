@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 import quanta
 from quanta.debug.sqnr import sqnr
-from quanta.ptq.adaround import _by_group, _forward, _grouped, _outputs_of, _rows_of, adaround
+from quanta.ptq.adaround import (
+    _by_group,
+    _forward,
+    _grouped,
+    _outputs_of,
+    _rows_of,
+    adaround,
+    mean_squared_error,
+)
 from quanta.ptq.bias_correction import correctable_layers
 from quanta.zoo.photos import photo_crops
 
@@ -68,3 +76,30 @@ def test_adaround_lowers_a_separable_nets_error_on_photo_crops() -> None:
     assert any(r.kept for r in results)
     assert sqnr(ref, after) > sqnr(ref, before) + 1.0  # measured 21.53 -> 23.02 dB
     assert quanta.report(q).coverage.to_dict()["share"] == 1.0  # every conv int8 at 4-bit
+
+
+@pytest.mark.parametrize("groups,features,outputs", [(1, 96, 48), (8, 9, 1), (3, 40, 5)])
+def test_quadratic_error_is_the_direct_error(groups: int, features: int, outputs: int) -> None:
+    """Without an activation AdaRound's loss is computed from X^T X: same value and gradient as
+    the rows-times-weights form, in float32, near the fit (where the terms nearly cancel)."""
+    gen = torch.Generator().manual_seed(groups)
+    x = torch.randn(groups, 4096, features, generator=gen).abs()  # post-ReLU-like inputs
+    w_true = torch.randn(groups, outputs, features, generator=gen) * 0.1
+    bias = torch.randn(groups, 1, outputs, generator=gen)
+    noise = 0.01 * torch.randn(groups, 4096, outputs, generator=gen)
+    target = torch.bmm(x, w_true.transpose(1, 2)) + bias + noise
+    quadratic = mean_squared_error(x, target, bias, "none")
+    direct = mean_squared_error(x, target, bias, "relu6")  # same code path as any activation
+    direct_none = lambda w: (_forward(x, w, bias, "none") - target).pow(2).mean()  # noqa: E731
+    assert quadratic.__name__ == "quadratic" and direct.__name__ == "direct"
+    for w0 in (w_true + 0.003 * torch.randn(w_true.shape, generator=gen), torch.zeros_like(w_true)):
+        grads = []
+        for f in (quadratic, direct_none):
+            w = w0.clone().requires_grad_(True)
+            value = f(w)
+            value.backward()
+            grads.append((float(value.detach()), w.grad))
+        (vq, gq), (vd, gd) = grads
+        print(f"value {vq:.6g} vs {vd:.6g}, gradient SQNR {sqnr(gd, gq):.1f} dB")
+        assert abs(vq - vd) <= 1e-3 * vd + 1e-6, (vq, vd)
+        assert sqnr(gd, gq) > 60, sqnr(gd, gq)
