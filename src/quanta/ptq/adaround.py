@@ -176,11 +176,27 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class TimeShare:
+    """Iterations for one layer from its share of the time left until ``deadline`` (monotonic
+    clock), divided by the time of one step of that layer, within ``least``..``most``."""
+
+    deadline: float
+    layers_left: int
+    least: int
+    most: int
+
+    def iterations(self, step_seconds: float) -> int:
+        share = (self.deadline - time.monotonic()) / max(1, self.layers_left)
+        return int(min(self.most, max(self.least, share / max(step_seconds, 1e-5))))
+
+
 def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
-                activation: str, iterations: int, *, lr: float = 1e-2,
+                activation: str, iterations: int | TimeShare, *, lr: float = 1e-2,
                 weight: float = 1e-3) -> RoundingResult:
     """Learn the rounding of one layer's int8 weights (in place) on input rows ``x`` and float
-    output rows ``target``; keep it only if it lowers the output error."""
+    output rows ``target``, for ``iterations`` steps or as many as its time share allows (timed
+    on one step); keep it only if it lowers the output error."""
     spec = QuantSpec(dtype="int8", symmetric=True, per_channel=True, bits=layer.weight_bits or 8)
     qmin, qmax = qrange(spec)
     scale = _grouped(layer, layer.weight_scale.float().reshape(-1, 1))
@@ -202,6 +218,11 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
     rest = (w_div - floor).clamp(1e-4, 1 - 1e-4)
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=lr)
+    if isinstance(iterations, TimeShare):
+        t0 = time.monotonic()
+        squared_error(torch.clamp(floor + _rectified_sigmoid(v), qmin, qmax) * scale).backward()
+        iterations = iterations.iterations(time.monotonic() - t0)
+        v.grad = None
     warmup = iterations // 5
     for it in range(iterations):
         h = _rectified_sigmoid(v)
@@ -221,17 +242,6 @@ def round_layer(layer: QuantizedModule, w_float: torch.Tensor, x: torch.Tensor, 
         layer.set_backend(layer.backend, layer.forced)
     flipped = float((learned != nearest).float().mean())
     return RoundingResult(layer.layer_name, iterations, e_nearest, e_learned, flipped, kept)
-
-
-def _iterations_in_time(deadline: float, layers_left: int, x: torch.Tensor, w: torch.Tensor, least: int,
-                        most: int) -> int:
-    """Iterations for one layer from its share of the time left until ``deadline``, timed on
-    one forward."""
-    t0 = time.monotonic()
-    with torch.no_grad():  # a step is ~3 forwards
-        _forward(_by_group(x, w.shape[0]), w, torch.zeros(w.shape[0], 1, w.shape[1]), "none")
-    step = max(1e-5, 3 * (time.monotonic() - t0))
-    return int(min(most, max(least, (deadline - t0) / max(1, layers_left) / step)))
 
 
 def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: float = 300.0,
@@ -265,9 +275,8 @@ def adaround(float_model: Any, qmodel: Any, batches: Sequence[Any], *, seconds: 
             if x is None or x.shape[0] != target.shape[0]:
                 continue
             w_float = folded_float_layer(float_model, lp, plan).weight.detach().float()
-            w = _grouped(layer, w_float)
-            steps = iterations or _iterations_in_time(start + seconds, len(layers) - done, x, w,
-                                                      min_iterations, max_iterations)
+            steps = iterations or TimeShare(start + seconds, len(layers) - done, min_iterations,
+                                            max_iterations)
             results.append(round_layer(layer, w_float, x, target, lp.activation, steps))
             done += 1
     for _ in bar:
