@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from quanta.capture.callsites import SiteTracker, canonical_op_name, is_metadata
 from quanta.capture.plan import Plan
 from quanta.capture.record import call_with
+from quanta.modules import graph
 from quanta.qtensor import QTensor, dequantize_any
 
 
@@ -131,13 +132,10 @@ def tap_quantized(qmodel: nn.Module, names: set[str], batch: Any) -> tuple[dict[
             def hook(module: nn.Module, args: Any, out: Any, name: str = name) -> None:
                 calls[name].append(Call((), {}, _copy(out), None, _qparams_of(args)))
             handles.append(modules[name].register_forward_hook(hook))
-    config = state.config
-    state.config = dataclasses.replace(config, runtime="eager")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), graph.eager_runtime(qmodel):
             out = call_with(qmodel, batch)
     finally:
-        state.config = config
         for h in handles:
             h.remove()
         for site in wrapped:

@@ -16,7 +16,9 @@ replaced, qparams or backends reset) runs eagerly; ``runtime_status(model)`` say
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -118,7 +120,7 @@ def build(model: nn.Module, sites: dict[str, Any], args: tuple, kwargs: dict, ex
     gen = lowering.Codegen()
     counts = {"lowered": 0, "generic": 0}
     tensor_names: list[str] = []
-    last_use = {n: user for user in graph.nodes for n in user.all_input_nodes}
+    last_use = last_users(graph)
     fused = fused_linears.groups(graph, model, values) if fuse else {}
     for node in graph.nodes:
         kind = _emit_fused(node, fused, gen, model) if node in fused else \
@@ -218,6 +220,25 @@ def _emit_generic(node: fx.Node, value: Any, gen: lowering.Codegen, model: nn.Mo
         gen.q[node] = (value.scale, value.zero_point)
         call += ".int_data"
     gen.lines.append(f"{gen.var(node)} = {call}")
+
+
+def last_users(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Each node read by another: the last node (in graph order) that reads it, after which its
+    value can be freed."""
+    return {n: user for user in graph.nodes for n in user.all_input_nodes}
+
+
+@contextmanager
+def eager_runtime(model: nn.Module) -> Iterator[None]:
+    """Run the quanta ``model`` in eager mode meanwhile: the graph runtime skips module hooks
+    and call-site taps."""
+    state = model._quanta
+    config = state.config
+    state.config = dataclasses.replace(config, runtime="eager")
+    try:
+        yield
+    finally:
+        state.config = config
 
 
 def interpret(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any],

@@ -26,10 +26,10 @@ from quanta.capture.plan import LayerPlan
 from quanta.capture.record import call_with
 from quanta.debug.compare import pre_activation_source
 from quanta.debug.taps import tap_float
-from quanta.modules import opsites
+from quanta.modules import graph, opsites
 from quanta.modules.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, QuantizedModule
 from quanta.progress import progress
-from quanta.ptq.paused_forward import Pause, PausedForward, eager_runtime
+from quanta.ptq.paused_forward import Pause, PausedForward
 from quanta.qtensor import QTensor
 
 _CORRECTABLE = (QuantizedConv1d, QuantizedConv2d, QuantizedLinear)
@@ -140,7 +140,7 @@ def int8_inputs(qmodel: nn.Module, layers: Sequence[tuple[LayerPlan, QuantizedMo
                 raise Pause
         handles.append(layer.register_forward_pre_hook(pre_hook))
     try:
-        with torch.no_grad(), eager_runtime(qmodel):
+        with torch.no_grad(), graph.eager_runtime(qmodel):
             if paused is not None:
                 paused.run([layer for _, layer in layers])
                 return

@@ -14,9 +14,7 @@ bit on the first batch, or whose forward changes Python attributes of its module
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,18 +32,6 @@ class Pause(Exception):  # noqa: N818 - control flow, not an error
     """Raised by a layer's pre-hook to stop the forward before that layer runs."""
 
 
-@contextmanager
-def eager_runtime(qmodel: nn.Module) -> Iterator[None]:
-    """Run ``qmodel`` in eager mode meanwhile: the graph runtime skips module hooks."""
-    state = qmodel._quanta
-    config = state.config
-    state.config = dataclasses.replace(config, runtime="eager")
-    try:
-        yield
-    finally:
-        state.config = config
-
-
 class PausedForward:
     """Per batch: the node its forward paused at and the values live there."""
 
@@ -54,15 +40,14 @@ class PausedForward:
         self.model, self.batches = qmodel, batches
         self.inputs = inputs
         self.input_name = next(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
-        self.sites = qmodel._quanta.sites_by_key
+        sites = qmodel._quanta.sites_by_key
         self.nodes = [n for n in graph.nodes if n.op != "output"]
-        self.site_of = [self.sites.get(keys[n]) if n in keys else None for n in self.nodes]
+        self.site_of = [sites.get(keys[n]) if n in keys else None for n in self.nodes]
         index = {n: i for i, n in enumerate(self.nodes)}
-        last_use = {n: index.get(user, len(self.nodes)) for user in graph.nodes for n in user.all_input_nodes}
         self.dead_after: list[list[fx.Node]] = [[] for _ in self.nodes]
-        for n, i in last_use.items():
-            if i < len(self.nodes):
-                self.dead_after[i].append(n)
+        for n, user in graph_runtime.last_users(graph).items():
+            if user in index:  # read by the output: kept to the end of the batch
+                self.dead_after[index[user]].append(n)
         self.first_call: dict[int, int] = {}  # id(layer) -> index of the first node calling it
         for i, n in enumerate(self.nodes):
             layer = qmodel.get_submodule(n.target) if n.op == "call_module" else self.site_of[i]
@@ -76,13 +61,15 @@ class PausedForward:
         interpreted graph gives eager mode's output on the first batch; else None."""
         if not batches or not all(type(b) is torch.Tensor for b in batches):
             return None
+        if any(tuple(b.shape) != tuple(batches[0].shape) for b in batches):
+            return None  # one graph, one shape: the trace fixed shape-dependent values
         sites = qmodel._quanta.sites_by_key
         inputs = tracing.bind_inputs(qmodel, (batches[0],), {})
         if sum(isinstance(v, torch.Tensor) for v in inputs.values()) != 1:
             return None
         try:
             graph = tracing.trace(qmodel, inputs, sites)
-            with torch.no_grad(), eager_runtime(qmodel):
+            with torch.no_grad(), graph_runtime.eager_runtime(qmodel):
                 forget_quantized_input()
                 values, keys = graph_runtime.interpret(qmodel, graph, inputs, sites)
                 output = next(n for n in graph.nodes if n.op == "output")
@@ -93,12 +80,8 @@ class PausedForward:
                 if graph_guards.python_state(qmodel) != before:  # a counter, a cache: the trace froze it
                     return None
                 graph_runtime.check_same(expected, got)
-        except tracing.TraceFailed:
+        except Exception:  # noqa: BLE001 - pausing is a speed-up: any doubt (TraceFailed too) means rerun
             return None
-        except Exception:  # noqa: BLE001 - pausing is a speed-up: any doubt means rerun eagerly
-            return None
-        if any(tuple(b.shape) != tuple(batches[0].shape) for b in batches):
-            return None  # one graph, one shape: the trace fixed shape-dependent values
         return cls(qmodel, graph, keys, inputs, batches)
 
     def run(self, layers: Sequence[nn.Module]) -> None:
