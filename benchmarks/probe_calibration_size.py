@@ -8,11 +8,16 @@ EfficientNet-Lite1, static int8 with 8-bit activations and ``--bits`` weights, c
 fixed ``--iterations`` per layer and ``--rows`` sampled output rows per layer. Logit SQNR and top-1
 agreement against float on two held-out sets (256 crops of seed 0, 768 of seed 2) and on the
 first 256 calibration crops, before and after AdaRound. Appends one JSON line to ``--out``.
+
+``--then learn_ranges:STEPS`` and ``--then bias_correction`` (repeatable) score each follow-up
+correction on a copy of the AdaRound model. ``--save PATH`` writes the AdaRound model
+(``quanta.save``); ``--load PATH`` reads it back instead of running AdaRound again.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import resource
@@ -23,6 +28,8 @@ import torch
 import quanta
 from quanta.debug.sqnr import sqnr
 from quanta.ptq.adaround import adaround
+from quanta.ptq.bias_correction import correct_bias
+from quanta.ptq.range_learning import learn_ranges
 from quanta.zoo.efficientnet_lite import load_efficientnet_lite1, photo_inputs
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,6 +38,10 @@ parser.add_argument("--rows", type=int, default=2048, help="sampled output rows 
 parser.add_argument("--iterations", type=int, default=800, help="AdaRound iterations per layer")
 parser.add_argument("--bits", type=int, default=8, help="weight bits")
 parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--then", action="append", default=[],
+                    help="follow-up after AdaRound: learn_ranges:STEPS or bias_correction")
+parser.add_argument("--save", help="write the AdaRound model here")
+parser.add_argument("--load", help="read the AdaRound model from here instead of running AdaRound")
 parser.add_argument("--out", default="calibration_size.jsonl", help="JSON lines appended here")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
@@ -64,10 +75,28 @@ qmodel = quanta.quantize(model, calib, config=config)
 plain = score(qmodel)
 print("round to nearest", plain, flush=True)
 start = time.time()
-adaround(model, qmodel, calib, iterations=args.iterations, rows=args.rows)
+if args.load:
+    qmodel = quanta.load(args.load, model)
+else:
+    adaround(model, qmodel, calib, iterations=args.iterations, rows=args.rows)
+    if args.save:
+        quanta.save(qmodel, args.save)
 record = dict(vars(args), plain=plain, adaround=score(qmodel), adaround_seconds=round(time.time() - start),
-              int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"],
-              peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+              int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"])
 print(json.dumps(record), flush=True)
+for follow_up in args.then:
+    name, _, steps = follow_up.partition(":")
+    start = time.time()
+    if name == "learn_ranges":
+        followed, _ = learn_ranges(model, copy.deepcopy(qmodel), calib, seconds=0.0, steps=int(steps))
+    elif name == "bias_correction":
+        followed = copy.deepcopy(qmodel)
+        correct_bias(model, followed, calib)
+    else:
+        raise SystemExit(f"--then {follow_up!r}: expected learn_ranges:STEPS or bias_correction")
+    record[follow_up] = dict(score(followed), seconds=round(time.time() - start),
+                             int8_mac_share=quanta.report(followed).coverage.to_dict()["share"])
+    print(follow_up, record[follow_up], flush=True)
+record["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 with open(args.out, "a") as f:
     f.write(json.dumps(record) + "\n")
