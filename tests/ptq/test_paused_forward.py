@@ -111,6 +111,34 @@ def test_each_node_runs_about_once_per_batch(monkeypatch: pytest.MonkeyPatch) ->
     assert len(runs) <= 2 * (nodes + len(layers))  # rerun from the input: ~ layers * nodes / 2 per batch
 
 
+def test_values_past_the_hold_limit_start_over_with_the_same_inputs() -> None:
+    model = mnist.load_pretrained_mnist_cnn()
+    calib = [mnist.load_mnist("test")[0][i * 8:(i + 1) * 8] for i in range(3)]
+    q = quanta.quantize(model, calib, show_progress=False)
+    layers = correctable_layers(q)
+    seen: dict[object, list[torch.Tensor]] = {}
+    largest = 0  # the most bytes one batch holds at any pause, with no limit
+    for limit in (None, 0, "one batch"):
+        paused = PausedForward.build(q, calib, hold_limit={None: None, 0: 0, "one batch": largest}[limit])
+        seen[limit], ever_kept = [], set()
+        for lp, layer in layers:
+            record = seen[limit].append
+            int8_inputs(q, [(lp, layer)], calib, lambda n, m, x, r=record: r(x.clone()), lp.name, paused)
+            sizes = [paused_forward.held_bytes(v) for _, v in paused.paused]
+            largest = max(largest, *sizes) if limit is None else largest
+            ever_kept.update(b for b, (start, _) in enumerate(paused.paused) if start > 0)
+            assert sum(sizes) <= paused.hold_limit
+        if limit is None:
+            assert ever_kept == {0, 1, 2}
+        elif limit == 0:
+            assert not ever_kept, "no room: every batch starts over"
+        else:
+            assert ever_kept, "one batch's values fit: some batch was kept"
+    assert len(seen[None]) == len(seen[0]) == len(seen["one batch"]) == 3 * len(layers)
+    for a, b, c in zip(seen[None], seen[0], seen["one batch"], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_untraceable_or_mixed_batches_are_not_paused() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
