@@ -65,6 +65,14 @@ __attribute__((optimize("O3"))) static void add_pixels(const uint8_t *x, int32_t
     for (int64_t ch = 0; ch < c; ch++) sum[ch] -= zp * (int32_t)(p1 - p0);
 }
 
+/* One averaged output: the exact window sum over the window size in float32, rounded half to
+ * even, + zp, clamped to [0, 255]. */
+static inline uint8_t average_u8(int64_t sum, float count, float zp) {
+    float v = __builtin_rintf((float)sum / count) + zp;
+    v = v < 0.0f ? 0.0f : v;
+    return (uint8_t)(v > 255.0f ? 255.0f : v);
+}
+
 /* uint8 adaptive average pooling on NHWC data, as quanta's QTensor rule: the float average of
  * (q - zp) over torch's adaptive windows (the sum formed exactly, in int32, then divided in float32
  * by the window size), rounded half to even, + zp, clamped to [0, 255]. */
@@ -91,9 +99,7 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
                     for (int64_t ch = 0; ch < c; ch++) {
                         int64_t total = 0;
                         for (int i = 0; i < nt; i++) total += partial[i * c + ch];
-                        float v = __builtin_rintf((float)total / (float)(h * w)) + zp;
-                        v = v < 0.0f ? 0.0f : v;
-                        y[b * c + ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
+                        y[b * c + ch] = average_u8(total, (float)(h * w), zp);
                     }
                 }
             }
@@ -113,11 +119,7 @@ __attribute__((optimize("O3", "no-math-errno"))) void qk_adaptive_avg_pool_u8(
                     add_pixels(x + (b * h + iy) * w * c, sum, c, x0, x1, zero_point);
                 float count = (float)((y1 - y0) * (x1 - x0));
                 uint8_t *out = y + ((b * oh + oy) * ow + ox) * c;
-                for (int64_t ch = 0; ch < c; ch++) {
-                    float v = __builtin_rintf((float)sum[ch] / count) + zp;
-                    v = v < 0.0f ? 0.0f : v;
-                    out[ch] = (uint8_t)(v > 255.0f ? 255.0f : v);
-                }
+                for (int64_t ch = 0; ch < c; ch++) out[ch] = average_u8(sum[ch], count, zp);
             }
         }
 }
