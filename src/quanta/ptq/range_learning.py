@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from quanta.errors import QuantaWarning
 from quanta.modules.qat import FakeQuantize, QATModule
 from quanta.numerics.qparams import choose_qparams, qrange
 from quanta.progress import Steps
@@ -128,6 +130,21 @@ def _adopt_weights(sim: nn.Module, qmodel: nn.Module) -> None:
         m.float_module.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
 
 
+def _check_weights_kept(source: nn.Module, result: nn.Module) -> None:
+    """Warn, naming them, about layers whose int8 weights the new convert did not reproduce
+    (codes that do not imply their own scale: the convert re-rounds them on another grid)."""
+    from quanta.modules.quantized import QuantizedModule
+
+    before, after = _layers(source, QuantizedModule), _layers(result, QuantizedModule)
+    changed = [name for name, q in before.items()
+               if name in after and not torch.equal(q.weight, after[name].weight)]
+    if changed:
+        warnings.warn(f"range learning changed the int8 weights of {len(changed)} layer(s) "
+                      f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}): their codes do "
+                      "not imply their scales, so converting again re-rounded them",
+                      QuantaWarning, stacklevel=3)
+
+
 def _outputs(model: nn.Module, batch: Any) -> torch.Tensor:
     from quanta.capture.record import call_with
 
@@ -216,7 +233,9 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
             taken += 1
             bar.advance()
     after = error()
+    source = qmodel
     qmodel = convert(sim, config=config)
     get_state(qmodel).config = config
+    _check_weights_kept(source, qmodel)
     result = RangeLearningResult(len(ranges), taken, before, after, time.monotonic() - began, len(biases))
     return qmodel, result
