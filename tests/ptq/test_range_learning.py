@@ -66,7 +66,7 @@ def test_learned_ranges_lower_the_output_error_and_convert_to_their_qparams(data
     plain_acc = mnist.evaluate(plain, data["x"], data["y"])
     print(f"4-bit MNIST: plain {plain_acc:.1f} % {plain_db:.2f} dB, learned ranges {acc:.1f} % "
           f"{learned_db:.2f} dB; {result.summary()}")
-    assert result.steps > 5 and result.ranges >= 8 and result.biases == 8
+    assert result.steps > 5 and result.ranges >= 8 and result.biases == 8 and result.kept
     assert result.error_after < 0.8 * result.error_before
     assert learned_db > plain_db + 1.0 and acc >= plain_acc
     report = quanta.report(learned)
@@ -102,6 +102,36 @@ def test_range_learning_keeps_adarounds_weights(data: dict, bits: int) -> None:
         assert torch.allclose(layer.weight_scale, after[name].weight_scale, rtol=1e-6, atol=0), name
     with torch.no_grad():
         assert sqnr(q(data["x"]), again(data["x"])) > 60
+
+
+def test_range_learning_that_raises_the_error_is_not_kept(data: dict, monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """After AdaRound, range learning can make the model worse (EfficientNet-Lite1: -1.0 dB on
+    the crops it learned from). Then the int8 model it was given comes back unchanged."""
+    from quanta.ptq import range_learning
+
+    plain = quanta.quantize(data["model"], data["calib"], config=quanta.QuantConfig(weight=FOUR_BIT),
+                            show_progress=False)
+    with torch.no_grad():
+        before = plain(data["x"][:64]).clone()
+
+    class Ascent(torch.optim.SGD):  # steps up the gradient: the error can only rise
+        def __init__(self, groups: list) -> None:
+            super().__init__(groups, lr=0.0)
+
+        @torch.no_grad()
+        def step(self) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(0.2 * p.grad.sign())
+
+    monkeypatch.setattr(range_learning.torch.optim, "Adam", Ascent)
+    back, result = learn_ranges(data["model"], plain, data["calib"], seconds=0, steps=4, show_progress=False)
+    assert not result.kept and result.error_after > result.error_before
+    assert back is plain and "not kept" in result.summary()
+    with torch.no_grad():
+        assert torch.equal(back(data["x"][:64]), before)
 
 
 def test_quantize_with_learn_ranges_reports_it_and_survives_save_load(data: dict, tmp_path) -> None:

@@ -41,10 +41,15 @@ class RangeLearningResult:
     error_after: float
     seconds: float
     biases: int = 0
+    kept: bool = True  # False: the error rose, and the int8 model kept what it started from
 
     def summary(self) -> str:
         gain = self.error_before / max(self.error_after, 1e-30)
         what = f"{self.ranges} activation ranges" + (f" and {self.biases} biases" if self.biases else "")
+        if not self.kept:
+            return (f"range learning: {what} tuned in {self.steps} steps raised the output error on the "
+                    f"calibration data {1 / gain:.2f}x; not kept: the int8 model keeps its ranges and "
+                    f"biases ({self.seconds:.0f} s)")
         return (f"range learning: {what} tuned in {self.steps} steps (output error on the calibration "
                 f"data {gain:.2f}x lower than with the ranges it started from; {self.seconds:.0f} s)")
 
@@ -185,7 +190,8 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
     """Tune the activation ranges of ``qmodel`` (a static int8 model of ``float_model``, after
     any AdaRound or bias correction) and its biases for the error of the model's output against
     ``float_model`` on ``batches``, keeping its int8 weights, for ``seconds`` of wall time or
-    exactly ``steps`` steps (reproducible); returns the new int8 model."""
+    exactly ``steps`` steps (reproducible); returns the new int8 model, or ``qmodel`` itself if the
+    learned ranges raised the error on ``batches`` (``result.kept`` is then False)."""
     from quanta.api import convert, get_state
     from quanta.qat import simulate_static
 
@@ -233,6 +239,9 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
             taken += 1
             bar.advance()
     after = error()
+    if after >= before:  # a model AdaRound already fitted can get worse: keep what it was
+        spent = time.monotonic() - began
+        return qmodel, RangeLearningResult(len(ranges), taken, before, after, spent, len(biases), kept=False)
     source = qmodel
     qmodel = convert(sim, config=config)
     get_state(qmodel).config = config
