@@ -80,12 +80,14 @@ def test_learned_ranges_lower_the_output_error_and_convert_to_their_qparams(data
 
 @pytest.mark.parametrize("bits", [4])
 def test_range_learning_keeps_adarounds_weights(data: dict, bits: int) -> None:
-    """Range learning converts again from the dequantized int8 weights. AdaRound's codes must
-    imply the scales they use, or that convert re-rounds them on another grid (it did: 1.5 % of
-    EfficientNet-Lite1's channels, undoing part of AdaRound, -0.8 dB at the logits)."""
+    """Range learning converts its simulation again, from the dequantized int8 weights.
+    AdaRound's codes must imply the scales they use, or that convert re-rounds them on another
+    grid (it did: 1.5 % of EfficientNet-Lite1's channels, undoing part of AdaRound, -0.8 dB at
+    the logits). The simulation is converted as range learning does when it keeps its result
+    (with zero steps it would keep the model it was given, and convert nothing)."""
     from quanta.modules.quantized import QuantizedModule
     from quanta.ptq.adaround import adaround
-    from quanta.ptq.range_learning import _layers
+    from quanta.ptq.range_learning import _layers, _reconvert, _simulation
 
     spec = dataclasses.replace(FOUR_BIT, bits=bits)
     config = quanta.QuantConfig(weight=spec)
@@ -94,7 +96,8 @@ def test_range_learning_keeps_adarounds_weights(data: dict, bits: int) -> None:
     assert sum(r.kept for r in results) >= 4 and max(r.flipped for r in results) > 0.05
     with warnings.catch_warnings():
         warnings.simplefilter("error", quanta.QuantaWarning)  # it warns when it re-rounds weights
-        again, _ = learn_ranges(data["model"], q, data["calib"], seconds=0.0, steps=0, show_progress=False)
+        sim, _, _ = _simulation(data["model"], q, data["calib"])
+        again = _reconvert(sim, q, config)
     before, after = _layers(q, QuantizedModule), _layers(again, QuantizedModule)
     assert before.keys() == after.keys() and len(before) == 8
     for name, layer in before.items():

@@ -135,11 +135,35 @@ def _adopt_weights(sim: nn.Module, qmodel: nn.Module) -> None:
         m.float_module.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
 
 
-def _check_weights_kept(source: nn.Module, result: nn.Module) -> None:
-    """Warn, naming them, about layers whose int8 weights the new convert did not reproduce
-    (codes that do not imply their own scale: the convert re-rounds them on another grid)."""
+def _simulation(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[Any],
+                ) -> tuple[nn.Module, list[QATModule], list[LearnedRange]]:
+    """The static int8 simulation of ``float_model`` with ``qmodel``'s int8 weights and biases
+    (frozen) and a learnable range on each activation, starting at ``qmodel``'s qparams."""
+    from quanta.api import get_state
+    from quanta.qat import simulate_static
+
+    float_model.eval()
+    sim = simulate_static(float_model, batches[0], get_state(qmodel).config)
+    _adopt_weights(sim, qmodel)
+    layers = list(_layers(sim, QATModule).values())
+    for layer in layers:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    calibrated = _calibrated_ranges(qmodel)
+    ranges = [_learnable(fq, *calibrated[key]) for key, fq in _observers(sim, QATModule).items()
+              if key in calibrated]
+    return sim, layers, ranges
+
+
+def _reconvert(sim: nn.Module, source: nn.Module, config: Any) -> nn.Module:
+    """The int8 model of ``sim`` at its learned qparams. Warns, naming them, about layers whose
+    int8 weights differ from ``source``'s (codes that do not imply their own scale: the convert
+    re-rounds them on another grid)."""
+    from quanta.api import convert, get_state
     from quanta.modules.quantized import QuantizedModule
 
+    result = convert(sim, config=config)
+    get_state(result).config = config
     before, after = _layers(source, QuantizedModule), _layers(result, QuantizedModule)
     changed = [name for name, q in before.items()
                if name in after and not torch.equal(q.weight, after[name].weight)]
@@ -148,6 +172,7 @@ def _check_weights_kept(source: nn.Module, result: nn.Module) -> None:
                       f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}): their codes do "
                       "not imply their scales, so converting again re-rounded them",
                       QuantaWarning, stacklevel=3)
+    return result
 
 
 def _outputs(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -192,21 +217,11 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
     ``float_model`` on ``batches``, keeping its int8 weights, for ``seconds`` of wall time or
     exactly ``steps`` steps (reproducible); returns the new int8 model, or ``qmodel`` itself if the
     learned ranges raised the error on ``batches`` (``result.kept`` is then False)."""
-    from quanta.api import convert, get_state
-    from quanta.qat import simulate_static
+    from quanta.api import get_state
 
     began = time.monotonic()
     config = get_state(qmodel).config
-    float_model.eval()
-    sim = simulate_static(float_model, batches[0], config)
-    _adopt_weights(sim, qmodel)
-    layers = list(_layers(sim, QATModule).values())
-    for layer in layers:
-        for p in layer.parameters():
-            p.requires_grad_(False)
-    calibrated = _calibrated_ranges(qmodel)
-    ranges = [_learnable(fq, *calibrated[key]) for key, fq in _observers(sim, QATModule).items()
-              if key in calibrated]
+    sim, layers, ranges = _simulation(float_model, qmodel, batches)
     params = [{"params": [r.log_factors for r in ranges], "lr": 5e-3}]
     biases = []
     if learn_biases:
@@ -239,12 +254,7 @@ def learn_ranges(float_model: nn.Module, qmodel: nn.Module, batches: Sequence[An
             taken += 1
             bar.advance()
     after = error()
-    if after >= before:  # a model AdaRound already fitted can get worse: keep what it was
-        spent = time.monotonic() - began
-        return qmodel, RangeLearningResult(len(ranges), taken, before, after, spent, len(biases), kept=False)
-    source = qmodel
-    qmodel = convert(sim, config=config)
-    get_state(qmodel).config = config
-    _check_weights_kept(source, qmodel)
-    result = RangeLearningResult(len(ranges), taken, before, after, time.monotonic() - began, len(biases))
-    return qmodel, result
+    kept = after < before  # a model AdaRound already fitted can get worse: then keep what it was
+    learned = _reconvert(sim, qmodel, config) if kept else qmodel
+    return learned, RangeLearningResult(len(ranges), taken, before, after, time.monotonic() - began,
+                                        len(biases), kept)
