@@ -81,7 +81,8 @@ else:
     adaround(model, qmodel, calib, iterations=args.iterations, rows=args.rows)
     if args.save:
         quanta.save(qmodel, args.save)
-record = dict(vars(args), plain=plain, adaround=score(qmodel), adaround_seconds=round(time.time() - start),
+seconds = round(time.time() - start)  # AdaRound (or loading it), not the scoring below
+record = dict(vars(args), plain=plain, adaround_seconds=seconds, adaround=score(qmodel),
               int8_mac_share=quanta.report(qmodel).coverage.to_dict()["share"])
 print(json.dumps(record), flush=True)
 for follow_up in args.then:
